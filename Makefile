@@ -1,0 +1,31 @@
+# nanoseek: `make test` and `make speedrun` set up .venv themselves on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On these machines torch==2.13.0 resolves to the local CPU wheel; installing it first keeps pip
+# from pulling a multi-GB CUDA build to satisfy `torch>=2.6`. Override on GPU hosts if needed.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-all lint bench speedrun clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nanoseek tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

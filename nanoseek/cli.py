@@ -1,0 +1,52 @@
+"""`nanoseek <command>`: one subcommand per pipeline stage.
+
+Each command lives in the module of its stage, which defines `add_cli_arguments(parser)` and
+`cli_main(args) -> int`. Only the chosen command's module is imported, so `nanoseek --help` is fast.
+User errors (`NanoseekError`) print one line and exit with status 2; nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.errors import NanoseekError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("nanoseek.model.accounting", "parameters (total / activated), KV-cache bytes and layer layout"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek LLM stack in one codebase.")
+    subparsers = parser.add_subparsers(dest="command", metavar="command")
+    for name, (module_name, help_text) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_cli_arguments(subparser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.cli_main(args) or 0)
+    except NanoseekError as error:
+        print(f"nanoseek {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
