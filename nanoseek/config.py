@@ -267,7 +267,8 @@ class ModelConfig:
         """The `config.json` dict that transformers (and this class) load back to the same model."""
         keys = _HF_KEYS[self.model_type]
         out: dict[str, Any] = {"architectures": [ARCHITECTURES[self.model_type]]}
-        out.update({key: getattr(self, key) for key in keys})
+        # None means "library default" except for q_lora_rank, where null means no query compression.
+        out.update({key: getattr(self, key) for key in keys if getattr(self, key) is not None or key == "q_lora_rank"})
         if self.rope_scaling is not None:
             out["rope_scaling"] = dict(self.rope_scaling)
         keep = ("quantization_config",)

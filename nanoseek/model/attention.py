@@ -1,0 +1,197 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2/V3) and grouped-query attention (Qwen2/Llama).
+
+Both take `x` [batch, seq, hidden], the rotary angles of the positions, and optionally a KV cache
+plus a boolean mask [batch, 1, seq, kv_len] (True = may attend). Without a cache they run causal
+self-attention over `x` (training and full-sequence scoring).
+
+A KV cache is any object with
+    update(layer_index, positions, kv_length, *entries) -> tuple of tensors [batch, kv_length, ...]
+that stores the per-token `entries` ([batch, seq, ...]) at slots `positions` ([batch, seq]) and
+returns everything cached for slots 0..kv_length-1. MLA caches (normalized latent, rotated k_pe);
+GQA caches (rotated keys, values). See `nanoseek.model.cache.StaticKVCache`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved
+
+
+class KVCache(Protocol):
+    def update(
+        self, layer_index: int, positions: torch.Tensor, kv_length: int, *entries: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]: ...
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    num_kv_groups: int = 1,
+) -> torch.Tensor:
+    """Scaled dot-product attention over [batch, heads, seq, dim] tensors; causal when mask is None."""
+    if num_kv_groups > 1:
+        key = key.repeat_interleave(num_kv_groups, dim=1)
+        value = value.repeat_interleave(num_kv_groups, dim=1)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (V2 paper §2.1, V3 report eq. 1-11).
+
+    Keys and values are compressed into a per-token latent c_kv (kv_lora_rank values) plus one
+    rotary key k_pe shared by all heads; only those two are cached. Queries are optionally
+    compressed too (q_lora_rank; V2-Lite has none). Two equivalent execution paths:
+
+    * naive: expand the latent with kv_b_proj into per-head keys and values, then ordinary
+      attention. Cheaper when many queries attend (training, prefill).
+    * absorbed: fold W_UK into the query and W_UV into the output so attention runs directly
+      over the cached latent, as multi-query attention with head dim kv_lora_rank + rope dim.
+      Cheaper when few queries attend to a long cache (decoding).
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        qk_head_dim = config.qk_head_dim
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
+        )
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        interleaved = config.rope_interleave or config.model_type == "deepseek_v2"
+        self.apply_rope = apply_rope_interleaved if interleaved else apply_rope_half
+        # Set by the model from its RotaryEmbedding: qk_head_dim^-0.5 * YaRN mscale^2 (fact 1 of the
+        # reference: 192^-0.5 * 1.874 for V3, in both execution paths).
+        self.softmax_scale = qk_head_dim**-0.5
+
+    def project_query(self, x: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query split as [nope | rope]: q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.num_heads, -1))
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, self.apply_rope(q_pe, angles)
+
+    def compress_kv(self, x: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores per token: the normalized latent [b, s, r] and rotated k_pe [b, s, rope]."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(latent), self.apply_rope(k_pe, angles)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        angles: RotaryAngles,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        q_nope, q_pe = self.project_query(x, angles)
+        latent, k_pe = self.compress_kv(x, angles)
+        if cache is not None:
+            latent, k_pe = cache.update(self.layer_index, positions, mask.shape[-1], latent, k_pe)
+        if absorb is None:
+            absorb = self.absorb_is_cheaper(x.shape[1], latent.shape[1])
+        attend = self.attend_absorbed if absorb else self.attend_naive
+        return self.o_proj(attend(q_nope, q_pe, latent, k_pe, mask).flatten(2))
+
+    def attend_naive(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Expand the latent into per-head k_nope and v, then standard attention. Returns [b, s, h, v]."""
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        query = torch.cat((q_nope, q_pe), dim=-1)
+        out = _attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.softmax_scale, mask)
+        return out.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Attention in latent space: score = q_nope W_UK . c + q_pe . k_pe; out = W_UV (p @ c). [b, s, h, v]."""
+        weight = self.kv_b_proj.weight.unflatten(0, (self.num_heads, -1))  # [h, nope + v, r]
+        w_uk, w_uv = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk.to(q_nope.dtype))
+        query = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [b, h, s, r + rope]
+        key = torch.cat((latent, k_pe), dim=-1)[:, None]  # [b, 1, t, r + rope]: one head shared by all
+        # Multi-query attention: fold heads into the query axis so every head reads the one latent.
+        batch, heads, seq, _ = query.shape
+        if mask is None:
+            mask = torch.ones(seq, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+        mask = mask[:, :, None].expand(-1, -1, heads, seq, -1).flatten(2, 3)
+        out_latent = F.scaled_dot_product_attention(
+            query.reshape(batch, 1, heads * seq, -1), key, latent[:, None], attn_mask=mask, scale=self.softmax_scale
+        ).view(batch, heads, seq, -1)
+        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv.to(out_latent.dtype))
+
+    def absorb_is_cheaper(self, num_queries: int, num_keys: int) -> bool:
+        """Compare the multiply-adds of both paths (per head) for this query/key count."""
+        r, nope, rope, v = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        naive = num_keys * r * (nope + v) + num_queries * num_keys * (nope + rope + v)
+        absorbed = num_queries * (nope * r + num_keys * (2 * r + rope) + r * v)
+        return absorbed < naive
+
+
+class GroupedQueryAttention(nn.Module):
+    """Qwen2/Llama attention: num_key_value_heads shared by groups of query heads, NeoX-style RoPE."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        qkv_bias = config.model_type == "qwen2" or config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(
+            self.num_heads * self.head_dim, config.hidden_size, bias=config.model_type == "llama" and config.attention_bias
+        )
+        self.softmax_scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        angles: RotaryAngles,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        query = apply_rope_half(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), angles)
+        key = apply_rope_half(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), angles)
+        value = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if cache is not None:
+            key, value = cache.update(self.layer_index, positions, mask.shape[-1], key, value)
+        out = _attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.softmax_scale, mask,
+            num_kv_groups=self.num_heads // self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -1,0 +1,169 @@
+"""Building blocks shared by every model family: RMSNorm, SwiGLU, rotary embeddings (with YaRN)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as DeepSeek and HF do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+class SwiGLU(nn.Module):
+    """The feed-forward block of every model here: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RotaryAngles:
+    """cos/sin of the rotation angles for a batch of positions, shared by every layer of one forward.
+
+    `cos` and `sin` are [batch, seq, rope_dim / 2] (one angle per rotated pair of channels).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def narrow(self, length: int) -> RotaryAngles:
+        """The angles of the first `length` positions (MTP depths run on shortened sequences)."""
+        return RotaryAngles(self.cos[:, :length], self.sin[:, :length])
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE frequencies for a config: plain, YaRN (DeepSeek, Qwen), linear or Llama-3 scaling.
+
+    Also owns the attention-temperature corrections that come with YaRN:
+    `attention_factor` multiplies cos/sin (HF semantics: mscale / mscale_all_dim, exactly 1.0 for
+    every DeepSeek config) and `softmax_scale_multiplier` multiplies the softmax scale by
+    mscale(factor, mscale_all_dim)^2 for MLA models (the factor of 1.874 for V3 that
+    re-implementations most often forget).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.rope_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the fp32 frequencies: after materializing from the meta device or a dtype cast."""
+        config = self.config
+        dim = config.rope_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        scaling = config.rope_scaling or {"rope_type": "default"}
+        rope_type = scaling["rope_type"]
+        self.attention_factor = 1.0
+        self.softmax_scale_multiplier = 1.0
+        if rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn_frequencies(inv_freq, dim, config.rope_theta, scaling)
+            mscale_all_dim = scaling.get("mscale_all_dim") or 0.0
+            if config.is_mla and mscale_all_dim:
+                self.softmax_scale_multiplier = yarn_mscale(scaling["factor"], mscale_all_dim) ** 2
+        elif rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3_frequencies(inv_freq, scaling)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor) -> RotaryAngles:
+        """Angles for integer `positions` of shape [batch, seq]."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        return RotaryAngles(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
+
+
+def _yarn_frequencies(
+    inv_freq: torch.Tensor, dim: int, base: float, scaling: dict
+) -> tuple[torch.Tensor, float]:
+    """YaRN: keep high frequencies, divide low ones by `factor`, linear ramp in between."""
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's band-wise frequency scaling (R1-Distill-Llama checkpoints use it)."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    original = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = original / low_freq_factor
+    high_freq_wavelen = original / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope_interleaved(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    """Rotate adjacent channel pairs (x0, x1), (x2, x3), ...: DeepSeek's layout for MLA.
+
+    `x` is [batch, seq, heads, dim] or [batch, seq, dim] (the shared k_pe).
+    """
+    cos, sin = angles.cos, angles.sin
+    if x.dim() == 4:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def apply_rope_half(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    """Rotate channel i with channel i + dim/2 (the "NeoX" layout of Qwen2 and Llama checkpoints).
+
+    `x` is [batch, seq, heads, dim].
+    """
+    cos, sin = angles.cos[:, :, None], angles.sin[:, :, None]
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return rotated.to(x.dtype)

@@ -1,0 +1,163 @@
+"""DeepSeekMoE: a router over fine-grained routed experts plus always-on shared experts.
+
+    h' = u + SharedExperts(u) + sum_{i in TopK} g_i * Expert_i(u)          (V3 report eq. 12)
+
+Routing follows the released code exactly (reference §2.2 and facts 4-6):
+  * scores s = sigmoid(u . e_i) (V3) or softmax over all experts (V2), computed in fp32;
+  * selection uses s + e_score_correction_bias (V3's aux-loss-free bias), the gate weights use
+    the unbiased s of the chosen experts;
+  * group-limited routing keeps the `topk_group` best of `n_group` groups, a group scored by the
+    sum of its top-2 biased scores (noaux_tc, V3) or its max score (group_limited_greedy, V2);
+    dropped groups are masked with -inf;
+  * weights renormalized over the top-k when norm_topk_prob, then scaled by routed_scaling_factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import SwiGLU
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward: tokens per expert and the sequence-wise balance loss.
+
+    `tokens_per_expert` [n_routed_experts] is detached (float32) and feeds the aux-loss-free bias
+    update and load monitoring. `balance_loss` is sum_i f_i P_i averaged over sequences (V3 eq.
+    17-20) without the alpha weight; None unless computed (training).
+    """
+
+    tokens_per_expert: torch.Tensor
+    balance_loss: torch.Tensor | None
+
+
+class Router(nn.Module):
+    """The `gate` of a DeepSeekMoE layer. Returns gate weights and expert indices per token."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        # Aux-loss-free balancing bias: fp32, changed only by the sign-rule update outside autograd.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] -> (weights [tokens, k] fp32, indices [tokens, k], scores [tokens, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.topk_method == "noaux_tc":
+            choice = choice + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = choice.unflatten(-1, (self.n_group, -1))
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """`n_routed_experts` SwiGLU experts stored as stacked weights [E, out, in].
+
+    Tokens are grouped by expert (one sort), each expert runs one matmul over all of its tokens,
+    and results are scattered back weighted by the gate: no Python loop over tokens, and experts
+    no token chose are never read (decode touches only the chosen experts' weights).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        num_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden]."""
+        top_k = indices.shape[1]
+        flat_indices = indices.flatten()
+        order = flat_indices.argsort(stable=True)
+        token_of_slot = order // top_k
+        counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
+        grouped_input = x[token_of_slot]
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            outputs.append(self.expert_forward(expert, grouped_input[start : start + count]))
+            start += count
+        grouped_output = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
+    def naive_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Executable specification: every token through each of its experts one at a time."""
+        out = torch.zeros_like(x)
+        for token in range(x.shape[0]):
+            for slot in range(indices.shape[1]):
+                expert = int(indices[token, slot])
+                out[token] += weights[token, slot].to(x.dtype) * self.expert_forward(expert, x[token : token + 1])[0]
+        return out
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE feed-forward layer: router (`gate`), routed `experts`, `shared_experts`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        shared = config.n_shared_experts or 0
+        self.shared_experts = (
+            SwiGLU(config.hidden_size, shared * config.moe_intermediate_size) if shared else None
+        )
+
+    def forward(self, x: torch.Tensor, balance_loss: bool = False) -> tuple[torch.Tensor, RouterStats]:
+        """x [batch, seq, hidden] -> (output, stats). `balance_loss` computes V3's sequence-wise loss."""
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, indices, scores = self.gate(flat)
+        out = self.experts(flat, weights, indices).view(batch, seq, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        tokens_per_expert = torch.bincount(indices.flatten(), minlength=self.gate.num_experts).float()
+        loss = self.sequence_balance_loss(scores, indices, batch) if balance_loss else None
+        return out, RouterStats(tokens_per_expert, loss)
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """sum_i f_i P_i per sequence, averaged over the batch (V3 report eq. 17-20).
+
+        f_i = N_r / (K_r T) * (tokens of the sequence routed to i); P_i = mean over the sequence of
+        the scores normalized over all experts.
+        """
+        num_experts, top_k = self.gate.num_experts, self.gate.top_k
+        scores = scores.view(batch, -1, num_experts)
+        seq = scores.shape[1]
+        chosen = torch.zeros_like(scores).scatter_(2, indices.view(batch, seq, top_k), 1.0)
+        fraction = chosen.sum(dim=1) * num_experts / (top_k * seq)
+        probability = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return (fraction * probability).sum(dim=-1).mean()
