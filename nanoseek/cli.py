@@ -16,6 +16,8 @@ from nanoseek.errors import NanoseekError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.model.accounting", "parameters (total / activated), KV-cache bytes and layer layout"),
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with the DeepSeek-R1 chat template"),
+    "data": ("nanoseek.data.corpus", "clean, deduplicate and tokenize text (or generated tasks) into token shards"),
 }
 
 
