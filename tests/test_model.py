@@ -1,0 +1,216 @@
+"""Model internals: fast paths against naive paths, and the DeepSeek facts re-implementations get wrong."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from model_configs import tiny_config
+
+from nanoseek import ModelConfig
+from nanoseek.model import build_model
+from nanoseek.model.cache import StaticKVCache
+from nanoseek.model.layers import RMSNorm, RotaryAngles, RotaryEmbedding, apply_rope_half, apply_rope_interleaved
+from nanoseek.model.moe import MoE, Router
+
+
+def tokens(vocab: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ----- YaRN and RoPE (facts 1-2) --------------------------------------------------------------
+def test_v3_softmax_scale_includes_yarn_mscale_squared():
+    model = build_model(ModelConfig.from_preset("v3"), device="meta")
+    attention = model.model.layers[0].self_attn
+    assert attention.softmax_scale == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2, rel=1e-6)
+    assert attention.softmax_scale == pytest.approx(0.135234, abs=1e-6)
+    assert model.model.rotary_emb.attention_factor == 1.0  # cos/sin unscaled for mscale == mscale_all_dim
+
+
+def test_v2_lite_softmax_scale_uses_mscale_all_dim():
+    model = build_model(ModelConfig.from_preset("v2-lite"), device="meta")
+    assert model.model.layers[0].self_attn.softmax_scale == pytest.approx(0.114721, abs=1e-6)
+
+
+def test_v3_yarn_frequency_ramp():
+    rope = RotaryEmbedding(ModelConfig.from_preset("v3"))
+    original = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    ratio = (original / rope.inv_freq.double())
+    assert torch.allclose(ratio[:11], torch.ones(11, dtype=torch.float64), rtol=1e-6)  # pairs <= 10 untouched
+    assert torch.allclose(ratio[23:], torch.full((9,), 40.0, dtype=torch.float64), rtol=1e-6)  # >= 23 divided by 40
+    assert ((ratio[11:23] > 1) & (ratio[11:23] < 40)).all()
+
+
+def test_interleaved_rope_rotates_adjacent_pairs_and_half_rope_rotates_halves():
+    angle = 0.3  # pair 0 rotates by `angle`, pair 1 not at all
+    angles = RotaryAngles(torch.tensor([[[math.cos(angle), 1.0]]]), torch.tensor([[[math.sin(angle), 0.0]]]))
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0
+    interleaved = apply_rope_interleaved(x, angles)[0, 0, 0]
+    assert torch.allclose(interleaved, torch.tensor([math.cos(angle), math.sin(angle), 0.0, 0.0]))
+    half = apply_rope_half(x, angles)[0, 0, 0]
+    assert torch.allclose(half, torch.tensor([math.cos(angle), 0.0, math.sin(angle), 0.0]))
+
+
+def test_rmsnorm_computes_in_fp32():
+    norm = RMSNorm(8).bfloat16()
+    x = torch.randn(4, 8) * 300
+    x16 = x.bfloat16()
+    expected = (x16.float() / torch.sqrt(x16.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(norm(x16), expected)  # squares of ~300 would lose precision if summed in bf16
+    assert norm(x16).dtype == torch.bfloat16
+
+
+# ----- MLA: naive vs absorbed (fact 7) ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm"])
+def test_mla_absorbed_path_equals_naive_path(name):
+    model = build_model(tiny_config(name), seed=0).eval()
+    ids = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        naive = model(ids, absorb=False).logits
+        absorbed = model(ids, absorb=True).logits
+    assert (naive - absorbed).abs().max() < 1e-5
+
+
+def test_mla_cache_holds_only_latent_and_rotated_rope_key():
+    config = tiny_config("v3")
+    cache = StaticKVCache(config, batch_size=1, max_length=8)
+    shapes = [tuple(t.shape[2:]) for t in cache.layers[0]]
+    assert shapes == [(config.kv_lora_rank,), (config.qk_rope_head_dim,)]
+
+
+@pytest.mark.parametrize("name", ["v3", "v2-group-limited-yarn", "qwen2", "llama3"])
+@pytest.mark.parametrize("absorb", [True, False])
+def test_cached_decoding_equals_full_forward(name, absorb):
+    """Prefill a prefix, then feed one token at a time; rows sit at different positions."""
+    model = build_model(tiny_config(name), seed=0).eval()
+    ids = tokens(model.config.vocab_size, batch=2, seq=10)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = StaticKVCache(model.config, batch_size=2, max_length=16)
+        prefix = 4
+        positions = torch.arange(prefix).expand(2, prefix)
+        step_logits = [model(ids[:, :prefix], positions=positions, cache=cache, absorb=absorb).logits]
+        for position in range(prefix, 10):
+            step_positions = torch.full((2, 1), position)
+            step_logits.append(
+                model(ids[:, position : position + 1], positions=step_positions, cache=cache, absorb=absorb).logits
+            )
+    assert (torch.cat(step_logits, dim=1) - full).abs().max() < 1e-4
+
+
+def test_cache_rows_at_different_positions():
+    """Row 0 decodes its 6th token while row 1 decodes its 3rd: each matches its own full forward."""
+    model = build_model(tiny_config("v3"), seed=0).eval()
+    ids = tokens(model.config.vocab_size, batch=2, seq=6)
+    with torch.no_grad():
+        full_row0 = model(ids[:1]).logits[0, 5]
+        full_row1 = model(ids[1:, :3]).logits[0, 2]
+        cache = StaticKVCache(model.config, batch_size=2, max_length=8)
+        model(ids[:, :5], positions=torch.arange(5).expand(2, 5), cache=cache)
+        step = torch.stack([ids[0, 5], ids[1, 2]])[:, None]
+        logits = model(step, positions=torch.tensor([[5], [2]]), cache=cache).logits
+    assert (logits[0, 0] - full_row0).abs().max() < 1e-4
+    assert (logits[1, 0] - full_row1).abs().max() < 1e-4
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = build_model(tiny_config("v3"), seed=0).eval()
+    first, second = tokens(96, 1, 5, seed=1), tokens(96, 1, 7, seed=2)
+    packed = torch.cat([first, second], dim=1)
+    documents = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        logits = model(packed, positions=positions, document_ids=documents).logits
+        alone = model(second).logits
+    assert (logits[:, 5:] - alone).abs().max() < 1e-4
+
+
+# ----- DeepSeekMoE routing (facts 4-5) ----------------------------------------------------------
+def test_grouped_experts_equal_naive_per_token_loop():
+    moe = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    x = torch.randn(20, 64)
+    weights, indices, _ = moe.gate(x)
+    assert torch.allclose(moe.experts(x, weights, indices), moe.experts.naive_forward(x, weights, indices), atol=1e-6)
+
+
+def _router(**overrides) -> Router:
+    router = Router(tiny_config("v3", **overrides))
+    torch.nn.init.normal_(router.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    return router
+
+
+def test_correction_bias_changes_selection_but_not_gate_weights():
+    router = _router(n_group=1, topk_group=1)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    router.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))
+    weights, indices, scores = router(x)
+    assert set(indices.flatten().tolist()) == {0, 1}  # the bias decides the selection...
+    expected = scores[:, :2] / scores[:, :2].sum(-1, keepdim=True) * 2.5  # ...weights use unbiased scores
+    order = indices.argsort(dim=-1)
+    assert torch.allclose(weights.gather(1, order), expected, atol=1e-6)
+
+
+def test_group_limiting_masks_dropped_groups_with_minus_infinity():
+    """All biased scores negative: a 0.0-filled mask (as in HF/remote code) would admit dropped experts."""
+    router = _router()
+    router.e_score_correction_bias.fill_(-3.0)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    _, indices, scores = router(x)
+    biased = (scores - 3.0).view(64, 4, 2)
+    kept_groups = biased.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    chosen_groups = indices // 2
+    for token in range(64):
+        assert set(chosen_groups[token].tolist()) <= set(kept_groups[token].tolist())
+
+
+def test_v2_group_score_is_max_and_weights_unnormalized():
+    router = _router(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+                     routed_scaling_factor=16.0)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    weights, indices, scores = router(x)
+    group_max = scores.view(32, 4, 2).amax(-1)
+    kept = group_max.topk(2, dim=-1).indices
+    masked = scores.view(32, 4, 2).clone()
+    keep = torch.zeros(32, 4, dtype=torch.bool).scatter_(1, kept, True)
+    masked[~keep] = float("-inf")
+    expected = masked.view(32, 8).topk(2, dim=-1)
+    assert torch.equal(indices.sort(-1).values, expected.indices.sort(-1).values)
+    assert torch.allclose(weights.sort(-1).values, (expected.values * 16.0).sort(-1).values)
+
+
+def test_expert_counts_and_sequence_balance_loss():
+    model = build_model(tiny_config("v3"), seed=0).train()
+    ids = tokens(96, batch=3, seq=10)
+    output = model(ids, labels=ids, balance_alpha=0.01)
+    assert len(output.router_stats) == len(model.moe_layers()) == 3  # 2 main MoE layers + the MTP block
+    assert output.router_stats[0].tokens_per_expert.sum() == 30 * 2
+    moe = model.model.layers[1].mlp
+    x = torch.randn(3, 10, 64)
+    _, indices, scores = moe.gate(x.view(-1, 64))
+    expected = 0.0
+    for sequence in range(3):
+        s = scores.view(3, 10, 8)[sequence]
+        chosen = indices.view(3, 10, 2)[sequence]
+        f = torch.tensor([(chosen == i).sum().item() * 8 / (2 * 10) for i in range(8)])
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        expected += (f * p).sum() / 3
+    assert torch.allclose(moe.sequence_balance_loss(scores, indices, 3), expected, atol=1e-6)
+
+
+def test_first_k_dense_layers_and_shared_experts_width():
+    config = tiny_config("v2-lite-greedy")
+    model = build_model(config, device="meta")
+    assert not isinstance(model.model.layers[0].mlp, MoE)
+    assert model.model.layers[0].mlp.gate_proj.out_features == config.intermediate_size
+    moe = model.model.layers[1].mlp
+    assert moe.shared_experts.gate_proj.out_features == 2 * config.moe_intermediate_size
+
+
+def test_router_bias_stays_fp32_in_bf16_model():
+    model = build_model(tiny_config("v3"), dtype=torch.bfloat16, seed=0)
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias not in set(model.parameters())
