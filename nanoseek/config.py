@@ -45,6 +45,8 @@ IGNORED_HF_KEYS = frozenset(
     }
 )
 
+KEPT_HF_KEYS = frozenset({"quantization_config"})
+
 
 @dataclass
 class ModelConfig:
@@ -99,8 +101,8 @@ class ModelConfig:
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int | None = None
-    # Keys this implementation does not use but keeps so that `to_hf` round-trips them.
-    extra: dict = field(default_factory=dict, repr=False)
+    # Keys this implementation does not use but writes back in `to_hf` (e.g. quantization_config).
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -246,7 +248,8 @@ class ModelConfig:
         rope_parameters = raw.get("rope_parameters")
         if isinstance(rope_parameters, dict) and "rope_scaling" not in raw:
             # transformers v5 stores rope_theta and the scaling in one `rope_parameters` dict
-            raw.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            if "rope_theta" in rope_parameters:
+                raw["rope_theta"] = rope_parameters["rope_theta"]
             if rope_parameters.get("rope_type", "default") != "default":
                 raw["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
         known = {f.name for f in fields(cls)} - {"extra"}
@@ -255,7 +258,8 @@ class ModelConfig:
             if key in known:
                 values[key] = value
             elif key in IGNORED_HF_KEYS:
-                extra[key] = value
+                if key in KEPT_HF_KEYS:
+                    extra[key] = value
             else:
                 raise ConfigError(_unknown_key_message(key, known))
         if values.get("torch_dtype") is None:
@@ -271,8 +275,7 @@ class ModelConfig:
         out.update({key: getattr(self, key) for key in keys if getattr(self, key) is not None or key == "q_lora_rank"})
         if self.rope_scaling is not None:
             out["rope_scaling"] = dict(self.rope_scaling)
-        keep = ("quantization_config",)
-        out.update({k: v for k, v in self.extra.items() if k in keep})
+        out.update(self.extra)
         return out
 
     def save(self, directory: str | Path) -> None:
