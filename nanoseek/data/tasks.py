@@ -88,7 +88,7 @@ def addition_steps(a: int, b: int) -> list[str]:
     """One line per column, least significant first: `x+y+carry=sum`; the last line's sum is written whole."""
     width = max(len(str(a)), len(str(b)))
     steps, carry = [], 0
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    for x, y in zip(_digits(a, width), _digits(b, width), strict=True):
         total = x + y + carry
         steps.append(f"{x}+{y}+{carry}={total}")
         carry = total // 10
@@ -99,7 +99,7 @@ def subtraction_steps(a: int, b: int) -> list[str]:
     """Columns of `a-b` (a >= b): `x-y-borrow=d`, written `1x-...` when the column borrows ten."""
     width = len(str(a))
     steps, borrow = [], 0
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    for x, y in zip(_digits(a, width), _digits(b, width), strict=True):
         difference = x - y - borrow
         if difference < 0:
             steps.append(f"1{x}-{y}-{borrow}={difference + 10}")
@@ -114,7 +114,7 @@ def multiplication_steps(a: int, b: int) -> list[str]:
     """One partial product per digit of `b` (shifted), then their sum."""
     multipliers = [digit * 10**place for place, digit in enumerate(_digits(b, len(str(b))))]
     partials = [a * multiplier for multiplier in multipliers]
-    steps = [f"{a}*{multiplier}={partial}" for multiplier, partial in zip(multipliers, partials)]
+    steps = [f"{a}*{multiplier}={partial}" for multiplier, partial in zip(multipliers, partials, strict=True)]
     if len(partials) > 1:
         steps.append("+".join(str(partial) for partial in partials) + f"={a * b}")
     return steps
@@ -271,10 +271,10 @@ def make_problems(
     rng = random.Random(f"{task}/{split}/{seed}/{levels}/{language}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    attempts = 0
+    misses = 0  # draws in a row that gave nothing new: the level's problem space is used up
     while len(problems) < count:
-        attempts += 1
-        if attempts > 200 * count + 10_000:
+        misses += 1
+        if misses > 10_000:
             raise DataError(
                 f"only {len(problems)} distinct {task} {split} problems found at difficulty {levels}; "
                 f"ask for fewer than {count} or use more difficulty levels"
@@ -285,6 +285,7 @@ def make_problems(
         if split_of(fields["key"]) != split or fields["prompt"] in seen:
             continue
         seen.add(fields["prompt"])
+        misses = 0
         problems.append(
             Problem(
                 id=f"{task}-{hashlib.sha256(fields['prompt'].encode('utf-8')).hexdigest()[:12]}",
