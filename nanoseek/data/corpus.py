@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import time
 import unicodedata
 from collections import Counter
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nanoseek.config import parse_overrides
 from nanoseek.errors import DataError
@@ -126,21 +129,23 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStatistics, skip_bad_lin
 
 
 def _read_parquet(path: Path, text_field: str, stats: ReadStatistics, skip_bad_lines: bool) -> Iterator[str]:
-    import datasets  # imported here: it takes a second and only parquet input needs it
-
+    """Rows of one column, streamed in record batches. pyarrow directly rather than
+    `datasets.load_dataset`, which spends seconds per call on a local file and writes a cache."""
     try:
-        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-        columns = list(rows.features or {})
-    except Exception as error:  # pyarrow and datasets raise many types for a bad file
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: cannot read as parquet: {error}") from error
+    columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set --text-field")
-    for number, row in enumerate(rows.select_columns([text_field]), start=1):
-        text = row[text_field]
-        if not isinstance(text, str):
-            stats.bad_line(f"{path}:row {number}: {text_field!r} is {text!r}, not a string", skip_bad_lines)
-            continue
-        yield text
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                stats.bad_line(f"{path}:row {row}: {text_field!r} is {text!r}, not a string", skip_bad_lines)
+                continue
+            yield text
 
 
 def read_documents(
@@ -180,9 +185,17 @@ def read_documents(
 
 
 # -------------------------------------------------------------------------------------------- cleaning
+# Full-width punctuation of Chinese prose. NFKC would turn "，" into ",", so a model pretrained on
+# normalized text would write ASCII punctuation in Chinese, unlike the (unnormalized) prompts it gets.
+CJK_PUNCTUATION = re.compile(r"([，！？：；（）])")
+
+
 def normalize_text(text: str) -> str:
-    """NFKC (full-width letters and digits, ligatures, compatibility forms), Unix newlines, stripped."""
-    return unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n").strip()
+    """NFKC (full-width letters and digits, ligatures, compatibility forms) except Chinese punctuation,
+    Unix newlines, stripped."""
+    parts = CJK_PUNCTUATION.split(text)  # odd indices are the protected punctuation marks
+    text = "".join(part if index % 2 else unicodedata.normalize("NFKC", part) for index, part in enumerate(parts))
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def quality_issue(text: str, config: CleaningConfig) -> str | None:
