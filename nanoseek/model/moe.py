@@ -14,6 +14,7 @@ Routing follows the released code exactly (reference §2.2 and facts 4-6):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,8 @@ class RoutedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        # The matmul of every expert; FP8 training swaps in `nanoseek.fp8.fp8_linear` (train/precision.py).
+        self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden]."""
@@ -111,8 +114,8 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+        gate, up = self.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, self.down_proj[expert])
 
     def naive_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Executable specification: every token through each of its experts one at a time."""
