@@ -94,7 +94,15 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', last_user=-1) -%}
 {%- if thinking is defined and thinking -%}{{- '<think>\n' -}}{%- endif -%}
 {%- endif -%}"""
 
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 # Older names of a message's reasoning that transformers copies to `reasoning_content` and `thinking`.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -139,9 +147,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(format: str) -> str:
@@ -293,7 +309,9 @@ class Tokenizer:
             chat_template = named.get("default")
         tokenizer = cls(backend, config, chat_template)
         if "add_bos_token" in config or "add_eos_token" in config:
-            tokenizer._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
+            tokenizer._set_post_processor(
+                bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
+            )
         return tokenizer
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
@@ -304,7 +322,9 @@ class Tokenizer:
         pair = single + f" {self.bos_token}:1" * add_bos + " $B:1" + f" {self.eos_token}:1" * add_eos
         special = [(token, self.token_to_id(token)) for token in (self.bos_token, self.eos_token) if token]
         used = [(token, token_id) for token, token_id in special if token in single]
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=used)
+        self.backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=used
+        )
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json into `path`, each file atomically.
@@ -316,7 +336,9 @@ class Tokenizer:
         config = dict(self.config)
         config["chat_template"] = self.chat_template
         atomic_write_text(path / "tokenizer.json", self.backend.to_str(pretty=True))
-        atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        )
         (path / "chat_template.jinja").unlink(missing_ok=True)  # it would shadow the template just saved
 
     # --------------------------------------------------------------------------------------------- vocabulary
@@ -349,7 +371,9 @@ class Tokenizer:
     @property
     def special_ids(self) -> set[int]:
         """Ids of the control tokens that `skip_special_tokens=True` removes."""
-        return {token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        return {
+            token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special
+        }
 
     # ------------------------------------------------------------------------------------- encode / decode
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -358,7 +382,10 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel threads (the Rust side releases the GIL)."""
-        return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [
+            encoding.ids
+            for encoding in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -372,7 +399,9 @@ class Tokenizer:
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and, if `track`, the character spans inside `{% generation %}` blocks."""
         if self._compiled_template is None:
-            raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json has no chat_template)")
+            raise TokenizerError(
+                "this tokenizer has no chat template (tokenizer_config.json has no chat_template)"
+            )
         if not messages:
             raise TokenizerError("cannot apply the chat template to an empty conversation")
         # As transformers does: drop None-valued keys, alias older names of the reasoning field.
@@ -383,7 +412,11 @@ class Tokenizer:
             if reasoning is not None:
                 message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
             chat.append(message)
-        special = {key: _token_content(self.config.get(key)) for key in _SPECIAL_TOKEN_KEYS if self.config.get(key) is not None}
+        special = {
+            key: _token_content(self.config.get(key))
+            for key in _SPECIAL_TOKEN_KEYS
+            if self.config.get(key) is not None
+        }
         variables = {**special, **kwargs, "messages": chat, "add_generation_prompt": add_generation_prompt}
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
@@ -400,7 +433,11 @@ class Tokenizer:
             raise TokenizerError(f"chat template failed: {error}") from error
 
     def apply_chat_template(
-        self, messages: Sequence[dict], add_generation_prompt: bool = False, tokenize: bool = False, **kwargs: Any
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **kwargs: Any,
     ) -> str | list[int]:
         """Render `messages` ([{"role", "content"}, ...]) with the chat template; ids if `tokenize`.
 
@@ -429,7 +466,8 @@ class Tokenizer:
             spans = [(len(prompt), len(text))]
         encoding = self.backend.encode(text, add_special_tokens=False)
         mask = [
-            int(any(start <= token_start < end for start, end in spans)) for token_start, _ in encoding.offsets
+            int(any(start <= token_start < end for start, end in spans))
+            for token_start, _ in encoding.offsets
         ]
         return encoding.ids, mask
 
@@ -512,7 +550,9 @@ def train_tokenizer(
                 yield text
 
     start = time.perf_counter()
-    tokenizer = Tokenizer.train(texts(), vocab_size, min_frequency=min_frequency, model_max_length=model_max_length)
+    tokenizer = Tokenizer.train(
+        texts(), vocab_size, min_frequency=min_frequency, model_max_length=model_max_length
+    )
     seconds = time.perf_counter() - start
     with atomic_directory(out) as temp:
         tokenizer.save_pretrained(temp)
@@ -521,12 +561,18 @@ def train_tokenizer(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="tokenizer_command", metavar="subcommand", required=True)
-    train = commands.add_parser("train", help="train a byte-level BPE tokenizer", description=train_tokenizer.__doc__)
-    train.add_argument("--input", nargs="*", default=[], metavar="FILE", help=".txt, .jsonl or .parquet files")
+    train = commands.add_parser(
+        "train", help="train a byte-level BPE tokenizer", description=train_tokenizer.__doc__
+    )
+    train.add_argument(
+        "--input", nargs="*", default=[], metavar="FILE", help=".txt, .jsonl or .parquet files"
+    )
     train.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
     train.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
-    train.add_argument("--from-tasks", type=int, default=0, metavar="N", help="also train on N generated task documents")
+    train.add_argument(
+        "--from-tasks", type=int, default=0, metavar="N", help="also train on N generated task documents"
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of the generated task documents")
     train.add_argument("--min-frequency", type=int, default=2, help="minimum count of a pair to be merged")
     train.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)
@@ -547,4 +593,8 @@ def cli_main(args: argparse.Namespace) -> int:
         f"trained a {report.vocab_size}-token tokenizer on {report.documents} documents "
         f"({report.characters} characters) in {report.seconds:.2f} s -> {args.out}"
     )
+    if report.vocab_size < args.vocab_size:
+        print(
+            f"(asked for {args.vocab_size}: no pair in this corpus occurs --min-frequency times to merge further)"
+        )
     return 0

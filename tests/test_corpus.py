@@ -38,7 +38,9 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8"
+    )
     return path
 
 
@@ -81,7 +83,9 @@ def test_prepare_is_deterministic_and_splits_validation_by_hash(tmp_path, tokeni
     prepare_corpus([source], tokenizer_dir, tmp_path / "two", clean, val_fraction=0.1)
     for split in ("train", "val"):
         for shard in first["splits"][split]["shards"]:
-            assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()
+            assert (tmp_path / "one" / shard["file"]).read_bytes() == (
+                tmp_path / "two" / shard["file"]
+            ).read_bytes()
     assert 5 <= first["splits"]["val"]["documents"] <= 40 and first["statistics"]["kept"] == 200
     assert not set(shard_documents(tmp_path / "one", "train")) & set(shard_documents(tmp_path / "one", "val"))
 
@@ -100,18 +104,59 @@ def test_normalization_and_quality_filters():
 def test_filters_and_deduplication_are_counted(tmp_path, tokenizer_dir, capsys):
     long = PROSE[0] + " " + PROSE[1]
     near = long.replace("thousands", "hundreds")  # one word changed: estimated Jaccard ~0.85
-    records = [long, long, "  " + long.upper(), near, PROSE[1], "tiny", "@@@@ #### $$$$ %%%% ^^^^ &&&& ****", PROSE[2]]
+    records = [
+        long,
+        long,
+        "  " + long.upper(),
+        near,
+        PROSE[1],
+        "tiny",
+        "@@@@ #### $$$$ %%%% ^^^^ &&&& ****",
+        PROSE[2],
+    ]
     source = write_jsonl(tmp_path / "a.jsonl", [{"text": text} for text in records])
     out = tmp_path / "out"
-    code = cli_main(["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--val-fraction", "0"])
+    code = cli_main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(source),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0",
+        ]
+    )
     assert code == 0
     statistics = load_manifest(out)["statistics"]
-    assert statistics["dropped"] == {"exact_duplicate": 2, "near_duplicate": 1, "too_short": 1, "symbol_ratio": 1}
+    assert statistics["dropped"] == {
+        "exact_duplicate": 2,
+        "near_duplicate": 1,
+        "too_short": 1,
+        "symbol_ratio": 1,
+    }
     assert shard_documents(out) == [long, PROSE[1], PROSE[2]]
     summary = capsys.readouterr().out
     assert "dropped near_duplicate" in summary and "kept from files" in summary and "tokens/s" in summary
-    cli_main(["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-              "--filter", "near_dedup_threshold=null", "exact_dedup=false", "min_chars=1"])
+    cli_main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(source),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--filter",
+            "near_dedup_threshold=null",
+            "exact_dedup=false",
+            "min_chars=1",
+        ]
+    )
     assert load_manifest(out)["statistics"]["dropped"] == {"symbol_ratio": 1}
 
 
@@ -128,7 +173,11 @@ def test_bad_jsonl_line_fails_or_is_skipped(tmp_path, tokenizer_dir):
     assert not out.exists()
     manifest = prepare_corpus([source], tokenizer_dir, out, skip_bad_lines=True, val_fraction=0).manifest
     assert manifest["skipped_lines"] == 3
-    assert [e.split(": ", 1)[0].rsplit("/", 1)[1] for e in manifest["skipped_line_examples"]] == ["a.jsonl:2", "a.jsonl:3", "a.jsonl:4"]
+    assert [e.split(": ", 1)[0].rsplit("/", 1)[1] for e in manifest["skipped_line_examples"]] == [
+        "a.jsonl:2",
+        "a.jsonl:3",
+        "a.jsonl:4",
+    ]
     assert "not valid UTF-8" in manifest["skipped_line_examples"][2]
     assert shard_documents(out) == [PROSE[0], PROSE[1]]
 
@@ -149,7 +198,9 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, tokenizer_dir, capsys
     if content is not None:
         source.write_bytes(content)
     out = tmp_path / "out"
-    code = cli_main(["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out)])
+    code = cli_main(
+        ["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    )
     error = capsys.readouterr().err
     assert code == 2 and message in error and error.count("\n") == 1 and "Traceback" not in error
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -174,7 +225,9 @@ def test_from_tasks_and_control_tokens_in_raw_text(tmp_path, tokenizer_dir):
     raw = PROSE[0] + " <｜end▁of▁sentence｜> is just text here."
     source = write_jsonl(tmp_path / "a.jsonl", [{"text": raw}])
     raw_text = CleaningConfig(normalize=False)  # NFKC would turn the full-width bars into ASCII ones
-    manifest = prepare_corpus([source], tokenizer_dir, tmp_path / "out", raw_text, from_tasks=40, val_fraction=0).manifest
+    manifest = prepare_corpus(
+        [source], tokenizer_dir, tmp_path / "out", raw_text, from_tasks=40, val_fraction=0
+    ).manifest
     assert manifest["tasks"] == {"documents": 40, "seed": 0} and manifest["statistics"]["kept"] == 41
     documents = shard_documents(tmp_path / "out")
     assert documents[0] == raw  # one document: the EOS written in the text did not end it

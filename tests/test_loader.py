@@ -65,7 +65,9 @@ def test_pretrain_batches_are_shifted_windows_of_the_shards(shards, shard_tokens
 def test_pretrain_epoch_covers_every_window_once_and_reshuffles(shards, shard_tokens):
     loader = PretrainLoader(shards, batch_size=5, seq_len=SEQ_LEN, seed=3)
     epochs = [take(loader, loader.batches_per_epoch) for _ in range(2)]
-    firsts = [[window_of(row, shard_tokens) for batch in epoch for row in batch["input_ids"]] for epoch in epochs]
+    firsts = [
+        [window_of(row, shard_tokens) for batch in epoch for row in batch["input_ids"]] for epoch in epochs
+    ]
     assert len(set(firsts[0])) == len(firsts[0]) == loader.batches_per_epoch * 5
     assert firsts[0] != firsts[1] and set(firsts[0]) != set() and loader.sampler.epoch == 2
 
@@ -92,10 +94,17 @@ def test_pretrain_resumes_from_state_dict(shards, before_epoch_end):
 
 def test_pretrain_ranks_get_disjoint_equal_shares(shards, shard_tokens):
     world = 3
-    loaders = [PretrainLoader(shards, batch_size=2, seq_len=SEQ_LEN, seed=5, rank=r, world_size=world) for r in range(world)]
+    loaders = [
+        PretrainLoader(shards, batch_size=2, seq_len=SEQ_LEN, seed=5, rank=r, world_size=world)
+        for r in range(world)
+    ]
     assert len({loader.batches_per_epoch for loader in loaders}) == 1
     seen = [
-        {window_of(row, shard_tokens) for batch in take(loader, loader.batches_per_epoch) for row in batch["input_ids"]}
+        {
+            window_of(row, shard_tokens)
+            for batch in take(loader, loader.batches_per_epoch)
+            for row in batch["input_ids"]
+        }
         for loader in loaders
     ]
     assert all(len(windows) == loaders[0].batches_per_epoch * 2 for windows in seen)
@@ -138,7 +147,14 @@ def expected_replies(conversation) -> str:
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_loss_mask_covers_exactly_the_assistant_replies(conversations, packing):
     tokenizer = small_tokenizer()
-    loader = SFTLoader(conversations, tokenizer, batch_size=len(conversations) if not packing else 2, max_length=256, packing=packing, shuffle=False)
+    loader = SFTLoader(
+        conversations,
+        tokenizer,
+        batch_size=len(conversations) if not packing else 2,
+        max_length=256,
+        packing=packing,
+        shuffle=False,
+    )
     trained, seen = [], []
     for batch in take(loader, loader.batches_per_epoch):
         assert torch.equal(batch["loss_mask"], batch["targets"] != IGNORE_INDEX)
@@ -189,8 +205,18 @@ def test_sft_truncation_resume_and_ranks(conversations):
     resumed = SFTLoader(conversations, tokenizer, batch_size=3, max_length=256, seed=2)
     resumed.load_state_dict(state)
     assert_same_batches(take(resumed, 4), expected)
-    ranks = [SFTLoader(conversations, tokenizer, batch_size=2, max_length=256, seed=2, rank=r, world_size=2) for r in range(2)]
-    first_inputs = [{tuple(row.tolist()) for b in take(r, r.batches_per_epoch) for row in b["input_ids"]} for r in ranks]
+    ranks = [
+        SFTLoader(conversations, tokenizer, batch_size=2, max_length=256, seed=2, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    first_inputs = [
+        {tuple(row.tolist()) for b in take(r, r.batches_per_epoch) for row in b["input_ids"]} for r in ranks
+    ]
     assert first_inputs[0] and not first_inputs[0] & first_inputs[1]
     with pytest.raises(DataError, match="assistant token"):
-        SFTLoader([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]], tokenizer, 1, max_length=3)
+        SFTLoader(
+            [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]],
+            tokenizer,
+            1,
+            max_length=3,
+        )

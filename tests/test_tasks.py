@@ -61,7 +61,9 @@ def test_split_is_a_hash_of_content_not_of_the_seed():
 @pytest.mark.parametrize("difficulty", DIFFICULTIES)
 def test_worked_solutions_are_correct_and_well_formed(task, difficulty):
     for problem in make_problems(task, "train", 25, seed=difficulty, difficulty=difficulty):
-        assert problem.solution.startswith("<think>\n") and problem.solution.endswith(f"\n</think>\n<answer>{problem.answer}</answer>")
+        assert problem.solution.startswith("<think>\n") and problem.solution.endswith(
+            f"\n</think>\n<answer>{problem.answer}</answer>"
+        )
         assert check_answer(problem, problem.solution).correct
         assert check_format(problem.solution).correct
         assert problem.difficulty == difficulty and problem.language in LANGUAGES
@@ -73,7 +75,9 @@ def test_arithmetic_answers_and_column_steps_are_right():
         a, op, b = re.search(r"(\d+)([+\-*])(\d+)", problem.prompt).groups()
         assert int(problem.answer) == OPERATORS[op](int(a), int(b))
         steps = problem.solution.split("\n")[1:-2]
-        if op == "+":  # the answer reads off the columns: last column's sum whole, then the others' last digits
+        if (
+            op == "+"
+        ):  # the answer reads off the columns: last column's sum whole, then the others' last digits
             assert problem.answer == steps[-1].split("=")[1] + "".join(s[-1] for s in reversed(steps[:-1]))
         elif op == "-" and int(a) >= int(b):
             assert problem.answer == str(int("".join(s.split("=")[1] for s in reversed(steps))))
@@ -88,7 +92,9 @@ def test_countdown_gold_uses_only_the_given_numbers():
     for problem in make_problems("countdown", "train", 100, seed=2, difficulty=(1, 3, 5)):
         value, literals = evaluate_expression(problem.answer)
         assert value == problem.target and sorted(literals) == sorted(problem.numbers)
-        assert str(problem.target) in problem.prompt and all(str(n) in problem.prompt for n in problem.numbers)
+        assert str(problem.target) in problem.prompt and all(
+            str(n) in problem.prompt for n in problem.numbers
+        )
 
 
 def test_word_problems_are_bilingual_over_the_same_arithmetic():

@@ -97,7 +97,9 @@ def test_digits_are_single_tokens_and_text_is_compressed(tokenizer):
     ids = tokenizer.encode("x=31415926")
     assert [tokenizer.decode([i]) for i in ids[-8:]] == list("31415926")
     for text in (ENGLISH, CHINESE):
-        assert len(tokenizer.encode(text)) < len(text.encode("utf-8")) / 2  # merges were learned for both scripts
+        assert (
+            len(tokenizer.encode(text)) < len(text.encode("utf-8")) / 2
+        )  # merges were learned for both scripts
 
 
 def test_add_special_tokens_prepends_bos(tokenizer):
@@ -111,7 +113,21 @@ def test_training_is_deterministic(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text, encoding="utf-8")
     for name in ("a", "b"):
-        assert cli_main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "600", "--out", str(tmp_path / name)]) == 0
+        assert (
+            cli_main(
+                [
+                    "tokenizer",
+                    "train",
+                    "--input",
+                    str(corpus),
+                    "--vocab-size",
+                    "600",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
     for file in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
 
@@ -121,7 +137,10 @@ def test_training_is_deterministic(tmp_path):
     [
         (lambda d: None, "no such file"),
         (lambda d: (d / "corpus.txt").write_bytes(b""), "empty"),
-        (lambda d: (d / "corpus.txt").write_bytes(b"good line\nbad \xff\xfe line\n"), "corpus.txt:2: not valid UTF-8"),
+        (
+            lambda d: (d / "corpus.txt").write_bytes(b"good line\nbad \xff\xfe line\n"),
+            "corpus.txt:2: not valid UTF-8",
+        ),
         (lambda d: (d / "corpus.txt").write_text("enough text", encoding="utf-8"), "too small"),
     ],
 )
@@ -129,7 +148,18 @@ def test_cli_errors_are_one_line_and_leave_no_output(tmp_path, capsys, setup, me
     setup(tmp_path)
     vocab = "100" if message == "too small" else "300"
     out = tmp_path / "out"
-    code = cli_main(["tokenizer", "train", "--input", str(tmp_path / "corpus.txt"), "--vocab-size", vocab, "--out", str(out)])
+    code = cli_main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "corpus.txt"),
+            "--vocab-size",
+            vocab,
+            "--out",
+            str(out),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and message in error and "Traceback" not in error and error.count("\n") == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
@@ -174,43 +204,65 @@ def test_stream_decoder_holds_back_partial_characters(tokenizer):
 def test_matches_transformers_encoding(tokenizer, hf_tokenizer):
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (0, 1, 2)
     assert len(hf_tokenizer) == tokenizer.vocab_size
-    for text in (ENGLISH, CHINESE, "<think>\n1+1=2\n</think>\n<answer>2</answer>", "  spaces\n\nand 123 tabs\t"):
+    for text in (
+        ENGLISH,
+        CHINESE,
+        "<think>\n1+1=2\n</think>\n<answer>2</answer>",
+        "  spaces\n\nand 123 tabs\t",
+    ):
         for special in (False, True):
             ids = tokenizer.encode(text, add_special_tokens=special)
             assert hf_tokenizer.encode(text, add_special_tokens=special) == ids
-            assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
+            assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(
+                ids, skip_special_tokens=True
+            )
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-@pytest.mark.parametrize("options", [{}, {"add_generation_prompt": True}, {"add_generation_prompt": True, "thinking": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"add_generation_prompt": True}, {"add_generation_prompt": True, "thinking": True}]
+)
 def test_chat_template_matches_transformers(tokenizer, hf_tokenizer, conversation, options):
     expected = hf_tokenizer.apply_chat_template(conversation, tokenize=False, **options)
     assert tokenizer.apply_chat_template(conversation, **options) == expected
-    assert tokenizer.apply_chat_template(conversation, tokenize=True, **options) == hf_tokenizer.encode(expected, add_special_tokens=False)
+    assert tokenizer.apply_chat_template(conversation, tokenize=True, **options) == hf_tokenizer.encode(
+        expected, add_special_tokens=False
+    )
 
 
-@pytest.mark.parametrize("conversation", [c for c in CONVERSATIONS if c[-1]["role"] == "assistant"] + [CONVERSATIONS[3][:-1]])
+@pytest.mark.parametrize(
+    "conversation", [c for c in CONVERSATIONS if c[-1]["role"] == "assistant"] + [CONVERSATIONS[3][:-1]]
+)
 def test_assistant_mask_matches_transformers(tokenizer, hf_tokenizer, conversation):
     ids, mask = tokenizer.encode_chat(conversation)
-    expected = hf_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    expected = hf_tokenizer.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert ids == expected["input_ids"] and mask == expected["assistant_masks"]
 
 
 def test_r1_template_strips_earlier_reasoning_only(tokenizer):
     conversation = CONVERSATIONS[3][:-1]
     text = tokenizer.apply_chat_template(conversation)
-    assert text.startswith("<｜begin▁of▁sentence｜>You are exact.\n\nShow your steps.<｜User｜>Compute 7+8.<｜Assistant｜>")
+    assert text.startswith(
+        "<｜begin▁of▁sentence｜>You are exact.\n\nShow your steps.<｜User｜>Compute 7+8.<｜Assistant｜>"
+    )
     assert "7+8+0=15" not in text and "<answer>15</answer><｜end▁of▁sentence｜>" in text
     assert text.endswith("<｜Assistant｜><think>\n9*9=81\n</think>\n<answer>81</answer><｜end▁of▁sentence｜>")
     ids, mask = tokenizer.encode_chat(conversation)
     trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
-    assert trained == "\n<answer>15</answer><｜end▁of▁sentence｜><think>\n9*9=81\n</think>\n<answer>81</answer><｜end▁of▁sentence｜>"
+    assert (
+        trained
+        == "\n<answer>15</answer><｜end▁of▁sentence｜><think>\n9*9=81\n</think>\n<answer>81</answer><｜end▁of▁sentence｜>"
+    )
 
 
 def test_generation_prompt_plus_reply_renders_the_conversation(tokenizer):
     conversation = CONVERSATIONS[2]
     prompt = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True)
-    assert prompt + conversation[-1]["content"] + "<｜end▁of▁sentence｜>" == tokenizer.apply_chat_template(conversation)
+    assert prompt + conversation[-1]["content"] + "<｜end▁of▁sentence｜>" == tokenizer.apply_chat_template(
+        conversation
+    )
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +274,15 @@ def chatml_dir(tokenizer, tmp_path_factory):
     next_id = tokenizer.vocab_size
     for offset, content in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):
         state["added_tokens"].append(
-            {"id": next_id + offset, "content": content, "single_word": False, "lstrip": False,
-             "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": next_id + offset,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
         )
     (path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
     config = {
@@ -251,7 +310,10 @@ def test_loads_a_qwen_style_directory_like_transformers(chatml_dir):
             assert ours.apply_chat_template(conversation, **options) == expected
     # no {% generation %} markers: the SFT mask falls back to the final assistant reply
     ids, mask = ours.encode_chat(CONVERSATIONS[2])
-    assert ours.decode([i for i, m in zip(ids, mask, strict=True) if m]) == CONVERSATIONS[2][-1]["content"] + "<|im_end|>\n"
+    assert (
+        ours.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        == CONVERSATIONS[2][-1]["content"] + "<|im_end|>\n"
+    )
 
 
 def test_save_pretrained_round_trips_and_keeps_neighbour_files(tokenizer, chatml_dir, tmp_path):
@@ -295,6 +357,9 @@ def test_jinja_environment_matches_transformers(tokenizer, hf_tokenizer, convers
     ours = Tokenizer(tokenizer.backend, dict(tokenizer.config), WHITESPACE_TEMPLATE)
     for generation_prompt in (False, True):
         expected = hf_tokenizer.apply_chat_template(
-            conversation, chat_template=WHITESPACE_TEMPLATE, tokenize=False, add_generation_prompt=generation_prompt
+            conversation,
+            chat_template=WHITESPACE_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
         assert ours.apply_chat_template(conversation, add_generation_prompt=generation_prompt) == expected

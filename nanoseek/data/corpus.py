@@ -91,7 +91,9 @@ def _decoded_lines(path: Path, stats: ReadStatistics, skip_bad_lines: bool) -> I
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                stats.bad_line(f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x})", skip_bad_lines)
+                stats.bad_line(
+                    f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x})", skip_bad_lines
+                )
 
 
 def _read_txt(path: Path, unit: str, stats: ReadStatistics, skip_bad_lines: bool) -> Iterator[str]:
@@ -119,7 +121,9 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStatistics, skip_bad_lin
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            stats.bad_line(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})", skip_bad_lines)
+            stats.bad_line(
+                f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})", skip_bad_lines
+            )
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
@@ -197,7 +201,9 @@ def normalize_text(text: str) -> str:
     """NFKC (full-width letters and digits, ligatures, compatibility forms) except Chinese punctuation,
     Unix newlines, stripped."""
     parts = CJK_PUNCTUATION.split(text)  # odd indices are the protected punctuation marks
-    text = "".join(part if index % 2 else unicodedata.normalize("NFKC", part) for index, part in enumerate(parts))
+    text = "".join(
+        part if index % 2 else unicodedata.normalize("NFKC", part) for index, part in enumerate(parts)
+    )
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
@@ -231,7 +237,9 @@ class Deduplicator:
             from datasketch import MinHash, MinHashLSH
 
             self.lsh = MinHashLSH(threshold=config.near_dedup_threshold, num_perm=config.num_perm)
-            template = MinHash(num_perm=config.num_perm, seed=1)  # permutations are drawn once, not per document
+            template = MinHash(
+                num_perm=config.num_perm, seed=1
+            )  # permutations are drawn once, not per document
             self.permutations, self.scheme = template.permutations, template.scheme
         self.kept = 0
 
@@ -248,12 +256,14 @@ class Deduplicator:
         hashes = np.zeros(windows, dtype=np.uint64)
         for offset in range(min(self.config.shingle_chars, len(codes))):
             hashes = hashes * np.uint64(1_000_003) + codes[offset : offset + windows]  # wraps mod 2**64
-        minhash = MinHash(self.config.num_perm, hashfunc=int, permutations=self.permutations, scheme=self.scheme)
+        minhash = MinHash(
+            self.config.num_perm, hashfunc=int, permutations=self.permutations, scheme=self.scheme
+        )
         minhash.update_batch(np.unique(hashes & np.uint64(0xFFFFFFFF)).tolist())
         return minhash
 
     def duplicate_kind(self, text: str) -> str | None:
-        """"exact_duplicate" or "near_duplicate" of a kept document, else None (and `text` is kept)."""
+        """ "exact_duplicate" or "near_duplicate" of a kept document, else None (and `text` is kept)."""
         collapsed = " ".join(text.lower().split())
         digest = hashlib.blake2b(collapsed.encode("utf-8"), digest_size=16).digest()
         if self.config.exact_dedup and digest in self.exact:
@@ -315,7 +325,11 @@ class ShardWriter:
             self.filled = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        return {
+            "documents": self.documents,
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "shards": self.shards,
+        }
 
 
 def _is_validation(text: str, val_fraction: float) -> bool:
@@ -381,14 +395,20 @@ def prepare_corpus(
     encoder.encode_special_tokens = True
     read = ReadStatistics()
     dropped: Counter = Counter()
-    sources = clean_documents(read_documents(inputs, text_field, txt_unit, skip_bad_lines, read), cleaning, dropped)
+    sources = clean_documents(
+        read_documents(inputs, text_field, txt_unit, skip_bad_lines, read), cleaning, dropped
+    )
     tasks = task_documents(from_tasks, seed=task_seed) if from_tasks else []
 
     with atomic_directory(out) as temp:
         writers = {split: ShardWriter(temp, split, dtype, shard_tokens) for split in ("train", "val")}
         for batch in _batched(itertools.chain(sources, tasks), batch_documents):
-            for text, encoding in zip(batch, encoder.encode_batch(batch, add_special_tokens=False), strict=True):
-                writers["val" if _is_validation(text, val_fraction) else "train"].add(encoding.ids + [tokenizer.eos_id])
+            for text, encoding in zip(
+                batch, encoder.encode_batch(batch, add_special_tokens=False), strict=True
+            ):
+                writers["val" if _is_validation(text, val_fraction) else "train"].add(
+                    encoding.ids + [tokenizer.eos_id]
+                )
         for writer in writers.values():
             writer.flush()
         kept = sum(writer.documents for writer in writers.values())
@@ -456,26 +476,49 @@ def format_summary(result: PrepareResult) -> str:
     tokens = 0
     for split, summary in manifest["splits"].items():
         tokens += summary["tokens"]
-        lines.append(f"{split + ' split':<{width}}{summary['documents']:>10} docs {summary['tokens']:>10} tokens in {len(summary['shards'])} shards ({manifest['dtype']})")
-    lines.append(f"{tokens} tokens in {result.seconds:.2f} s ({tokens / max(result.seconds, 1e-9):,.0f} tokens/s)")
+        lines.append(
+            f"{split + ' split':<{width}}{summary['documents']:>10} docs {summary['tokens']:>10} tokens in {len(summary['shards'])} shards ({manifest['dtype']})"
+        )
+    lines.append(
+        f"{tokens} tokens in {result.seconds:.2f} s ({tokens / max(result.seconds, 1e-9):,.0f} tokens/s)"
+    )
     return "\n".join(lines)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="subcommand", required=True)
-    prepare = commands.add_parser("prepare", help="text files and/or generated tasks -> token shards", description=prepare_corpus.__doc__)
-    prepare.add_argument("--input", nargs="*", default=[], metavar="FILE", help=".txt, .jsonl or .parquet files")
-    prepare.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (tokenizer.json)")
+    prepare = commands.add_parser(
+        "prepare",
+        help="text files and/or generated tasks -> token shards",
+        description=prepare_corpus.__doc__,
+    )
+    prepare.add_argument(
+        "--input", nargs="*", default=[], metavar="FILE", help=".txt, .jsonl or .parquet files"
+    )
+    prepare.add_argument(
+        "--tokenizer", required=True, metavar="DIR", help="tokenizer directory (tokenizer.json)"
+    )
     prepare.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    prepare.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
-    prepare.add_argument("--txt-unit", default="paragraph", choices=TXT_UNITS, help="what one document of a .txt file is")
-    prepare.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed lines instead of failing")
-    prepare.add_argument("--from-tasks", type=int, default=0, metavar="N", help="add N generated task documents")
+    prepare.add_argument(
+        "--text-field", default="text", help="field holding the text in .jsonl/.parquet rows"
+    )
+    prepare.add_argument(
+        "--txt-unit", default="paragraph", choices=TXT_UNITS, help="what one document of a .txt file is"
+    )
+    prepare.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip (and count) malformed lines instead of failing"
+    )
+    prepare.add_argument(
+        "--from-tasks", type=int, default=0, metavar="N", help="add N generated task documents"
+    )
     prepare.add_argument("--task-seed", type=int, default=0)
     prepare.add_argument("--val-fraction", type=float, default=0.01)
     prepare.add_argument("--shard-tokens", type=int, default=50_000_000)
     prepare.add_argument(
-        "--filter", nargs="*", default=[], metavar="KEY=VALUE",
+        "--filter",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
         help="cleaning settings, e.g. min_chars=64 near_dedup_threshold=null (fields of CleaningConfig)",
     )
 

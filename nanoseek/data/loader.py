@@ -32,7 +32,15 @@ IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 class EpochSampler:
     """Item indices for one rank: a seeded permutation per epoch, strided by rank, cut into batches."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world size {world_size})")
         if batch_size < 1:
@@ -67,14 +75,21 @@ class EpochSampler:
 
     def state_dict(self) -> dict[str, int]:
         return {
-            "epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_items": self.num_items,
-            "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("num_items", "batch_size", "world_size"):
             if state[key] != getattr(self, key):
-                raise DataError(f"cannot resume: the saved loader had {key}={state[key]}, this one has {getattr(self, key)}")
+                raise DataError(
+                    f"cannot resume: the saved loader had {key}={state[key]}, this one has {getattr(self, key)}"
+                )
         self.seed, self.epoch, self.batch, self._order = state["seed"], state["epoch"], state["batch"], None
 
 
@@ -105,7 +120,10 @@ class PretrainLoader:
             raise DataError(f"sequence length must be positive, got {seq_len}")
         self.seq_len, self.device = seq_len, torch.device(device)
         self.vocab_size = manifest["vocab_size"]
-        self.shards = [np.load(Path(data_dir) / shard["file"], mmap_mode="r") for shard in manifest["splits"][split]["shards"]]
+        self.shards = [
+            np.load(Path(data_dir) / shard["file"], mmap_mode="r")
+            for shard in manifest["splits"][split]["shards"]
+        ]
         windows = np.array([max(0, (len(shard) - 1) // seq_len) for shard in self.shards], dtype=np.int64)
         self.window_starts = np.concatenate([[0], np.cumsum(windows)])  # first global window of each shard
         self.sampler = EpochSampler(int(windows.sum()), batch_size, seed, rank, world_size, shuffle)
@@ -131,7 +149,9 @@ class PretrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seq_len"] != self.seq_len:
-            raise DataError(f"cannot resume: the saved loader had seq_len={state['seq_len']}, this one has {self.seq_len}")
+            raise DataError(
+                f"cannot resume: the saved loader had seq_len={state['seq_len']}, this one has {self.seq_len}"
+            )
         self.sampler.load_state_dict(state["sampler"])
 
 
@@ -197,13 +217,19 @@ class SFTLoader:
     ):
         self.examples, self.truncated = tokenize_conversations(conversations, tokenizer, max_length)
         if not self.examples:
-            raise DataError(f"none of the {len(conversations)} conversations has an assistant token to train on")
+            raise DataError(
+                f"none of the {len(conversations)} conversations has an assistant token to train on"
+            )
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         if pad_id is None:
             raise DataError("the tokenizer has neither a pad nor an eos token to pad with")
         self.pad_id, self.max_length, self.device = pad_id, max_length, torch.device(device)
         if packing:
-            order = np.random.default_rng(seed).permutation(len(self.examples)) if shuffle else np.arange(len(self.examples))
+            order = (
+                np.random.default_rng(seed).permutation(len(self.examples))
+                if shuffle
+                else np.arange(len(self.examples))
+            )
             groups = _pack([len(self.examples[i].input_ids) - 1 for i in order], max_length)
             self.rows = [[int(order[i]) for i in group] for group in groups]
         else:

@@ -158,7 +158,13 @@ def eval_exact(a: int, op: str, b: int) -> int:
 # ------------------------------------------------------------------------------------------ word problems
 NAMES = {"en": ("Tom", "Anna", "Sam", "Maria", "Leo"), "zh": ("小明", "小红", "李雷", "王芳", "张伟")}
 # (English plural, Chinese noun, Chinese measure word)
-ITEMS = (("apples", "苹果", "个"), ("books", "书", "本"), ("pencils", "铅笔", "支"), ("coins", "硬币", "枚"), ("cards", "卡片", "张"))
+ITEMS = (
+    ("apples", "苹果", "个"),
+    ("books", "书", "本"),
+    ("pencils", "铅笔", "支"),
+    ("coins", "硬币", "枚"),
+    ("cards", "卡片", "张"),
+)
 WORD_TEMPLATES = {
     "+": {
         "en": "{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?",
@@ -215,7 +221,9 @@ def _countdown(rng: random.Random, difficulty: int, language: str) -> dict:
             left, right = pool[i], pool[j]
             if left[0] < right[0]:
                 left, right = right, left
-            ops = ["+", "*"] + ["-"] * (left[0] > right[0]) + ["/"] * (right[0] > 1 and left[0] % right[0] == 0)
+            ops = (
+                ["+", "*"] + ["-"] * (left[0] > right[0]) + ["/"] * (right[0] > 1 and left[0] % right[0] == 0)
+            )
             op = rng.choice(ops)
             combined = _combine(left, op, right)
             steps.append(f"{left[0]}{op}{right[0]}={combined[0]}")
@@ -318,7 +326,8 @@ def make_mixed_problems(
     rng = random.Random(f"mixed/{split}/{seed}")
     order = [rng.choice(list(tasks)) for _ in range(count)]
     pools = {
-        task: iter(make_problems(task, split, order.count(task), seed, difficulty, language)) for task in set(order)
+        task: iter(make_problems(task, split, order.count(task), seed, difficulty, language))
+        for task in set(order)
     }
     return [next(pools[task]) for task in order]
 
@@ -394,7 +403,16 @@ def check_number(text: str, gold: int | str) -> CheckResult:
 
 
 _MAX_EXPRESSION_CHARS = 200  # longer answers are not countdown solutions (and deep nesting can crash ast)
-_OPERATOR_SPELLINGS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "x": "*", "X": "*", "÷": "/", "−": "-"}
+_OPERATOR_SPELLINGS = {
+    "\\times": "*",
+    "\\cdot": "*",
+    "\\div": "/",
+    "×": "*",
+    "x": "*",
+    "X": "*",
+    "÷": "/",
+    "−": "-",
+}
 _BINARY_OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
