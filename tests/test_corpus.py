@@ -44,6 +44,20 @@ def write_jsonl(path, records):
     return path
 
 
+def prepare_cli(source, tokenizer_dir, out, *options) -> int:
+    arguments = [
+        "data",
+        "prepare",
+        "--input",
+        str(source),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+    ]
+    return cli_main([*arguments, *options])
+
+
 def shard_documents(directory, split="train"):
     """Decode the documents of a split back from its shards (they are separated by EOS)."""
     manifest = load_manifest(directory)
@@ -116,21 +130,7 @@ def test_filters_and_deduplication_are_counted(tmp_path, tokenizer_dir, capsys):
     ]
     source = write_jsonl(tmp_path / "a.jsonl", [{"text": text} for text in records])
     out = tmp_path / "out"
-    code = cli_main(
-        [
-            "data",
-            "prepare",
-            "--input",
-            str(source),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--out",
-            str(out),
-            "--val-fraction",
-            "0",
-        ]
-    )
-    assert code == 0
+    assert prepare_cli(source, tokenizer_dir, out, "--val-fraction", "0") == 0
     statistics = load_manifest(out)["statistics"]
     assert statistics["dropped"] == {
         "exact_duplicate": 2,
@@ -141,21 +141,14 @@ def test_filters_and_deduplication_are_counted(tmp_path, tokenizer_dir, capsys):
     assert shard_documents(out) == [long, PROSE[1], PROSE[2]]
     summary = capsys.readouterr().out
     assert "dropped near_duplicate" in summary and "kept from files" in summary and "tokens/s" in summary
-    cli_main(
-        [
-            "data",
-            "prepare",
-            "--input",
-            str(source),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--out",
-            str(out),
-            "--filter",
-            "near_dedup_threshold=null",
-            "exact_dedup=false",
-            "min_chars=1",
-        ]
+    prepare_cli(
+        source,
+        tokenizer_dir,
+        out,
+        "--filter",
+        "near_dedup_threshold=null",
+        "exact_dedup=false",
+        "min_chars=1",
     )
     assert load_manifest(out)["statistics"]["dropped"] == {"symbol_ratio": 1}
 
@@ -198,9 +191,7 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, tokenizer_dir, capsys
     if content is not None:
         source.write_bytes(content)
     out = tmp_path / "out"
-    code = cli_main(
-        ["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
-    )
+    code = prepare_cli(source, tokenizer_dir, out)
     error = capsys.readouterr().err
     assert code == 2 and message in error and error.count("\n") == 1 and "Traceback" not in error
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -93,7 +93,26 @@ class EpochSampler:
         self.seed, self.epoch, self.batch, self._order = state["seed"], state["epoch"], state["batch"], None
 
 
-class PretrainLoader:
+class EpochLoader:
+    """What both loaders share: an endless iterator whose position lives in `self.sampler`."""
+
+    sampler: EpochSampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class PretrainLoader(EpochLoader):
     """Fixed-length next-token batches from the shards of `nanoseek data prepare`.
 
     Each shard is cut into windows of `seq_len + 1` tokens that start every `seq_len` tokens (so each
@@ -128,13 +147,6 @@ class PretrainLoader:
         self.window_starts = np.concatenate([[0], np.cumsum(windows)])  # first global window of each shard
         self.sampler = EpochSampler(int(windows.sum()), batch_size, seed, rank, world_size, shuffle)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = []
         for window in self.sampler.next_batch():
@@ -145,14 +157,14 @@ class PretrainLoader:
         return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "seq_len": self.seq_len}
+        return {**super().state_dict(), "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seq_len"] != self.seq_len:
             raise DataError(
                 f"cannot resume: the saved loader had seq_len={state['seq_len']}, this one has {self.seq_len}"
             )
-        self.sampler.load_state_dict(state["sampler"])
+        super().load_state_dict(state)
 
 
 @dataclass
@@ -193,7 +205,7 @@ def _pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-class SFTLoader:
+class SFTLoader(EpochLoader):
     """Batches of chat examples whose loss covers only the assistant replies (and their EOS).
 
     Without packing, each row is one conversation, right-padded with the pad id to the longest row
@@ -236,13 +248,6 @@ class SFTLoader:
             self.rows = [[index] for index in range(len(self.examples))]
         self.sampler = EpochSampler(len(self.rows), batch_size, seed, rank, world_size, shuffle)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = [self.rows[index] for index in self.sampler.next_batch()]
         width = max(sum(len(self.examples[i].input_ids) - 1 for i in row) for row in rows)
@@ -271,9 +276,3 @@ class SFTLoader:
             "segment_ids": segment_ids,
         }
         return {key: value.to(self.device) for key, value in batch.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
