@@ -191,7 +191,8 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(f"cannot read {path}: {error}") from error
 
 
-def _byte_level_bpe(special_tokens: Sequence[str]) -> BackendTokenizer:
+def _byte_level_bpe() -> BackendTokenizer:
+    """An untrained BPE with our pre-tokenizer (digits, CJK runs, words, then bytes) and BOS post-processor."""
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -241,7 +242,7 @@ class Tokenizer:
                 f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
                 f"({BYTE_ALPHABET_SIZE} bytes + {len(RESERVED_TOKENS)} reserved tokens)"
             )
-        backend = _byte_level_bpe(RESERVED_TOKENS)
+        backend = _byte_level_bpe()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
