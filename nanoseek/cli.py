@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.model.accounting", "parameters (total / activated), KV-cache bytes and layer layout"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with the DeepSeek-R1 chat template"),
     "data": ("nanoseek.data.corpus", "clean, deduplicate and tokenize text (or generated tasks) into token shards"),
+    "pretrain": ("nanoseek.train.pretrain", "pretrain a model on token shards (bf16/fp16/FP8, MoE balancing, MTP, torchrun)"),
 }
 
 
