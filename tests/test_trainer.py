@@ -7,7 +7,14 @@ import shutil
 
 import pytest
 import torch
-from train_fixtures import FAST_TRAIN_ARGS, TINY_MODEL_ARGS, SyntheticBatches, tiny_config, token_shards
+from train_fixtures import (
+    FAST_TRAIN_ARGS,
+    TINY_MODEL_ARGS,
+    SyntheticBatches,
+    single_thread,  # noqa: F401 (autouse: tiny models run single-threaded)
+    tiny_config,
+    token_shards,
+)
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from data_fixtures import small_tokenizer
 
@@ -27,6 +28,16 @@ FAST_TRAIN_ARGS = [
     "global_batch_size=4", "micro_batch_size=2", "seq_len=32", "warmup_steps=1", "eval_batches=2",
     "peak_tflops=1", "seed=0",
 ]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+    spinning at barriers make a 20 ms step take seconds. Subprocesses get OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> ModelConfig:
