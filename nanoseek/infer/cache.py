@@ -1,0 +1,166 @@
+"""Paged KV cache: one preallocated pool of fixed-size blocks shared by every sequence (vLLM's layout).
+
+Each layer (the main layers, then the MTP depths) stores every cached entry as one tensor
+[num_blocks * block_size, *entry_shape]: for MLA the normalized latent [kv_lora_rank] and the rotated
+k_pe [qk_rope_head_dim] (nothing else), for GQA the rotated keys and the values [kv_heads, head_dim].
+A sequence owns a list of block ids (its block table); the token at position p lives in slot
+`table[p // block_size] * block_size + p % block_size`.
+
+Blocks are reference counted so sequences can share them: the n completions of one prompt share the
+prompt's blocks and beam search forks beams without copying. A shared block is copied only when a
+sequence is about to write into it (copy-on-write).
+
+Block 0 is never handed out: padding tokens of a ragged batch write there, and reads past the end of
+a short sequence read from there. Those reads are always masked out, and the block only ever holds
+finite values, so they cannot turn into NaN.
+
+The model sees the cache through the `update(layer_index, positions, kv_length, *entries)` contract of
+`nanoseek.model.attention`: before each forward the engine calls `bind` with the write slot of every
+input token and the read slots of every row, then `update` scatters the new entries and gathers
+[batch, kv_length, ...] views in position order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.cache import cache_entry_shapes
+
+NULL_BLOCK = 0
+
+
+class OutOfBlocks(Exception):
+    """The pool has no free block left (the engine preempts a sequence and retries)."""
+
+
+class PagedKVCache:
+    """A block pool plus the slot mapping of the forward being run."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        include_mtp: bool = False,
+    ):
+        if num_blocks < 2:
+            raise ValueError("a paged cache needs at least 2 blocks (block 0 is reserved)")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        num_layers = config.num_hidden_layers + (config.num_mtp_layers if include_mtp else 0)
+        slots = num_blocks * block_size
+        self.layers = [
+            tuple(torch.zeros(slots, *shape, dtype=dtype, device=self.device) for shape in cache_entry_shapes(config))
+            for _ in range(num_layers)
+        ]
+        self.refcounts = [0] * num_blocks
+        self.free_blocks = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low ids first
+        self.write_slots: torch.Tensor | None = None
+        self.read_slots: torch.Tensor | None = None
+
+    # ----- sizes --------------------------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(buffer[0].numel() * buffer.element_size() for layer in self.layers for buffer in layer)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the pool can hold (block 0 excluded)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks in use (the `kv_cache_usage_perc` gauge of servers)."""
+        return 1 - self.num_free_blocks / (self.num_blocks - 1)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    # ----- allocation ---------------------------------------------------------------------------
+    def allocate(self) -> int:
+        if not self.free_blocks:
+            raise OutOfBlocks
+        block = self.free_blocks.pop()
+        self.refcounts[block] = 1
+        return block
+
+    def release(self, table: list[int]) -> None:
+        """Drop one reference to each block of `table` (and empty it); unreferenced blocks are free again."""
+        for block in table:
+            self.refcounts[block] -= 1
+            if self.refcounts[block] == 0:
+                self.free_blocks.append(block)
+        table.clear()
+
+    def fork(self, table: list[int]) -> list[int]:
+        """A new table sharing every block of `table` (copy-on-write)."""
+        for block in table:
+            self.refcounts[block] += 1
+        return list(table)
+
+    def blocks_needed(self, table: list[int], start: int, end: int) -> int:
+        """Free blocks a write of positions [start, end) needs: new blocks plus copies of shared ones."""
+        needed = max(0, self.blocks_for(end) - len(table))
+        first, last = start // self.block_size, min(len(table), self.blocks_for(end))
+        return needed + sum(1 for i in range(first, last) if self.refcounts[table[i]] > 1)
+
+    def prepare_write(self, table: list[int], start: int, end: int) -> None:
+        """Make positions [start, end) writable in `table`: grow it, un-share blocks it will write into.
+
+        Raises `OutOfBlocks` (leaving the table valid) when the pool runs dry.
+        """
+        for index in range(start // self.block_size, min(len(table), self.blocks_for(end))):
+            block = table[index]
+            if self.refcounts[block] > 1:
+                copy = self.allocate()
+                self._copy_block(block, copy)
+                self.refcounts[block] -= 1
+                table[index] = copy
+        while len(table) < self.blocks_for(end):
+            table.append(self.allocate())
+
+    def _copy_block(self, source: int, destination: int) -> None:
+        size = self.block_size
+        for layer in self.layers:
+            for buffer in layer:
+                buffer[destination * size : (destination + 1) * size] = buffer[source * size : (source + 1) * size]
+
+    # ----- the forward's slot mapping -------------------------------------------------------------
+    def bind(self, tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Set the slots of the next forward.
+
+        tables: the block table of each row; positions [batch, seq] the positions of the input tokens
+        (on the cache's device); valid [batch, seq] False for padding tokens (they write to block 0).
+        """
+        size = self.block_size
+        width = max(len(table) for table in tables)
+        padded = torch.tensor([table + [NULL_BLOCK] * (width - len(table)) for table in tables], device=self.device)
+        read = (padded[:, :, None] * size + torch.arange(size, device=self.device)).flatten(1)
+        write = read.gather(1, positions.clamp(max=read.shape[1] - 1))
+        if valid is not None:
+            write = write.masked_fill(~valid, NULL_BLOCK * size)
+        self.read_slots = read
+        self.write_slots = write.flatten()
+
+    def update(
+        self, layer_index: int, positions: torch.Tensor, kv_length: int, *entries: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Store `entries` [batch, seq, ...] at the bound write slots; return [batch, kv_length, ...] per entry."""
+        batch = positions.shape[0]
+        read = self.read_slots[:, :kv_length].flatten()
+        stored = self.layers[layer_index]
+        out = []
+        for buffer, entry in zip(stored, entries, strict=True):
+            buffer.index_copy_(0, self.write_slots, entry.flatten(0, 1).to(buffer.dtype))
+            out.append(buffer.index_select(0, read).view(batch, kv_length, *buffer.shape[1:]))
+        return tuple(out)

@@ -1,0 +1,883 @@
+"""The inference engine: a paged KV cache, continuous batching, per-request sampling, streaming.
+
+    engine = Engine(model, tokenizer)
+    outputs = engine.generate(["2+2=", "Once"], SamplingParams(temperature=0.7, max_tokens=64), n=4)
+    for event in engine.stream("Hello", SamplingParams(max_tokens=32)):
+        print(event.text, end="")
+
+Requests join and leave between steps. Each `step()` runs at most two forwards: one over the prompts
+being prefilled (newly admitted requests, or the next chunk of a long prompt, left-padded into one
+batch within `max_prefill_tokens`) and one decode forward over every running sequence (one token each,
+or the pending token plus MTP drafts under speculative decoding). Admission takes waiting requests in
+order while the pool has blocks for their prompt; when decoding runs out of blocks the youngest
+sequence is preempted (its blocks freed) and later recomputed from its tokens, its random state kept.
+
+Three ways to drive it:
+* offline (GRPO, scripts): `generate(prompts, params, n)` steps the engine until its requests finish
+  and returns token ids, text and logprobs;
+* streaming in one thread: `stream(...)` (or iterating a handle) steps the engine as events are needed;
+* a server: `start()` runs `step()` in a background thread; `submit()` is thread-safe and returns a
+  `RequestHandle` to iterate (`for` or `async for`) and to `cancel()`. Validation happens inside
+  `submit`, so a bad request raises `GenerationError` before any work is queued.
+
+Models with MLA cache only the normalized latent and the rotated k_pe per token and decode with the
+absorbed attention path; Qwen2/Llama cache grouped-query keys and values (see cache.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.errors import GenerationError
+from nanoseek.infer.cache import PagedKVCache
+from nanoseek.infer.sampling import (
+    PenaltyState,
+    SamplingParams,
+    draw,
+    greedy_only,
+    make_generator,
+    sampling_probs,
+    token_logprobs,
+    uniforms,
+)
+from nanoseek.infer.speculative import accept_drafts, mtp_forward
+from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.transformer import CausalLM, ModelOutput
+
+FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
+FINISH_LENGTH = "length"  # max_tokens or the context length
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"  # the engine failed while the request ran (the message is in `error`)
+DEFAULT_CACHE_MEMORY = 1 << 30
+logger = logging.getLogger(__name__)
+
+
+# ----- what callers get back ---------------------------------------------------------------------
+@dataclass
+class StreamEvent:
+    """New output of one completion since its last event (a server turns it into one SSE chunk).
+
+    `text` never ends inside a UTF-8 character and never contains a stop string (text that could be
+    the start of one is held back until it cannot). With speculative decoding one event can carry
+    several tokens. The last event of a completion has `finish_reason` set.
+    """
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated so far, this event included
+    error: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One finished (or cancelled) completion."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    cumulative_logprob: float | None = None  # beam search: the beam's sum of log-probabilities
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request and its n completions (ordered by index; by score for beam search)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges for monitoring (a server exports them as Prometheus metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+    spec_verify_steps: int = 0  # speculative forwards that tested at least one draft
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / max(self.spec_draft_tokens, 1)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify forward: 1 (the target's own token) + accepted drafts."""
+        return 1 + self.spec_accepted_tokens / max(self.spec_verify_steps, 1)
+
+
+class RequestHandle:
+    """A submitted request: iterate its `StreamEvent`s (`for` or `async for`), `cancel()` it, or wait for `result()`.
+
+    Submitted from inside a running asyncio loop, events are delivered to that loop (use `async for`);
+    otherwise to a thread-safe queue (use `for`; without a background thread, iterating steps the engine).
+    """
+
+    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], n: int):
+        self.engine = engine
+        self.request_id = request_id
+        self.n = n
+        self._output = RequestOutput(request_id, prompt_ids, [CompletionOutput(i, "", []) for i in range(n)])
+        self._unfinished = n
+        self._done = threading.Event()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._async_queue: asyncio.Queue | None = asyncio.Queue()
+        except RuntimeError:
+            self._loop, self._async_queue = None, None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request_id)
+
+    def result(self) -> RequestOutput:
+        """Wait for every completion to finish (stepping the engine if no background thread runs it)."""
+        if not self.engine.running_in_background:
+            while not self._done.is_set():
+                if not self.engine.has_unfinished():
+                    raise RuntimeError(f"request {self.request_id} is not queued in its engine")
+                self.engine.step()
+        self._done.wait()
+        return self._output
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        if self._loop is not None:
+            raise GenerationError("this request was submitted from an asyncio loop: iterate it with `async for`")
+        remaining = self.n
+        while remaining:
+            while self._queue.empty() and not self.engine.running_in_background:
+                self.engine.step()
+            event = self._queue.get()
+            remaining -= event.finish_reason is not None
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        if self._async_queue is None:
+            raise GenerationError("this request was submitted outside an asyncio loop: iterate it with `for`")
+        remaining = self.n
+        while remaining:
+            event = await self._async_queue.get()
+            remaining -= event.finish_reason is not None
+            yield event
+
+    def _publish(self, event: StreamEvent) -> None:
+        """Called by the engine thread: record the event, then hand it to the consumer."""
+        completion = self._output.outputs[event.index]
+        completion.text += event.text
+        completion.token_ids.extend(event.token_ids)
+        if event.logprobs is not None:
+            completion.logprobs = (completion.logprobs or []) + event.logprobs
+        if event.top_logprobs is not None:
+            completion.top_logprobs = (completion.top_logprobs or []) + event.top_logprobs
+        if event.finish_reason is not None:
+            completion.finish_reason, completion.stop_reason = event.finish_reason, event.stop_reason
+            completion.error = event.error
+            self._unfinished -= 1
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+        else:
+            self._queue.put(event)
+        if self._unfinished == 0:
+            self._done.set()
+
+
+# ----- per-sequence state ------------------------------------------------------------------------
+class _TextTracker:
+    """Incremental text of one completion: UTF-8-safe deltas, stop strings found and cut off."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.decoder = tokenizer.stream_decoder(params.skip_special_tokens) if tokenizer is not None else None
+        self.stops = params.stop
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.sent = 0  # characters already handed out
+        self.scanned = 0  # characters already searched for stop strings
+
+    def feed(self, token_id: int) -> str | None:
+        """Add a token; return the stop string it completed, if any (the text is cut before it)."""
+        if self.decoder is None:
+            return None
+        self.text += self.decoder.feed(token_id)
+        return self._find_stop()
+
+    def flush(self) -> str | None:
+        if self.decoder is None:
+            return None
+        self.text += self.decoder.flush()
+        return self._find_stop()
+
+    def _find_stop(self) -> str | None:
+        if not self.stops:
+            return None
+        start = max(0, self.scanned - self.longest_stop + 1)
+        self.scanned = len(self.text)
+        found = [(self.text.find(stop, start), stop) for stop in self.stops]
+        found = [(position, stop) for position, stop in found if position >= 0]
+        if not found:
+            return None
+        position, stop = min(found)
+        self.text = self.text[:position]
+        return stop
+
+    def take(self, final: bool) -> str:
+        """Text not handed out yet, minus (unless final) a tail that may still grow into a stop string."""
+        end = len(self.text)
+        if not final:
+            for length in range(min(self.longest_stop - 1, end - self.sent), 0, -1):
+                tail = self.text[end - length :]
+                if any(stop.startswith(tail) for stop in self.stops):
+                    end -= length
+                    break
+        delta = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+class _Sequence:
+    """One completion being generated: its tokens, cache blocks, random stream and output state."""
+
+    _arrivals = itertools.count()
+
+    def __init__(self, handle: RequestHandle, index: int, prompt_ids: list[int], params: SamplingParams,
+                 max_tokens: int, generator: torch.Generator, tracker: _TextTracker):
+        self.handle = handle
+        self.index = index
+        self.prompt_length = len(prompt_ids)
+        self.token_ids = list(prompt_ids)  # prompt + generated; the last generated one is not yet in the cache
+        self.params = params
+        self.max_tokens = max_tokens
+        self.generator = generator
+        self.tracker = tracker
+        self.penalties: PenaltyState | None = None
+        self.table: list[int] = []  # cache blocks
+        self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.arrival = next(self._arrivals)
+        self.followers: list[_Sequence] = []  # n > 1: siblings that fork this sequence's prefill
+        self.finished = False
+        # speculative decoding: the MTP cache covers positions < mtp_computed; `pending_hidden` holds the
+        # main model's final hidden states of positions mtp_computed..num_computed-1.
+        self.mtp_computed = 0
+        self.pending_hidden: torch.Tensor | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_length
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to run through the model before the next sample (1 while decoding)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def group_size(self) -> int:
+        return 1 + len(self.followers)
+
+
+# ----- the engine --------------------------------------------------------------------------------
+class Engine:
+    """Serve a `CausalLM` to many concurrent requests from one preallocated paged KV cache.
+
+    tokenizer: a `nanoseek.Tokenizer` (text prompts, text output, stop strings); None = token ids only.
+    max_model_len: context length (prompt + output); default and maximum: the model's max_position_embeddings.
+    max_num_seqs: sequences decoded together at most.
+    cache_memory: bytes for the KV cache pool; default min(1 GiB, enough for max_num_seqs full contexts).
+    block_size: tokens per cache block.
+    max_prefill_tokens: prompt tokens prefilled per step at most (longer prompts are chunked).
+    speculative: draft with the model's MTP depth and verify (falls back to plain decoding without one).
+    num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
+    absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer=None,
+        *,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        cache_memory: int | None = None,
+        block_size: int = 16,
+        max_prefill_tokens: int = 2048,
+        speculative: bool = False,
+        num_speculative_tokens: int = 1,
+        absorb: bool | None = None,
+    ):
+        config = model.config
+        self.model = model.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = model.lm_head.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.vocab_size = config.vocab_size
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.absorb = absorb
+        self.speculative = speculative and len(model.mtp) > 0
+        if num_speculative_tokens < 1:
+            raise GenerationError("num_speculative_tokens must be >= 1")
+        self.num_speculative_tokens = num_speculative_tokens
+        bytes_per_token = cache_bytes_per_token(config, self.dtype, include_mtp=self.speculative)
+        if cache_memory is None:
+            cache_memory = min(DEFAULT_CACHE_MEMORY, max_num_seqs * self.max_model_len * bytes_per_token)
+            cache_memory = max(cache_memory, (self.max_model_len + block_size) * bytes_per_token)
+        num_blocks = 1 + cache_memory // (block_size * bytes_per_token)
+        self.cache = PagedKVCache(config, num_blocks, block_size, self.dtype, self.device, include_mtp=self.speculative)
+        eos = set(config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            eos.add(tokenizer.eos_id)
+        self.eos_token_ids = frozenset(eos)
+        self.bos_token_id = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else config.bos_token_id
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active_ids: set[str] = set()
+        self._ids_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = EngineStats()
+
+    # ----- public API ---------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Validate and queue one request of `n` completions. Thread-safe. Raises `GenerationError`."""
+        handle, sequences = self._make_request(prompt, params or SamplingParams(), n, request_id)
+        self._enqueue(sequences)
+        return handle
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        n: int = 1,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text or token ids); `n` completions each. One output per prompt.
+
+        Every prompt is validated before any is queued. Token ids, text, logprobs and finish reasons
+        are in `outputs[i].outputs[j]`.
+        """
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)) or not len(prompts):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise GenerationError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                requests.append(self._make_request(prompt, p, n, None))
+        except GenerationError:
+            with self._ids_lock:
+                self._active_ids.difference_update(handle.request_id for handle, _ in requests)
+            raise
+        for _, sequences in requests:
+            self._enqueue(sequences)
+        return [handle.result() for handle, _ in requests]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, n: int = 1) -> Iterator[StreamEvent]:
+        """Submit and iterate the events of one request; closing the iterator early cancels it."""
+        handle = self.submit(prompt, params, n)
+        try:
+            yield from handle
+        finally:
+            if not handle.finished:
+                handle.cancel()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request: its completions finish with reason "cancelled" and free their cache blocks.
+
+        Without a background thread this happens now; with one, before the engine's next forward.
+        """
+        self._inbox.put(("cancel", request_id))
+        self._wakeup.set()
+        if not self.running_in_background:
+            with self._step_lock:
+                self._drain_inbox()
+
+    def start(self) -> Engine:
+        """Run the engine loop in a background thread (for servers). Returns self."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the background thread (running requests finish with reason "cancelled")."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wakeup.set()
+            self._thread.join()
+            self._thread = None
+        with self._step_lock:
+            self._drain_inbox()
+            for sequence in list(self._running) + list(self._waiting):
+                self._finish(sequence, FINISH_CANCELLED)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None and threading.current_thread() is not self._thread
+
+    @property
+    def stats(self) -> EngineStats:
+        stats = self._stats
+        stats.num_running, stats.num_waiting = len(self._running), sum(s.group_size for s in self._waiting)
+        stats.kv_cache_usage = self.cache.usage
+        return stats
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running or self._waiting or not self._inbox.empty())
+
+    # ----- request validation ----------------------------------------------------------------------
+    def _make_request(self, prompt, params: SamplingParams, n: int, request_id: str | None):
+        if not isinstance(params, SamplingParams):
+            raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise GenerationError(f"n must be an integer >= 1, got {n!r}")
+        prompt_ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise GenerationError(f"stop_token_ids {bad} are outside the vocabulary (size {self.vocab_size})")
+        length = len(prompt_ids)
+        if length >= self.max_model_len:
+            raise GenerationError(
+                f"the prompt has {length} tokens but the context length is {self.max_model_len}: "
+                "shorten the prompt (at least one token must be left to generate)"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - length
+        if length + max_tokens > self.max_model_len:
+            raise GenerationError(
+                f"max_tokens={max_tokens} is too large: the prompt has {length} tokens and the context length is "
+                f"{self.max_model_len}, so at most {self.max_model_len - length} new tokens fit"
+            )
+        if length + max_tokens + self.num_speculative_tokens * self.speculative > self.cache.capacity_tokens:
+            raise GenerationError(
+                f"the request needs {length + max_tokens} tokens of KV cache but the pool holds "
+                f"{self.cache.capacity_tokens}; give the engine more cache_memory"
+            )
+        request_id = request_id or uuid.uuid4().hex
+        with self._ids_lock:
+            if request_id in self._active_ids:
+                raise GenerationError(f"request id {request_id!r} is already in use")
+            self._active_ids.add(request_id)
+        handle = RequestHandle(self, request_id, prompt_ids, n)
+        sequences = []
+        for index in range(n):
+            seed = None if params.seed is None else (params.seed + index * 0x9E3779B97F4A7C15) % 2**63
+            sequence = _Sequence(handle, index, prompt_ids, params, max_tokens, make_generator(seed),
+                                 _TextTracker(self.tokenizer, params))
+            if params.uses_penalties:
+                sequence.penalties = PenaltyState.from_tokens(prompt_ids, [], self.vocab_size, self.device)
+            sequences.append(sequence)
+        sequences[0].followers = sequences[1:]
+        return handle, sequences
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError("text prompts need a tokenizer; pass token ids or give the engine a tokenizer")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise GenerationError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            if self.bos_token_id is None:
+                raise GenerationError("the prompt is empty and the model has no BOS token to start from")
+            ids = [self.bos_token_id]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
+        return ids
+
+    def _enqueue(self, sequences: list[_Sequence]) -> None:
+        self._inbox.put(("add", sequences[0]))
+        self._wakeup.set()
+
+    # ----- the step -----------------------------------------------------------------------------
+    def step(self) -> list[StreamEvent]:
+        """Admit, prefill and decode once; return the events produced (also delivered to their handles)."""
+        with self._step_lock, torch.inference_mode():
+            self._drain_inbox()
+            events: list[StreamEvent] = []
+            try:
+                decode = [s for s in self._running if s.num_pending == 1]
+                prefill = self._schedule_prefill()
+                if prefill:
+                    events += self._run_prefill(prefill)
+                if decode:
+                    events += self._run_speculative(decode) if self.speculative else self._run_decode(decode)
+            except Exception as error:
+                for sequence in list(self._running):
+                    self._finish(sequence, FINISH_ERROR, error=f"{type(error).__name__}: {error}")
+                raise
+            return events
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.has_unfinished():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # already reported to the affected requests; keep serving the others
+                logger.exception("engine step failed")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                self._waiting.append(payload)
+            else:
+                self._cancel_now(payload)
+
+    def _cancel_now(self, request_id: str) -> None:
+        for sequence in [s for s in [*self._running, *self._waiting] if s.handle.request_id == request_id]:
+            self._finish(sequence, FINISH_CANCELLED)
+
+    # ----- scheduling ----------------------------------------------------------------------------
+    def _schedule_prefill(self) -> dict[_Sequence, int]:
+        """Pick the sequences to prefill this step and how many of their pending tokens: {sequence: count}.
+
+        Sequences already mid-prompt go first, then waiting requests in arrival order while there are
+        sequence slots, prefill budget and free blocks (keeping one spare block per running sequence).
+        """
+        chunks: dict[_Sequence, int] = {}
+        budget = self.max_prefill_tokens
+        for sequence in sorted((s for s in self._running if s.num_pending > 1), key=lambda s: s.arrival):
+            count = min(sequence.num_pending, budget)
+            if count and self._reserve(sequence, sequence.num_computed + count):
+                chunks[sequence] = count
+                budget -= count
+        while self._waiting and budget > 0:
+            sequence = self._waiting[0]
+            if len(self._running) + sequence.group_size > self.max_num_seqs:
+                break
+            count = min(sequence.num_pending, budget)
+            needed = self.cache.blocks_for(sequence.num_computed + count)
+            if needed + len(self._running) > self.cache.num_free_blocks and self._running:
+                break
+            if needed > self.cache.num_free_blocks:
+                break
+            self._waiting.popleft()
+            self._running.append(sequence)
+            self.cache.prepare_write(sequence.table, 0, sequence.num_computed + count)
+            chunks[sequence] = count
+            budget -= count
+        return chunks
+
+    def _reserve(self, sequence: _Sequence, end: int, start: int | None = None) -> bool:
+        """Make cache positions [start, end) writable for `sequence`, preempting younger sequences if needed.
+
+        Returns False if `sequence` itself had to be preempted.
+        """
+        start = sequence.num_computed if start is None else start
+        while self.cache.blocks_needed(sequence.table, start, end) > self.cache.num_free_blocks:
+            victim = max(self._running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is sequence:
+                return False
+        self.cache.prepare_write(sequence.table, start, end)
+        return True
+
+    def _reserve_all(self, sequences: list[_Sequence], span) -> list[_Sequence]:
+        """Reserve `span(sequence) = (start, end)` for each still-running sequence, oldest first.
+
+        A reservation only ever preempts sequences younger than the one it serves, so the sequences
+        returned all hold their reservation.
+        """
+        ready = []
+        for sequence in sorted(sequences, key=lambda s: s.arrival):
+            if sequence in self._running:
+                start, end = span(sequence)
+                if self._reserve(sequence, end, start):
+                    ready.append(sequence)
+        return [s for s in ready if s in self._running]
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        """Free a sequence's blocks and queue it first in line; it is recomputed from its tokens later."""
+        self._running.remove(sequence)
+        self.cache.release(sequence.table)
+        sequence.num_computed = sequence.mtp_computed = 0
+        sequence.pending_hidden = None
+        self._waiting.appendleft(sequence)
+        self._stats.preemptions += 1
+
+    # ----- forwards ------------------------------------------------------------------------------
+    def _batch(self, sequences: list[_Sequence], tokens: list[list[int]], starts: list[int]):
+        """Left-pad token lists into [batch, seq] ids, positions and a validity mask; bind the cache slots."""
+        width = max(len(t) for t in tokens)
+        ids = torch.zeros(len(tokens), width, dtype=torch.long)
+        positions = torch.zeros(len(tokens), width, dtype=torch.long)
+        valid = torch.zeros(len(tokens), width, dtype=torch.bool)
+        for row, (row_tokens, start) in enumerate(zip(tokens, starts, strict=True)):
+            count = len(row_tokens)
+            ids[row, width - count :] = torch.tensor(row_tokens)
+            positions[row, width - count :] = torch.arange(start, start + count)
+            valid[row, width - count :] = True
+        ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
+        self.cache.bind([s.table for s in sequences], positions, None if bool(valid.all()) else valid)
+        return ids, positions
+
+    def _forward(self, sequences: list[_Sequence], tokens: list[list[int]], logits_to_keep: int) -> ModelOutput:
+        ids, positions = self._batch(sequences, tokens, [s.num_computed for s in sequences])
+        return self.model(ids, positions=positions, cache=self.cache, absorb=self.absorb, logits_to_keep=logits_to_keep)
+
+    def _mtp_forward(self, sequences: list[_Sequence], next_ids: list[list[int]], starts: list[int],
+                     hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The MTP depth over left-padded rows; returns its hidden state at each row's last position [b, hidden]."""
+        ids, positions = self._batch(sequences, next_ids, starts)
+        previous = torch.zeros(*ids.shape, self.config.hidden_size, dtype=hidden[0].dtype, device=self.device)
+        for row, row_hidden in enumerate(hidden):
+            previous[row, ids.shape[1] - row_hidden.shape[0] :] = row_hidden
+        return mtp_forward(self.model, self.cache, ids, previous, positions)[:, -1]
+
+    def _run_prefill(self, chunks: dict[_Sequence, int]) -> list[StreamEvent]:
+        sequences = list(chunks)
+        tokens = [s.token_ids[s.num_computed : s.num_computed + chunks[s]] for s in sequences]
+        output = self._forward(sequences, tokens, logits_to_keep=1)
+        width = output.hidden_states.shape[1]
+        for row, sequence in enumerate(sequences):
+            count = chunks[sequence]
+            self._stats.prompt_tokens += count
+            sequence.num_computed += count
+            if self.speculative:
+                self._add_pending_hidden(sequence, output.hidden_states[row, width - count :])
+        if self.speculative:
+            self._mtp_catch_up(sequences, keep_last=True)
+        done = [row for row, s in enumerate(sequences) if s.num_pending == 0]
+        if not done:
+            return []
+        samplers, logit_rows = [], []
+        for row in done:
+            leader = sequences[row]
+            for follower in leader.followers:
+                follower.table = self.cache.fork(leader.table)
+                follower.num_computed, follower.mtp_computed = leader.num_computed, leader.mtp_computed
+                follower.pending_hidden = leader.pending_hidden
+                self._running.append(follower)
+            samplers += [leader, *leader.followers]
+            logit_rows += [row] * leader.group_size
+            leader.followers = []
+        logits = output.logits[torch.tensor(logit_rows, device=self.device), -1]
+        return self._sample_and_append(samplers, logits)
+
+    def _run_decode(self, sequences: list[_Sequence]) -> list[StreamEvent]:
+        sequences = self._reserve_all(sequences, lambda s: (s.num_computed, s.num_computed + 1))
+        if not sequences:
+            return []
+        output = self._forward(sequences, [[s.token_ids[-1]] for s in sequences], logits_to_keep=1)
+        for sequence in sequences:
+            sequence.num_computed += 1
+        return self._sample_and_append(sequences, output.logits[:, -1])
+
+    # ----- sampling and output ---------------------------------------------------------------------
+    def _sample_and_append(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[StreamEvent]:
+        """Sample one token per sequence from `logits` [rows, vocab] and append it."""
+        params = [s.params for s in sequences]
+        if greedy_only(params):
+            tokens = logits.argmax(dim=-1).tolist()
+            return [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
+        probs = sampling_probs(logits, params, [s.penalties for s in sequences])
+        chosen = draw(probs, uniforms([s.generator for s in sequences], self.device))
+        logprobs = token_logprobs(logits, probs, chosen, params)
+        return [
+            self._append(s, [token], None if entry is None else [entry])
+            for s, token, entry in zip(sequences, chosen.tolist(), logprobs, strict=True)
+        ]
+
+    def _append(self, sequence: _Sequence, tokens: list[int], logprobs: list | None) -> StreamEvent:
+        """Add sampled tokens to a sequence, apply every stop rule, and publish the event."""
+        params = sequence.params
+        added: list[int] = []
+        finish, stop_reason = None, None
+        for token in tokens:
+            added.append(token)
+            sequence.token_ids.append(token)
+            if sequence.penalties is not None:
+                sequence.penalties.add(token)
+            if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+                finish, stop_reason = FINISH_STOP, token
+                break
+            matched = sequence.tracker.feed(token)
+            if matched is not None:
+                finish, stop_reason = FINISH_STOP, matched
+                break
+            if sequence.num_generated >= sequence.max_tokens or len(sequence.token_ids) >= self.max_model_len:
+                finish = FINISH_LENGTH
+                break
+        self._stats.generation_tokens += len(added)
+        if finish is not None and not isinstance(stop_reason, str):  # the text ends here: release held bytes
+            matched = sequence.tracker.flush()
+            if matched is not None:
+                finish, stop_reason = FINISH_STOP, matched
+        event = StreamEvent(
+            sequence.handle.request_id, sequence.index, sequence.tracker.take(final=finish is not None), added,
+            prompt_tokens=sequence.prompt_length, completion_tokens=sequence.num_generated,
+        )
+        if logprobs is not None:
+            entries = logprobs[: len(added)]
+            event.logprobs = [chosen for chosen, _ in entries]
+            if params.logprobs:
+                event.top_logprobs = [top for _, top in entries]
+        if finish is not None:
+            self._finish(sequence, finish, stop_reason, event)
+        else:
+            sequence.handle._publish(event)
+        return event
+
+    def _finish(self, sequence: _Sequence, reason: str, stop_reason=None, event: StreamEvent | None = None,
+                error: str | None = None) -> None:
+        """End a sequence: free its blocks, publish the final event, forget the request id when all are done."""
+        if sequence.finished:
+            return
+        sequence.finished = True
+        if sequence in self._running:
+            self._running.remove(sequence)
+        elif sequence in self._waiting:
+            self._waiting.remove(sequence)
+        for follower in sequence.followers:  # siblings still waiting for this sequence's prefill
+            self._finish(follower, reason, error=error)
+        sequence.followers = []
+        self.cache.release(sequence.table)
+        sequence.pending_hidden = None
+        if event is None:
+            event = StreamEvent(sequence.handle.request_id, sequence.index, sequence.tracker.take(final=True), [],
+                                prompt_tokens=sequence.prompt_length, completion_tokens=sequence.num_generated)
+        event.finish_reason, event.stop_reason, event.error = reason, stop_reason, error
+        self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
+        handle = sequence.handle
+        handle._publish(event)
+        if handle.finished:
+            with self._ids_lock:
+                self._active_ids.discard(handle.request_id)
+
+    # ----- speculative decoding --------------------------------------------------------------------
+    def _add_pending_hidden(self, sequence: _Sequence, hidden: torch.Tensor) -> None:
+        previous = sequence.pending_hidden
+        sequence.pending_hidden = hidden.clone() if previous is None else torch.cat((previous, hidden))
+
+    def _mtp_catch_up(self, sequences: list[_Sequence], keep_last: bool) -> torch.Tensor | None:
+        """Feed the MTP depth every position whose main hidden state and next token are known.
+
+        With `keep_last` the newest position stays pending (prefill: the decode step drafts from it).
+        Returns the depth's hidden state at each sequence's last fed position [b, hidden].
+        """
+        rows = [s for s in sequences if s.num_computed - s.mtp_computed > keep_last]
+        if not rows:
+            return None
+        counts = [s.num_computed - s.mtp_computed - keep_last for s in rows]
+        next_ids = [s.token_ids[s.mtp_computed + 1 : s.mtp_computed + 1 + c] for s, c in zip(rows, counts, strict=True)]
+        hidden = [s.pending_hidden[:c] for s, c in zip(rows, counts, strict=True)]
+        out = self._mtp_forward(rows, next_ids, [s.mtp_computed for s in rows], hidden)
+        for sequence, count in zip(rows, counts, strict=True):
+            sequence.mtp_computed += count
+            sequence.pending_hidden = sequence.pending_hidden[count:]
+        return out
+
+    def _run_speculative(self, sequences: list[_Sequence]) -> list[StreamEvent]:
+        """One draft-and-verify step for decoding sequences (those without MTP history decode plainly)."""
+        k = self.num_speculative_tokens
+        sequences = self._reserve_all(sequences, lambda s: (s.mtp_computed, s.num_computed + 1 + k))
+        if not sequences:
+            return []
+        drafters = [s for s in sequences if s.mtp_computed < s.num_computed]
+        drafts: dict[_Sequence, list[int]] = {s: [] for s in sequences}
+        draft_probs: dict[_Sequence, list[torch.Tensor]] = {s: [] for s in sequences}
+        if drafters:
+            hidden = self._mtp_catch_up(drafters, keep_last=False)
+            for depth in range(k):
+                logits = self.model.lm_head(hidden).float()
+                params = [s.params for s in drafters]
+                states = [self._penalties_after(s, drafts[s]) for s in drafters]
+                probs = sampling_probs(logits, params, states)
+                tokens = draw(probs, uniforms([s.generator for s in drafters], self.device)).tolist()
+                for row, sequence in enumerate(drafters):
+                    drafts[sequence].append(tokens[row])
+                    draft_probs[sequence].append(probs[row])
+                if depth + 1 < k:
+                    starts = [s.num_computed + depth for s in drafters]
+                    hidden = self._mtp_forward(drafters, [[t] for t in tokens], starts, [h[None] for h in hidden])
+        tokens = [[s.token_ids[-1], *drafts[s]] for s in sequences]
+        output = self._forward(sequences, tokens, logits_to_keep=1 + k)
+        width = output.logits.shape[1]
+        events = []
+        for row, sequence in enumerate(sequences):
+            row_drafts = drafts[sequence]
+            count = 1 + len(row_drafts)
+            logits = output.logits[row, width - count :].float()
+            params = [sequence.params] * count
+            states = [self._penalties_after(sequence, row_drafts[:j]) for j in range(count)]
+            target = sampling_probs(logits, params, states)
+            if row_drafts:
+                emitted, accepted = accept_drafts(target, torch.stack(draft_probs[sequence]), row_drafts, sequence.generator)
+                self._stats.spec_verify_steps += 1
+                self._stats.spec_draft_tokens += len(row_drafts)
+                self._stats.spec_accepted_tokens += accepted
+            else:
+                emitted, accepted = draw(target, uniforms([sequence.generator], self.device)).tolist(), 0
+            hidden_rows = output.hidden_states[row, output.hidden_states.shape[1] - count :]
+            self._add_pending_hidden(sequence, hidden_rows[: 1 + accepted])
+            sequence.num_computed += 1 + accepted
+            entries = None
+            if sequence.params.logprobs is not None:
+                chosen = torch.tensor(emitted, device=self.device)
+                entries = token_logprobs(logits[: len(emitted)], target[: len(emitted)], chosen, params[: len(emitted)])
+            events.append(self._append(sequence, emitted, entries))
+        return events
+
+    def _penalties_after(self, sequence: _Sequence, drafts: list[int]) -> PenaltyState | None:
+        if sequence.penalties is None or not drafts:
+            return sequence.penalties
+        return sequence.penalties.with_tokens(drafts)

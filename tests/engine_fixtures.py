@@ -1,0 +1,42 @@
+"""Shared builders for the inference tests: tiny random models with decisive outputs, a tiny tokenizer."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from model_configs import tiny_config
+
+from nanoseek.model import build_model
+from nanoseek.tokenizer import Tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
+    "<think>Add the units first.</think><answer>42</answer>",
+    "深度求索 builds language models; 你好，世界！ Ünïcödé and emoji 🙂🚀 too.",
+    "Once upon a time there was a tiny model that learned to count: 1 2 3 4 5 6 7 8 9 10.",
+]
+
+
+def peaky_model(name: str = "v3", seed: int = 0, logit_scale: float = 30.0, **overrides):
+    """A tiny random model whose head is scaled up, so greedy choices are far from ties."""
+    model = build_model(tiny_config(name, **overrides), seed=seed).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train(CORPUS * 4, vocab_size=320, min_frequency=1)
+
+
+def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the log-softmax of every step, each step a full forward without cache."""
+    ids, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            step = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            logprobs.append(step)
+            ids.append(int(step.argmax()))
+    return ids[len(prompt):], logprobs

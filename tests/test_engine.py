@@ -1,0 +1,301 @@
+"""The inference engine: cached decoding against full forwards, batching, limits, streaming, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from engine_fixtures import peaky_model, reference_greedy, tiny_tokenizer
+
+from nanoseek.errors import GenerationError
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.engine import _TextTracker
+from nanoseek.model.cache import cache_bytes_per_token
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [11] * 13, [2]]
+
+
+@pytest.fixture(scope="module")
+def mla_model():
+    return peaky_model("v3")
+
+
+@pytest.mark.parametrize("name", ["v3", "v2-lite-greedy", "qwen2", "llama3"])
+def test_cached_decoding_equals_full_forward_token_by_token(name):
+    model = peaky_model(name)
+    engine = Engine(model, block_size=4)
+    outputs = engine.generate(PROMPTS, GREEDY)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        tokens, reference = reference_greedy(model, prompt, GREEDY.max_tokens)
+        completion = output.outputs[0]
+        assert completion.token_ids == tokens
+        for step, (logprob, top) in enumerate(zip(completion.logprobs, completion.top_logprobs, strict=True)):
+            assert logprob == pytest.approx(float(reference[step][tokens[step]]), abs=1e-4)
+            expected_top = reference[step].topk(5)
+            assert list(top) == expected_top.indices.tolist()
+            assert list(top.values()) == pytest.approx(expected_top.values.tolist(), abs=1e-4)
+
+
+def test_absorbed_decoding_equals_naive(mla_model):
+    absorbed = Engine(mla_model, absorb=True).generate(PROMPTS, GREEDY)
+    naive = Engine(mla_model, absorb=False).generate(PROMPTS, GREEDY)
+    for a, b in zip(absorbed, naive, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
+
+
+def test_latent_cache_stores_only_the_latent_and_rotated_rope_key(mla_model):
+    config = mla_model.config
+    engine = Engine(mla_model)
+    shapes = [tuple(buffer.shape[1:]) for buffer in engine.cache.layers[0]]
+    assert shapes == [(config.kv_lora_rank,), (config.qk_rope_head_dim,)]
+    assert len(engine.cache.layers) == config.num_hidden_layers  # no MTP layers without speculation
+    assert engine.cache.bytes_per_token == cache_bytes_per_token(config, torch.float32)
+    assert engine.cache.bytes_per_token == config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 4
+
+
+def test_batch_of_ragged_prompts_equals_each_alone(mla_model):
+    batched = Engine(mla_model, block_size=4).generate(PROMPTS, GREEDY)
+    for prompt, output in zip(PROMPTS, batched, strict=True):
+        alone = Engine(mla_model, block_size=4).generate(prompt, GREEDY)[0]
+        assert output.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_chunked_prefill_equals_one_shot(mla_model):
+    prompt = list(range(3, 40))
+    one_shot = Engine(mla_model, block_size=4).generate(prompt, GREEDY)[0].outputs[0]
+    chunked = Engine(mla_model, block_size=4, max_prefill_tokens=8).generate(prompt, GREEDY)[0].outputs[0]
+    assert chunked.token_ids == one_shot.token_ids
+    assert chunked.logprobs == pytest.approx(one_shot.logprobs, abs=1e-4)
+
+
+def test_preemption_under_a_small_pool_recomputes_the_same_tokens(mla_model):
+    expected = Engine(mla_model, block_size=4).generate(PROMPTS, GREEDY)
+    bytes_per_token = cache_bytes_per_token(mla_model.config, torch.float32)
+    engine = Engine(mla_model, block_size=4, cache_memory=40 * bytes_per_token)
+    outputs = engine.generate(PROMPTS, GREEDY)
+    assert engine.stats.preemptions > 0
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
+
+
+def test_n_completions_share_the_prompt_blocks():
+    model = peaky_model("v3", logit_scale=1.0)
+    engine = Engine(model, block_size=4)
+    prompt = list(range(3, 30))  # 27 tokens: 6 full blocks + a shared partial one
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)
+    handle = engine.submit(prompt, params, n=4)
+    engine.step()  # prefill once, four first tokens
+    tables = [s.table for s in engine._running]
+    assert len(tables) == 4 and all(table == tables[0] for table in tables)
+    engine.step()  # the first decode un-shares only the partial last block
+    tables = [s.table for s in engine._running]
+    assert all(table[:-1] == tables[0][:-1] for table in tables)
+    assert len({table[-1] for table in tables}) == 4
+    result = handle.result()
+    assert len(result.outputs) == 4 and len({tuple(o.token_ids) for o in result.outputs}) > 1
+    again = engine.generate(prompt, params, n=4)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in result.outputs]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True),
+        SamplingParams(temperature=1.3, top_k=5, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.4, max_tokens=10, seed=5, ignore_eos=True, logprobs=2),
+    ],
+)
+def test_seed_gives_the_same_output_whatever_shares_the_batch(params):
+    model = peaky_model("v3", logit_scale=3.0)
+    alone = Engine(model).generate([5, 6, 7], params, n=2)[0]
+    others = [[9, 9], list(range(3, 20)), [4]]
+    other_params = [SamplingParams(temperature=1.0, max_tokens=n) for n in (3, 12, 7)]
+    crowded = Engine(model, max_prefill_tokens=6).generate(
+        [others[0], [5, 6, 7], *others[1:]], [other_params[0], params, *other_params[1:]], n=2
+    )[1]
+    assert [o.token_ids for o in crowded.outputs] == [o.token_ids for o in alone.outputs]
+    assert alone.outputs[0].token_ids != alone.outputs[1].token_ids
+
+
+def test_stop_strings_are_cut_and_never_streamed():
+    tokenizer = tiny_tokenizer()
+    model = peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=3.0)
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    full = engine.generate("Once upon", params)[0].outputs[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    events = list(engine.stream("Once upon", SamplingParams(**{**vars(params), "stop": [stop, "never-seen"]})))
+    text = "".join(event.text for event in events)
+    assert text == full.text[: full.text.index(stop)]
+    assert all(stop not in event.text for event in events)
+    assert events[-1].finish_reason == "stop" and events[-1].stop_reason == stop
+
+
+def test_streamed_text_adds_up_to_the_decoded_tokens():
+    tokenizer = tiny_tokenizer()
+    model = peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=1.0)
+    engine = Engine(model, tokenizer)
+    for seed in range(4):
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True, skip_special_tokens=False)
+        events = list(engine.stream("你好", params))
+        tokens = [t for event in events for t in event.token_ids]
+        assert "".join(event.text for event in events) == tokenizer.decode(tokens)
+
+
+def test_text_deltas_never_split_a_character():
+    tokenizer = tiny_tokenizer()
+    text = "你好🙂 Ünï"
+    tracker = _TextTracker(tokenizer, SamplingParams())
+    deltas = []
+    for token in tokenizer.encode(text):
+        tracker.feed(token)
+        deltas.append(tracker.take(final=False))
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert any(delta == "" for delta in deltas)  # some tokens end inside a character and emit nothing
+
+
+def test_finish_reasons_stop_token_length_and_context():
+    model = peaky_model("v3")
+    engine = Engine(model, max_model_len=20)
+    first = engine.generate([5, 6], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].outputs[0]
+    stopped = engine.generate([5, 6], SamplingParams(temperature=0, stop_token_ids=[first.token_ids[2]]))[0].outputs[0]
+    assert stopped.token_ids == first.token_ids[:3]  # the stop token is kept in token_ids
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", first.token_ids[2])
+    assert first.finish_reason == "length" and len(first.token_ids) == 5
+    to_context = engine.generate([5, 6], SamplingParams(temperature=0, ignore_eos=True))[0].outputs[0]
+    assert to_context.finish_reason == "length" and len(to_context.token_ids) == 18
+
+
+def test_eos_stops_unless_ignored():
+    model = peaky_model("v3")
+    eos = model.config.eos_token_ids[0]
+
+    def favour_eos(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), 1e3))
+
+    model.lm_head.register_forward_hook(favour_eos)
+    engine = Engine(model)
+    stopped = engine.generate([5, 6], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    assert (stopped.token_ids, stopped.finish_reason, stopped.stop_reason) == ([eos], "stop", eos)
+    ignored = engine.generate([5, 6], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    assert ignored.token_ids == [eos] * 4 and ignored.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        (list(range(64)), SamplingParams(max_tokens=1), "context length is 64"),
+        ([5] * 60, SamplingParams(max_tokens=10), "max_tokens=10 is too large"),
+        ([5], SamplingParams(stop="x"), "stop strings need a tokenizer"),
+        ([5, 999], SamplingParams(), "outside the vocabulary"),
+        ("text", SamplingParams(), "text prompts need a tokenizer"),
+        ([5], SamplingParams(stop_token_ids=[500]), "outside the vocabulary"),
+        (5, SamplingParams(), "a prompt must be a string or a list of token ids"),
+    ],
+)
+def test_bad_requests_raise_before_any_work(mla_model, prompt, params, message):
+    engine = Engine(mla_model, max_model_len=64)
+    with pytest.raises(GenerationError, match=message):
+        engine.submit(prompt, params)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("stop", 5), ("stop", ["a", 3]),
+     ("top_k", -1), ("logprobs", 21), ("seed", -1), ("repetition_penalty", 0.0), ("presence_penalty", 3.0)],
+)
+def test_invalid_sampling_parameters_are_rejected(field, value):
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_empty_prompt_starts_from_bos(mla_model):
+    engine = Engine(mla_model)
+    output = engine.generate([], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert output.prompt_token_ids == [mla_model.config.bos_token_id]
+    tokens, _ = reference_greedy(mla_model, [mla_model.config.bos_token_id], 3)
+    assert output.outputs[0].token_ids == tokens
+
+
+def test_cancel_frees_the_cache_at_once_queued_or_running(mla_model):
+    engine = Engine(mla_model, block_size=4, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    running = engine.submit(list(range(3, 30)), params)
+    queued = engine.submit([5, 6], params)
+    engine.step()
+    engine.step()
+    used = engine.cache.num_blocks - 1 - engine.cache.num_free_blocks
+    assert used == 7
+    running.cancel()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
+    assert running.finished and running.result().outputs[0].finish_reason == "cancelled"
+    assert len(running.result().outputs[0].token_ids) == 2
+    queued.cancel()
+    assert queued.result().outputs[0].finish_reason == "cancelled" and queued.result().outputs[0].token_ids == []
+    assert not engine.has_unfinished()
+
+
+def test_closing_a_stream_early_cancels_it(mla_model):
+    engine = Engine(mla_model)
+    stream = engine.stream([5, 6], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished() and engine.stats.finished == {"cancelled": 1}
+
+
+def test_background_thread_serves_asyncio_clients(mla_model):
+    engine = Engine(mla_model).start()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def client(prompt, cancel_after=None):
+        handle = engine.submit(prompt, params)
+        tokens, reasons = [], []
+        async for event in handle:
+            tokens += event.token_ids
+            reasons.append(event.finish_reason)
+            if cancel_after is not None and len(tokens) >= cancel_after and event.finish_reason is None:
+                handle.cancel()
+        return tokens, reasons[-1]
+
+    async def main():
+        return await asyncio.gather(client([5, 6, 7]), client([3, 4]), client([9, 9, 9], cancel_after=2))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.close()
+    expected = [reference_greedy(mla_model, p, 8)[0] for p in ([5, 6, 7], [3, 4])]
+    assert results[0] == (expected[0], "length") and results[1] == (expected[1], "length")
+    assert results[2][1] == "cancelled" and 2 <= len(results[2][0]) < 8
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
+
+
+def test_moe_decode_reads_only_the_chosen_experts():
+    """Poisoning every expert no token chose leaves the output unchanged (they are never read)."""
+    model = peaky_model("v3")
+    prompt = [5, 6, 7, 8]
+    engine = Engine(model)
+    expected = engine.generate(prompt, GREEDY)[0].outputs[0]
+    chosen: dict[int, set[int]] = {}
+
+    def record(module, inputs, output):
+        chosen.setdefault(id(module), set()).update(output[1].flatten().tolist())
+
+    hooks = [layer.gate.register_forward_hook(record) for layer in model.moe_layers()]
+    engine.generate(prompt, GREEDY)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            unused = [e for e in range(layer.experts.num_experts) if e not in chosen.get(id(layer.gate), set())]
+            layer.experts.gate_up_proj[unused] = float("nan")
+            layer.experts.down_proj[unused] = float("nan")
+    assert any(len(c) < model.config.n_routed_experts for c in chosen.values())
+    poisoned = engine.generate(prompt, GREEDY)[0].outputs[0]
+    assert poisoned.token_ids == expected.token_ids
