@@ -1,0 +1,107 @@
+"""Sampling: parameter validation, each logits processor against its definition, seeded inverse-CDF draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.errors import GenerationError
+from nanoseek.infer.sampling import (
+    PenaltyState,
+    SamplingParams,
+    apply_penalties,
+    draw,
+    make_generator,
+    sampling_probs,
+    token_logprobs,
+    uniforms,
+)
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0, 0.0]])
+
+
+def test_params_normalize_stop_and_reject_bad_values_together():
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=[3]).stop_token_ids == (3,)
+    with pytest.raises(GenerationError) as error:
+        SamplingParams(temperature=-1, top_p=2.0, max_tokens=0)
+    message = str(error.value)
+    assert "temperature" in message and "top_p" in message and "max_tokens" in message
+    for bad in ({"stop": ""}, {"stop": {"a": 1}}, {"stop_token_ids": [-1]}, {"logprobs_mode": "other"},
+                {"min_p": 1.5}, {"max_tokens": 2.5}, {"temperature": float("nan")}, {"top_k": True}):
+        with pytest.raises(GenerationError):
+            SamplingParams(**bad)
+
+
+def test_greedy_rows_are_one_hot_at_the_argmax_and_temperature_scales():
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5)]
+    probs = sampling_probs(LOGITS.repeat(2, 1), params)
+    assert probs[0].tolist() == [1.0, 0, 0, 0, 0, 0]
+    assert torch.allclose(probs[1], (LOGITS[0] / 0.5).softmax(-1))
+
+
+def test_top_k_top_p_min_p_keep_what_their_definitions_say():
+    reference = LOGITS[0].softmax(-1)  # [0.57, 0.21, 0.13, 0.03, 0.004, 0.08]
+    top_k = sampling_probs(LOGITS, [SamplingParams(top_k=2)])[0]
+    assert (top_k > 0).tolist() == [True, True, False, False, False, False]
+    assert torch.allclose(top_k[:2], reference[:2] / reference[:2].sum())
+    # top_p: smallest prefix of the sorted probabilities whose mass reaches p
+    for top_p, kept in ((0.5, 1), (0.6, 2), (0.85, 3), (0.95, 4), (1.0, 6)):
+        probs = sampling_probs(LOGITS, [SamplingParams(top_p=top_p)])[0]
+        assert int((probs > 0).sum()) == kept, top_p
+    min_p = sampling_probs(LOGITS, [SamplingParams(min_p=0.2)])[0]  # keep p >= 0.2 * 0.57
+    assert (min_p > 0).tolist() == (reference >= 0.2 * reference.max()).tolist()
+    assert float(min_p.sum()) == pytest.approx(1.0)
+
+
+def test_each_row_uses_its_own_parameters():
+    params = [SamplingParams(top_k=1), SamplingParams(), SamplingParams(temperature=0)]
+    probs = sampling_probs(LOGITS.repeat(3, 1), params)
+    assert int((probs[0] > 0).sum()) == 1 and int((probs[1] > 0).sum()) == 6 and float(probs[2].max()) == 1.0
+
+
+def test_penalties_follow_transformers_and_openai_definitions():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    state = PenaltyState.from_tokens(prompt_ids=[1], output_ids=[0, 0, 2], vocab_size=4, device="cpu")
+    repetition = apply_penalties(logits, [SamplingParams(repetition_penalty=2.0)], [state])
+    assert repetition.tolist() == [[1.0, -4.0, 0.5, 0.5]]  # seen: 0 (output), 1 (prompt), 2 (output)
+    presence = apply_penalties(logits, [SamplingParams(presence_penalty=0.5)], [state])
+    assert presence.tolist() == [[1.5, -2.0, 0.5, 0.5]]  # output tokens only, once each
+    frequency = apply_penalties(logits, [SamplingParams(frequency_penalty=0.25)], [state])
+    assert frequency.tolist() == [[1.5, -2.0, 0.75, 0.5]]  # per occurrence
+    unchanged = apply_penalties(logits, [SamplingParams()], [None])
+    assert unchanged is logits
+
+
+def test_penalty_state_with_drafts_leaves_the_original_untouched():
+    state = PenaltyState.from_tokens([], [3], 5, "cpu")
+    extended = state.with_tokens([3, 4])
+    assert state.counts.tolist() == [0, 0, 0, 1, 0] and extended.counts.tolist() == [0, 0, 0, 2, 1]
+
+
+def test_draw_samples_the_distribution_and_is_reproducible():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    generator = make_generator(1)
+    samples = torch.stack([draw(probs, uniforms([generator])) for _ in range(4000)]).flatten()
+    counts = torch.bincount(samples, minlength=4).double()
+    expected = probs[0].double() * 4000
+    assert counts[1] == 0
+    chi2 = float((((counts - expected) ** 2)[expected > 0] / expected[expected > 0]).sum())
+    assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
+    again = make_generator(1)
+    assert [int(draw(probs, uniforms([again]))) for _ in range(20)] == samples[:20].tolist()
+
+
+def test_logprobs_raw_and_processed():
+    params = [SamplingParams(temperature=0.5, logprobs=2), SamplingParams(temperature=0.5, logprobs=0, logprobs_mode="processed"),
+              SamplingParams()]
+    logits = LOGITS.repeat(3, 1)
+    probs = sampling_probs(logits, params)
+    tokens = torch.tensor([1, 1, 0])
+    raw, processed, none = token_logprobs(logits, probs, tokens, params)
+    assert raw[0] == pytest.approx(float(LOGITS[0].log_softmax(-1)[1]), abs=1e-6)
+    assert list(raw[1]) == [0, 1]
+    assert processed[0] == pytest.approx(math.log(float((LOGITS[0] / 0.5).softmax(-1)[1])), abs=1e-5)
+    assert processed[1] is None and none is None
