@@ -232,3 +232,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     for name, parameter in saved.named_parameters():  # the failed step did not touch the weights
         torch.testing.assert_close(parameter, dict(model.named_parameters())[name], rtol=0, atol=0)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_activation_checkpointing_changes_neither_losses_nor_expert_counts():
+    """Recomputation in backward must not double count router statistics (they come back in the output)."""
+
+    def run(gradient_checkpointing: bool):
+        model = build_model(tiny_config(), seed=0)
+        trainer = Trainer(model, quick_config(gradient_checkpointing=gradient_checkpointing), "unused")
+        batches = SyntheticBatches(128, 2, 16)
+        records = [trainer.train_step(batches) for _ in range(3)]
+        return records, [moe.gate.e_score_correction_bias for moe in model.moe_layers()]
+
+    (plain, plain_biases), (recomputed, recomputed_biases) = run(False), run(True)
+    for a, b in zip(plain, recomputed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["expert_load_max"] == b["expert_load_max"]
+    assert all(torch.equal(a, b) for a, b in zip(plain_biases, recomputed_biases, strict=True))
