@@ -103,19 +103,23 @@ class RoutedExperts(nn.Module):
         token_of_slot = order // top_k
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
         grouped_input = x[token_of_slot]
+        # One unbind per stack (not one index per expert): indexing a parameter per expert makes
+        # autograd materialize a full-size zero gradient for every expert it touches.
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outputs = []
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            outputs.append(self.expert_forward(expert, grouped_input[start : start + count]))
+            outputs.append(self.expert_forward(grouped_input[start : start + count], gate_up[expert], down[expert]))
             start += count
         grouped_output = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
 
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, self.down_proj[expert])
+    def expert_forward(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """One SwiGLU expert: gate_up [2I, D] (gate rows first), down [D, I]."""
+        gate, up = self.linear(x, gate_up).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, down)
 
     def naive_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Executable specification: every token through each of its experts one at a time."""
@@ -123,7 +127,8 @@ class RoutedExperts(nn.Module):
         for token in range(x.shape[0]):
             for slot in range(indices.shape[1]):
                 expert = int(indices[token, slot])
-                out[token] += weights[token, slot].to(x.dtype) * self.expert_forward(expert, x[token : token + 1])[0]
+                expert_out = self.expert_forward(x[token : token + 1], self.gate_up_proj[expert], self.down_proj[expert])
+                out[token] += weights[token, slot].to(x.dtype) * expert_out[0]
         return out
 
 
