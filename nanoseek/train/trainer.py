@@ -449,10 +449,14 @@ class Trainer:
         self,
         batches: BatchSource,
         val_batches: Callable[[], Iterable[Batch]] | None = None,
+        on_step: Callable[[dict[str, Any]], bool | None] | None = None,
     ) -> dict[str, Any]:
         """Train until `max_steps`, evaluating, logging and checkpointing on schedule; returns the last
         metrics. `val_batches` makes a fresh iterable for each evaluation (the same batches each time).
-        Ends with a final evaluation and checkpoint."""
+        `on_step(metrics)` runs after each step (and its evaluation), before logging: a stage adds its
+        own entries to `metrics` (GRPO's rollout statistics, held-out task accuracy; `val_*` keys are
+        always logged) and returns True to end the run early. Ends with a checkpoint (and, at max_steps,
+        a final evaluation)."""
         config = self.config
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.topology.is_main)
         progress = tqdm(
@@ -466,12 +470,16 @@ class Trainer:
                 done = self.step == config.max_steps
                 if val_batches is not None and (done or (config.eval_every and self.step % config.eval_every == 0)):
                     metrics.update(self.evaluate(val_batches()))
+                if on_step is not None and on_step(metrics):
+                    done = True
                 if done or self.step % config.log_every == 0 or any(k.startswith("val_") for k in metrics):
                     log.write(metrics)
                 progress.update(1)
                 progress.set_postfix_str(_progress_text(metrics), refresh=False)
                 if done or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                     self.save_checkpoint(batches)
+                if done:
+                    break
         finally:
             progress.close()
             log.close()
