@@ -27,6 +27,7 @@ absorbed attention path; Qwen2/Llama cache grouped-query keys and values (see ca
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import queue
@@ -465,9 +466,11 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
-        stats = self._stats
-        stats.num_running, stats.num_waiting = len(self._running), sum(s.group_size for s in self._waiting)
-        stats.kv_cache_usage = self.cache.usage
+        """A consistent snapshot; safe to read from another thread (waits for the current step to end)."""
+        with self._step_lock:
+            stats = copy.deepcopy(self._stats)
+            stats.num_running, stats.num_waiting = len(self._running), sum(s.group_size for s in self._waiting)
+            stats.kv_cache_usage = self.cache.usage
         return stats
 
     def has_unfinished(self) -> bool:
