@@ -134,21 +134,30 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
-        """Attention in latent space: score = q_nope W_UK . c + q_pe . k_pe; out = W_UV (p @ c). [b, s, h, v]."""
-        weight = self.kv_b_proj.weight.unflatten(0, (self.num_heads, -1))  # [h, nope + v, r]
+        """Attention in latent space: score = q_nope W_UK . c + q_pe . k_pe; out = W_UV (p @ c). [b, s, h, v].
+
+        Multi-query attention over the one latent per token: heads fold into the query rows, so each
+        step reads the cache once for all heads. Plain batched matmuls: for the few queries of a decode
+        step they cost less than a fused attention kernel's setup.
+        """
+        batch, seq, heads, _ = q_nope.shape
+        weight = self.kv_b_proj.weight.unflatten(0, (heads, -1))  # [h, nope + v, r]
         w_uk, w_uv = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk.to(q_nope.dtype))
-        query = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [b, h, s, r + rope]
-        key = torch.cat((latent, k_pe), dim=-1)[:, None]  # [b, 1, t, r + rope]: one head shared by all
-        # Multi-query attention: fold heads into the query axis so every head reads the one latent.
-        batch, heads, seq, _ = query.shape
+        rows = q_nope.permute(2, 0, 1, 3).reshape(heads, batch * seq, -1)  # [h, b*s, nope]
+        q_latent = torch.bmm(rows, w_uk.to(rows.dtype))  # [h, b*s, r]
+        q_latent = q_latent.view(heads, batch, seq, -1).transpose(0, 1).reshape(batch, heads * seq, -1)
+        q_pe = q_pe.transpose(1, 2).reshape(batch, heads * seq, -1)
+        scores = torch.baddbmm(
+            torch.bmm(q_pe, k_pe.transpose(1, 2)), q_latent, latent.transpose(1, 2),
+            beta=self.softmax_scale, alpha=self.softmax_scale,
+        ).view(batch, heads, seq, -1)  # [b, h, s, t]
         if mask is None:
-            mask = torch.ones(seq, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
-        mask = mask[:, :, None].expand(-1, -1, heads, seq, -1).flatten(2, 3)
-        out_latent = F.scaled_dot_product_attention(
-            query.reshape(batch, 1, heads * seq, -1), key, latent[:, None], attn_mask=mask, scale=self.softmax_scale
-        ).view(batch, heads, seq, -1)
-        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv.to(out_latent.dtype))
+            mask = torch.ones(seq, latent.shape[1], dtype=torch.bool, device=scores.device).tril()
+        probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.bmm(probs.view(batch, heads * seq, -1), latent)  # [b, h*s, r]
+        out_latent = out_latent.view(batch, heads, seq, -1).transpose(0, 1).reshape(heads, batch * seq, -1)
+        out = torch.bmm(out_latent, w_uv.to(out_latent.dtype).transpose(1, 2))  # [h, b*s, v]
+        return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3)
 
     def absorb_is_cheaper(self, num_queries: int, num_keys: int) -> bool:
         """Compare the multiply-adds of both paths (per head) for this query/key count."""

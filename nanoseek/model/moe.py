@@ -14,7 +14,7 @@ Routing follows the released code exactly (reference §2.2 and facts 4-6):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,9 +103,7 @@ class RoutedExperts(nn.Module):
         token_of_slot = order // top_k
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
         grouped_input = x[token_of_slot]
-        # One unbind per stack (not one index per expert): indexing a parameter per expert makes
-        # autograd materialize a full-size zero gradient for every expert it touches.
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        gate_up, down = self.expert_weights()
         outputs = []
         start = 0
         for expert, count in enumerate(counts):
@@ -115,6 +113,17 @@ class RoutedExperts(nn.Module):
             start += count
         grouped_output = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
+
+    def expert_weights(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        """The (gate_up, down) weights of every expert, indexable by expert id.
+
+        With gradients: one unbind per stack (not one index per expert), because indexing a parameter
+        per expert makes autograd materialize a full-size zero gradient for every expert it touches.
+        Without (inference): the stacks themselves, so only the chosen experts are indexed.
+        """
+        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        return self.gate_up_proj, self.down_proj
 
     def expert_forward(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """One SwiGLU expert: gate_up [2I, D] (gate rows first), down [D, I]."""
