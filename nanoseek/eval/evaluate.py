@@ -1,0 +1,182 @@
+"""`nanoseek eval`: task accuracy, pass@k, maj@k and format rate on held-out tasks; perplexity on shards.
+
+    nanoseek eval --model runs/grpo/checkpoints/step_00000200 --count 200 --samples 8
+    nanoseek eval --model DIR --tasks countdown --difficulty 1 2 --data data/shards
+
+Task metrics are measured on the test split of the built-in tasks (`nanoseek.data.tasks`, disjoint
+from training by content hash), generated through the inference engine:
+
+    accuracy     greedy decoding, the task's checker (what SFT and GRPO runs log as `val_accuracy`)
+    format_rate  greedy completions that are `<think>...</think><answer>...</answer>` exactly once
+    pass@1, pass@k, maj@k   from k samples per problem at `temperature`: pass@k by the unbiased
+                 estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, Codex); maj@k scores the most
+                 frequent extracted answer (self-consistency, Wang et al. 2022; R1's cons@64)
+
+Prints one JSON line. Used by SFT and GRPO for held-out evaluation and by the pipeline's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.loader import PretrainLoader
+from nanoseek.data.tasks import (
+    DIFFICULTIES,
+    TASKS,
+    Problem,
+    check_answer,
+    check_format,
+    extract_answer,
+    make_mixed_problems,
+)
+from nanoseek.errors import ConfigError
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.tokenizer import Tokenizer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if not 0 < k <= n:
+        raise ConfigError(f"pass@k needs 0 < k <= n samples, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_answer(texts: Sequence[str]) -> int | None:
+    """Index of a completion carrying the most frequent extracted answer (first on ties); None if no
+    completion has an answer."""
+    answers = [extract_answer(text) for text in texts]
+    counts = Counter(answer for answer in answers if answer is not None)
+    if not counts:
+        return None
+    winner = counts.most_common(1)[0][0]
+    return answers.index(winner)
+
+
+def heldout_problems(
+    count: int, tasks: Sequence[str] = TASKS, difficulty: int | Sequence[int] = (1, 2), seed: int = 0
+) -> list[Problem]:
+    """`count` problems of the test split (never trained on), mixed over `tasks`."""
+    return make_mixed_problems("test", count, seed, difficulty, tasks)
+
+
+def prompt_ids(tokenizer: Tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+    """Each problem's user turn rendered with the chat template and a generation prompt."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=True)
+        for p in problems
+    ]
+
+
+@torch.no_grad()
+def evaluate_tasks(
+    engine: Engine,
+    problems: Sequence[Problem],
+    samples: int = 0,
+    temperature: float = 1.0,
+    max_tokens: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Greedy accuracy and format rate (overall and per task), plus pass@1 / pass@k / maj@k from
+    `samples` completions per problem when `samples` > 0. The engine's model is put in eval mode."""
+    if not problems:
+        raise ConfigError("no problems to evaluate")
+    engine.model.eval()
+    ids = prompt_ids(engine.tokenizer, problems)
+    greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    texts = [output.outputs[0].text for output in greedy]
+    correct = [check_answer(p, text).correct for p, text in zip(problems, texts, strict=True)]
+    metrics = {
+        "accuracy": _mean(correct),
+        "format_rate": _mean([check_format(text).correct for text in texts]),
+        "mean_length": _mean([len(output.outputs[0].token_ids) for output in greedy]),
+    }
+    for task in sorted({p.task for p in problems}):
+        metrics[f"accuracy/{task}"] = _mean([c for p, c in zip(problems, correct, strict=True) if p.task == task])
+    if samples > 0:
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i) for i in range(len(ids))]
+        sampled = engine.generate(ids, params, n=samples)
+        pass_1, pass_k, majority = [], [], []
+        for problem, output in zip(problems, sampled, strict=True):
+            group = [completion.text for completion in output.outputs]
+            hits = sum(check_answer(problem, text).correct for text in group)
+            pass_1.append(hits / samples)
+            pass_k.append(pass_at_k(samples, hits, samples))
+            voted = majority_answer(group)
+            majority.append(voted is not None and check_answer(problem, group[voted]).correct)
+        metrics.update({"pass@1": _mean(pass_1), f"pass@{samples}": _mean(pass_k), f"maj@{samples}": _mean(majority)})
+    return metrics
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module, data_dir: str | Path, split: str = "val", seq_len: int = 256, batch_size: int = 8,
+    max_batches: int = 16,
+) -> dict[str, float]:
+    """Mean next-token loss and its exponential over the first `max_batches` windows of a shard split."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = PretrainLoader(data_dir, batch_size, seq_len, split=split, shuffle=False)
+    total, tokens = 0.0, 0
+    for _ in range(min(max_batches, loader.batches_per_epoch)):
+        batch = next(loader)
+        inputs, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+        logits = model(inputs, use_mtp=False).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+        tokens += targets.numel()
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+def _mean(values: Sequence[float | bool]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+# ----- command line -------------------------------------------------------------------------------------
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer (a checkpoint)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--difficulty", nargs="+", type=int, default=[1, 2], choices=DIFFICULTIES)
+    parser.add_argument("--count", type=int, default=200, help="held-out problems (0: no task evaluation)")
+    parser.add_argument("--samples", type=int, default=0, metavar="K", help="samples per problem for pass@k and maj@k")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of pass@k / maj@k")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, metavar="DIR", help="token shards: also report perplexity")
+    parser.add_argument("--split", default="val", help="shard split for perplexity")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=16, help="perplexity batches (of 8 windows)")
+    parser.add_argument("--device", default=None)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.train.parallel import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_pretrained(args.model, device=device)
+    report: dict[str, Any] = {"model": str(args.model)}
+    start = time.perf_counter()
+    if args.count > 0:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+        engine = Engine(model, tokenizer)
+        problems = heldout_problems(args.count, args.tasks, args.difficulty, args.seed)
+        report.update(evaluate_tasks(engine, problems, args.samples, args.temperature, args.max_tokens, args.seed))
+        report["problems"] = len(problems)
+    if args.data is not None:
+        report.update({f"{args.split}_{k}": v for k, v in perplexity(model, args.data, args.split, args.seq_len, max_batches=args.batches).items()})
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
+    return 0
