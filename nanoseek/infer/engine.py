@@ -53,6 +53,7 @@ from nanoseek.infer.sampling import (
 )
 from nanoseek.infer.speculative import accept_drafts, mtp_forward
 from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
@@ -307,6 +308,29 @@ class _Sequence:
 
 
 # ----- the engine --------------------------------------------------------------------------------
+@torch.no_grad()
+def use_decode_layout(model: CausalLM) -> None:
+    """Store every linear and expert weight transposed in memory (same values, shapes and names).
+
+    A decode step multiplies one row per sequence by each weight. With the weight stored [in, out]
+    (the `[out, in]` parameter becomes a transposed view) the CPU BLAS streams it with vectorized
+    row updates instead of per-row dot products: about 2x the bandwidth at batch 1 on x86. Prefill
+    GEMMs run equally fast in either layout. Gradients keep working (they follow the parameter's
+    layout), but use `Engine(..., decode_layout=False)` for a model that is also being trained with
+    tools that need contiguous parameters (FSDP).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weights = [module.weight]
+        elif isinstance(module, RoutedExperts):
+            weights = [module.gate_up_proj, module.down_proj]
+        else:
+            continue
+        for weight in weights:
+            if weight.is_contiguous():  # a tied embedding / head is visited once
+                weight.data = weight.data.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 class Engine:
     """Serve a `CausalLM` to many concurrent requests from one preallocated paged KV cache.
 
@@ -319,6 +343,7 @@ class Engine:
     speculative: draft with the model's MTP depth and verify (falls back to plain decoding without one).
     num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
     absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
+    decode_layout: store the model's weights transposed for fast decoding (`use_decode_layout`, in place).
     """
 
     def __init__(
@@ -334,8 +359,11 @@ class Engine:
         speculative: bool = False,
         num_speculative_tokens: int = 1,
         absorb: bool | None = None,
+        decode_layout: bool = True,
     ):
         config = model.config
+        if decode_layout:
+            use_decode_layout(model)
         self.model = model.eval()
         self.config = config
         self.tokenizer = tokenizer
