@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with the DeepSeek-R1 chat template"),
     "data": ("nanoseek.data.corpus", "clean, deduplicate and tokenize text (or generated tasks) into token shards"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model on token shards (bf16/fp16/FP8, MoE balancing, MTP, torchrun)"),
+    "serve": ("nanoseek.serve.app", "OpenAI-compatible HTTP (and gRPC) server with a model manager and a chat page"),
     "sft": ("nanoseek.train.sft", "supervised fine-tuning on chats or worked task solutions (loss on assistant tokens)"),
     "grpo": ("nanoseek.train.grpo", "GRPO with rule-based rewards, rollouts through the inference engine"),
     "eval": ("nanoseek.eval.evaluate", "held-out task accuracy, pass@k, maj@k, format rate; perplexity on shards"),
