@@ -12,7 +12,7 @@ from data_fixtures import small_tokenizer
 from train_fixtures import tiny_config
 
 from nanoseek.data.loader import SFTLoader
-from nanoseek.data.tasks import Problem, make_problems
+from nanoseek.data.tasks import Problem, make_mixed_problems
 from nanoseek.model import build_model
 from nanoseek.train.trainer import TrainConfig, Trainer
 
@@ -22,16 +22,20 @@ WORKDIR = Path(_TEMPORARY.name)
 FAST_TRAIN = dict(peak_tflops=1.0, checkpoint_every=0, eval_every=0, log_every=1000, seed=0)
 
 
+# The problems `--from-tasks 8 --tasks arithmetic --difficulty 1` gives with seed 0 (English and Chinese).
+TASK_ARGS = dict(from_tasks=8, tasks=["arithmetic"], difficulty=[1])
+
+
 @functools.cache
 def memorized_problems() -> tuple[Problem, ...]:
-    return tuple(make_problems("arithmetic", count=8, difficulty=1, language="en", seed=0))
+    return tuple(make_mixed_problems("train", 8, 0, [1], ["arithmetic"]))
 
 
 @functools.cache
 def unseen_problems() -> tuple[Problem, ...]:
     """Arithmetic problems the memorizing model was not trained on (it mostly gets them wrong)."""
     trained = {problem.prompt for problem in memorized_problems()}
-    pool = make_problems("arithmetic", count=40, difficulty=1, language="en", seed=1)
+    pool = make_mixed_problems("train", 40, 1, [1], ["arithmetic"])
     return tuple([problem for problem in pool if problem.prompt not in trained][:4])
 
 
@@ -58,7 +62,7 @@ def train_model(directory: Path, problems, steps: int, seed: int = 0, **model_ov
 @functools.cache
 def memorizing_model() -> Path:
     """A tiny MoE model trained until it reproduces the solutions of `memorized_problems()` (about 2 s)."""
-    return train_model(WORKDIR / "memorizer", memorized_problems(), steps=60)
+    return train_model(WORKDIR / "memorizer", memorized_problems(), steps=100)
 
 
 @functools.cache

@@ -6,22 +6,26 @@ same routine run on a teacher is sequence-level distillation (the R1-Distill rec
 mode=sequence`).
 
     nanoseek rejection-sample --model runs/r1/reasoning_rl/checkpoints/step_00000300 \\
-        --out data/rejection.jsonl --tasks arithmetic,countdown --count 512 samples_per_prompt=8
+        --out data/rejection.jsonl --from-tasks 512 --tasks arithmetic countdown samples_per_prompt=8
+    nanoseek rejection-sample --model DIR --data prompts.jsonl --out data/rejection.jsonl
 
-Each completion passes these filters in order; the first one it fails is counted in the stats:
+Prompts are GRPO's (`nanoseek grpo`): generated task problems (`--from-tasks N`) or a JSONL of
+`{"prompt": text or messages, "answer": ..., ...}` rows, verified by the same rule rewards
+(`nanoseek.train.rewards`: the task checkers of `nanoseek.data.tasks`). Each completion passes these
+filters in order; the first one it fails is counted in the stats:
 
     truncated   no EOS before max_tokens: not a finished answer
-    format      not `<think>...</think><answer>...</answer>` (`data.tasks.check_format`)
-    incorrect   the task's checker rejects the answer (`data.tasks.check_answer`)
-    language    the reasoning is not in the prompt's language: the share of its words in that language
-                (R1's language-consistency measure) is below `min_language_share`
+    format      not `<think>...</think><answer>...</answer>` (`format_reward`)
+    incorrect   the answer checker rejects it (`accuracy_reward`)
+    language    the reasoning is not in the prompt's language: its share of words in that language
+                (R1's language-consistency measure, `language_consistency_reward`) < min_language_share
     duplicate   the same text (whitespace-normalized) as a completion already kept for this prompt
     over_limit  the prompt already has `max_per_prompt` kept completions
 
-The output is JSONL, one `{"messages": [user, assistant], "problem_id": ...}` per kept completion, and
-`<out>.stats.json` (prompts, samples, kept, drops per filter, prompts with no correct sample). Both are
-written atomically. If nothing survives, the stats are written and a TrainingError says so: a later
-SFT stage must not train on nothing.
+The output is JSONL, one `{"messages": [...prompt, assistant reply], "id": ...}` per kept completion
+(what `nanoseek sft --data` reads), and `<out stem>.stats.json` (prompts, samples, kept, drops per
+filter, prompts with no correct sample, per task); both written atomically. If nothing survives, the
+stats are written and a TrainingError says so: a later SFT stage must not train on nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -42,25 +44,23 @@ import torch
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.config import parse_overrides
-from nanoseek.data.tasks import (
-    DIFFICULTIES,
-    LANGUAGES,
-    TASKS,
-    Problem,
-    check_answer,
-    check_format,
-    make_mixed_problems,
-)
+from nanoseek.data.tasks import DIFFICULTIES, TASKS, make_mixed_problems
 from nanoseek.errors import ConfigError, TrainingError
 from nanoseek.infer.engine import FINISH_LENGTH, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.io import atomic_write_text
-from nanoseek.tokenizer import THINK_END, THINK_START, Tokenizer
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.grpo import problem_rows, read_prompts
 from nanoseek.train.parallel import resolve_device
+from nanoseek.train.rewards import (
+    accuracy_reward,
+    check_reward_columns,
+    format_reward,
+    language_consistency_reward,
+)
+from nanoseek.train.sft import check_model_dir
 
 FILTERS = ("truncated", "format", "incorrect", "language", "duplicate", "over_limit")
-_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
-_HAN_CHARACTER = re.compile(r"[\u4e00-\u9fff]")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RejectionConfig:
     max_tokens: int = 256  # completion budget; longer completions count as truncated
     max_per_prompt: int = 4  # distinct correct completions kept per prompt at most (0 = all)
     min_language_share: float = 0.9  # share of reasoning words in the prompt's language
-    seed: int = 0
+    seed: int = 0  # sampling, and the problems of --from-tasks
     max_num_seqs: int = 128  # sequences the engine decodes together
     device: str | None = None  # None: cuda if available, else cpu
 
@@ -113,22 +113,28 @@ class RejectionStats:
 
 # ----- the stage -------------------------------------------------------------------------------------
 def rejection_sample(
-    model_dir: str | Path, problems: Sequence[Problem], config: RejectionConfig, out: str | Path
+    model_dir: str | Path, rows: Sequence[dict], config: RejectionConfig, out: str | Path,
+    tokenizer_dir: str | Path | None = None,
 ) -> RejectionStats:
-    """Sample `samples_per_prompt` completions of every problem from the model in `model_dir`, keep the
-    verified ones and write them to `out` (JSONL) with `<out>.stats.json`; returns the stats."""
+    """Sample `samples_per_prompt` completions of every prompt row from the model in `model_dir`, keep
+    the verified ones and write them to `out` (JSONL) with `<out stem>.stats.json`; returns the stats."""
     start = time.perf_counter()
-    if not problems:
+    if not rows:
         raise ConfigError("rejection sampling needs at least one prompt")
-    model, tokenizer = load_model_and_tokenizer(model_dir, config.device)
-    completions = sample_completions(model, tokenizer, problems, config)
+    check_reward_columns([accuracy_reward], [key for key in rows[0] if key != "prompt"])
+    model_dir, tokenizer_dir = check_model_dir(model_dir, tokenizer_dir)
+    device = resolve_device(config.device)
+    model = load_pretrained(model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    chats = [chat_prompt(row) for row in rows]
+    completions = sample_completions(model, Tokenizer.from_pretrained(tokenizer_dir), chats, config)
 
-    stats = RejectionStats(prompts=len(problems))
+    stats = RejectionStats(prompts=len(rows))
     records = []
-    for problem, (texts, finish_reasons) in zip(problems, completions, strict=True):
-        selection = select_completions(problem, texts, finish_reasons, config)
-        records += [{"messages": conversation(problem, text), "problem_id": problem.id} for text in selection.kept]
-        _count(stats, problem, len(texts), selection)
+    for row, chat, (texts, finish_reasons) in zip(rows, chats, completions, strict=True):
+        selection = select_completions(row, texts, finish_reasons, config)
+        identity = {"id": row["id"]} if "id" in row else {}
+        records += [{"messages": [*chat, {"role": "assistant", "content": text}], **identity} for text in selection.kept]
+        _count(stats, str(row.get("task", "all")), len(texts), selection)
     stats.seconds = round(time.perf_counter() - start, 2)
 
     out = Path(out)
@@ -136,61 +142,47 @@ def rejection_sample(
     if not records:
         raise TrainingError(
             f"rejection sampling kept nothing: none of {stats.samples} completions of {stats.prompts} prompts "
-            f"passed the filters (dropped: {_drops_text(stats)}); nothing to train on. Sample from a "
-            f"stronger model, more samples_per_prompt, easier problems or a larger max_tokens "
+            f"passed the filters (dropped: {_drops_text(stats)}), so there is nothing to train on. Sample from "
+            f"a stronger model, or with more samples_per_prompt, easier prompts or a larger max_tokens "
             f"(stats in {stats_path(out)})"
         )
     atomic_write_text(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return stats
 
 
-def load_model_and_tokenizer(model_dir: str | Path, device: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
-    """A checkpoint directory's model (bf16 on GPUs, fp32 on CPU, in eval mode) and its tokenizer."""
-    resolved = resolve_device(device)
-    dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
-    model = load_pretrained(model_dir, dtype=dtype, device=resolved).eval()
-    return model, Tokenizer.from_pretrained(model_dir)
-
-
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
-    """The problem as a one-turn chat rendered up to the assistant's turn (as its SFT example renders)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True
-    )
-
-
-def conversation(problem: Problem, completion: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": completion}]
+def chat_prompt(row: dict) -> list[dict]:
+    """A row's prompt as a chat: a text prompt becomes one user message, so that the kept samples are
+    chats rendered the same way for sampling and for SFT."""
+    prompt = row["prompt"]
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 @torch.no_grad()
 def sample_completions(
-    model: torch.nn.Module, tokenizer: Tokenizer, problems: Sequence[Problem], config: RejectionConfig
+    model: torch.nn.Module, tokenizer: Tokenizer, chats: Sequence[list[dict]], config: RejectionConfig
 ) -> list[tuple[list[str], list[str | None]]]:
-    """(texts, finish reasons) of `samples_per_prompt` completions per problem, through the engine.
+    """(texts, finish reasons) of `samples_per_prompt` completions per chat, through the engine.
 
     Each prompt gets its own seed (the engine derives one per completion from it), so prompts do not
     share random streams and a run is reproducible whatever the batch composition.
     """
-    prompts = [prompt_ids(tokenizer, problem) for problem in problems]
-    longest = max(map(len, prompts))
-    engine = Engine(model, tokenizer, max_num_seqs=config.max_num_seqs, max_model_len=longest + config.max_tokens)
+    prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True) for chat in chats]
+    context = min(max(map(len, prompts)) + config.max_tokens, model.config.max_position_embeddings)
+    engine = Engine(model.eval(), tokenizer, max_num_seqs=config.max_num_seqs, max_model_len=context)
     params = [
         SamplingParams(
-            temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+            temperature=config.temperature, top_p=config.top_p, max_tokens=min(config.max_tokens, context - len(ids)),
             seed=(config.seed * 1_000_003 + index) % 2**63,
         )
-        for index in range(len(problems))
+        for index, ids in enumerate(prompts)
     ]
     outputs = engine.generate(prompts, params, n=config.samples_per_prompt)
-    return [
-        ([c.text for c in output.outputs], [c.finish_reason for c in output.outputs]) for output in outputs
-    ]
+    return [([c.text for c in output.outputs], [c.finish_reason for c in output.outputs]) for output in outputs]
 
 
 @dataclass
 class Selection:
-    """The completions of one problem that passed every filter, why the others were dropped, and how
+    """The completions of one prompt that passed every filter, why the others were dropped, and how
     many were correct at all (whatever their format)."""
 
     kept: list[str]
@@ -198,24 +190,25 @@ class Selection:
     correct: int
 
 
-def select_completions(
-    problem: Problem, texts: Sequence[str], finish_reasons: Sequence[str | None], config: RejectionConfig
-) -> Selection:
-    """Run the filters over the completions of one problem, in sampling order."""
-    selection = Selection([], Counter(), 0)
+def select_completions(row: dict, texts: Sequence[str], finish_reasons: Sequence[str | None], config: RejectionConfig) -> Selection:
+    """Run the filters over the completions of one prompt row, in sampling order."""
+    texts = [text.strip() for text in texts]
+    prompts = [chat_prompt(row)] * len(texts)
+    columns = {key: [value] * len(texts) for key, value in row.items() if key != "prompt"}
+    well_formed = format_reward(prompts, texts)
+    correct = [reward == 1.0 for reward in accuracy_reward(prompts, texts, **columns)]
+    language = language_consistency_reward(prompts, texts, **columns)
+    selection = Selection([], Counter(), sum(correct))
     seen: set[str] = set()
-    for text, finish_reason in zip(texts, finish_reasons, strict=True):
-        text = text.strip()
+    for index, text in enumerate(texts):
         key = " ".join(text.split())
-        correct = check_answer(problem, text).correct
-        selection.correct += correct
-        if finish_reason == FINISH_LENGTH:
+        if finish_reasons[index] == FINISH_LENGTH:
             selection.dropped["truncated"] += 1
-        elif not check_format(text).correct:
+        elif not well_formed[index]:
             selection.dropped["format"] += 1
-        elif not correct:
+        elif not correct[index]:
             selection.dropped["incorrect"] += 1
-        elif language_share(reasoning(text), problem.language) < config.min_language_share:
+        elif language[index] < config.min_language_share:
             selection.dropped["language"] += 1
         elif key in seen:
             selection.dropped["duplicate"] += 1
@@ -227,73 +220,49 @@ def select_completions(
     return selection
 
 
-def reasoning(text: str) -> str:
-    """The text between `<think>` and `</think>` (of a well-formed completion)."""
-    return text.split(THINK_START, 1)[-1].split(THINK_END, 1)[0]
-
-
-def language_share(text: str, language: str) -> float:
-    """Share of the words of `text` that are in `language` ("en" or "zh"): R1's language-consistency
-    measure (R1 paper eq. 7), with each Han character counted as a word (Chinese has no spaces).
-    Text without words (digits and symbols only) counts as consistent: 1.0."""
-    if language not in LANGUAGES:
-        raise ConfigError(f"unknown language {language!r}: choose one of {', '.join(LANGUAGES)}")
-    latin, han = len(_LATIN_WORD.findall(text)), len(_HAN_CHARACTER.findall(text))
-    if latin + han == 0:
-        return 1.0
-    return (latin if language == "en" else han) / (latin + han)
-
-
 def stats_path(out: Path) -> Path:
     return out.with_name(out.stem + ".stats.json")
 
 
-def _count(stats: RejectionStats, problem: Problem, samples: int, selection: Selection) -> None:
+def _count(stats: RejectionStats, task: str, samples: int, selection: Selection) -> None:
     stats.samples += samples
     stats.kept += len(selection.kept)
     for name, count in selection.dropped.items():
         stats.dropped[name] += count
     stats.prompts_without_kept += not selection.kept
     stats.prompts_without_correct += not selection.correct
-    task = stats.by_task.setdefault(problem.task, {"prompts": 0, "samples": 0, "kept": 0})
-    task["prompts"] += 1
-    task["samples"] += samples
-    task["kept"] += len(selection.kept)
+    per_task = stats.by_task.setdefault(task, {"prompts": 0, "samples": 0, "kept": 0})
+    per_task["prompts"] += 1
+    per_task["samples"] += samples
+    per_task["kept"] += len(selection.kept)
 
 
 def _drops_text(stats: RejectionStats) -> str:
     return ", ".join(f"{count} {name}" for name, count in stats.dropped.items() if count) or "none"
 
 
+def prompt_rows(data: str | Path | None, from_tasks: int, tasks: Sequence[str], difficulty: Sequence[int], seed: int) -> list[dict]:
+    """GRPO's prompt rows: a JSONL file, or `from_tasks` generated problems of the training split."""
+    if (data is None) == (from_tasks <= 0):
+        raise ConfigError("give exactly one source of prompts: --data FILE.jsonl or --from-tasks N")
+    return read_prompts(data) if data is not None else problem_rows(make_mixed_problems("train", from_tasks, seed, difficulty, tasks))
+
+
 # ----- command line -------------------------------------------------------------------------------
-def add_problem_arguments(parser: argparse.ArgumentParser, count: int = 256) -> None:
-    """Flags that choose generated task problems (shared by the stages that sample from prompts)."""
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    parser.add_argument("--count", type=int, default=count, help="number of prompts")
-    parser.add_argument("--difficulty", default="1,2", help="levels 1-5, comma-separated")
-    parser.add_argument("--split", default="train", choices=("train", "test"))
-    parser.add_argument("--language", default=None, choices=LANGUAGES, help="default: both, drawn per problem")
-    parser.add_argument("--problem-seed", type=int, default=0, help="seed of the problem generator")
-
-
-def problems_from_args(args: argparse.Namespace) -> list[Problem]:
-    try:
-        difficulty = [int(level) for level in args.difficulty.split(",")]
-    except ValueError:
-        raise ConfigError(f"--difficulty {args.difficulty!r}: give levels from {DIFFICULTIES}, comma-separated") from None
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    return make_mixed_problems(args.split, args.count, args.problem_seed, difficulty, tasks, args.language)
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory to sample from")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the model's)")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="the SFT dataset to write")
-    add_problem_arguments(parser)
+    parser.add_argument("--data", default=None, metavar="FILE", help='JSONL of {"prompt": text or messages, "answer": ..., ...} rows')
+    parser.add_argument("--from-tasks", type=int, default=0, metavar="N", help="use N generated problems of the built-in tasks")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--difficulty", nargs="+", type=int, default=[1, 2], choices=DIFFICULTIES)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="RejectionConfig fields, e.g. samples_per_prompt=16")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     config = RejectionConfig(**parse_overrides(RejectionConfig, args.overrides))
-    stats = rejection_sample(args.model, problems_from_args(args), config, args.out)
-    print(json.dumps({"out": str(args.out), **stats.to_dict()}), file=sys.stdout)
+    rows = prompt_rows(args.data, args.from_tasks, args.tasks, args.difficulty, config.seed)
+    stats = rejection_sample(args.model, rows, config, args.out, args.tokenizer)
+    print(json.dumps({"out": str(args.out), **stats.to_dict()}))
     return 0
