@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("nanoseek.train.grpo", "GRPO with rule-based rewards, rollouts through the inference engine"),
     "eval": ("nanoseek.eval.evaluate", "held-out task accuracy, pass@k, maj@k, format rate; perplexity on shards"),
     "rejection-sample": ("nanoseek.train.rejection", "sample k answers per prompt, keep the verified ones as an SFT dataset"),
+    "distill": ("nanoseek.train.distill", "distill a teacher into a student: token-level KL/JSD (GKD) or SFT on verified teacher samples"),
 }
 
 
