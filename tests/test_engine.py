@@ -9,7 +9,7 @@ import torch
 from engine_fixtures import peaky_model, reference_greedy, tiny_tokenizer
 
 from nanoseek.errors import GenerationError
-from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import BeamSearchParams, Engine, SamplingParams
 from nanoseek.infer.engine import _TextTracker
 from nanoseek.model.cache import cache_bytes_per_token
 
@@ -299,3 +299,51 @@ def test_moe_decode_reads_only_the_chosen_experts():
     assert any(len(c) < model.config.n_routed_experts for c in chosen.values())
     poisoned = engine.generate(prompt, GREEDY)[0].outputs[0]
     assert poisoned.token_ids == expected.token_ids
+
+
+# ----- beam search -------------------------------------------------------------------------------
+def test_one_beam_is_greedy_decoding():
+    model = peaky_model("qwen2", logit_scale=3.0)
+    engine = Engine(model)
+    beam = engine.beam_search([5, 6, 7], BeamSearchParams(num_beams=1, max_tokens=6, ignore_eos=True))
+    assert beam.outputs[0].token_ids == reference_greedy(model, [5, 6, 7], 6)[0]
+
+
+@pytest.mark.parametrize(("eos_bias", "num_beams", "length_penalty"), [(0.0, 3, 1.0), (2.5, 4, -1.0), (3.5, 4, 2.0)])
+def test_beam_search_matches_transformers(tmp_path, eos_bias, num_beams, length_penalty):
+    """Same beams and scores as transformers' `generate(num_beams=...)`, with EOS finishing some beams."""
+    import transformers
+
+    model = peaky_model("qwen2", logit_scale=3.0)
+    model.save_pretrained(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    eos = 1
+    for module in (model, reference):
+        module.lm_head.register_forward_hook(
+            lambda m, i, logits: logits.index_add(-1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), eos_bias))
+        )
+    prompt = [5, 6, 7]
+    expected = reference.generate(
+        torch.tensor([prompt]), num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=8,
+        do_sample=False, length_penalty=length_penalty, early_stopping=False, eos_token_id=eos, pad_token_id=2,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    engine = Engine(model, block_size=4)
+    ours = engine.beam_search(prompt, BeamSearchParams(num_beams=num_beams, max_tokens=8, length_penalty=length_penalty,
+                                                       stop_token_ids=[eos]))
+    assert len(ours.outputs) == num_beams
+    for output, sequence, score in zip(ours.outputs, expected.sequences, expected.sequences_scores, strict=True):
+        assert output.token_ids == sequence[3 : 3 + len(output.token_ids)].tolist()
+        assert output.cumulative_logprob / len(output.token_ids) ** length_penalty == pytest.approx(float(score), abs=1e-4)
+    assert any(o.finish_reason == "stop" for o in ours.outputs) == (eos_bias > 0)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
+
+
+def test_beam_search_parameters_are_validated():
+    with pytest.raises(GenerationError, match="num_beams"):
+        BeamSearchParams(num_beams=0)
+    with pytest.raises(GenerationError, match="num_return"):
+        BeamSearchParams(num_beams=2, num_return=3)
+    engine = Engine(peaky_model("qwen2"), max_model_len=16)
+    with pytest.raises(GenerationError, match="context length"):
+        engine.beam_search(list(range(3, 19)), BeamSearchParams())

@@ -40,7 +40,17 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.errors import GenerationError
+from nanoseek.infer.beam import BeamSearchParams, beam_search
 from nanoseek.infer.cache import PagedKVCache
+from nanoseek.infer.outputs import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    CompletionOutput,
+    RequestOutput,
+    StreamEvent,
+)
 from nanoseek.infer.sampling import (
     PenaltyState,
     SamplingParams,
@@ -56,61 +66,11 @@ from nanoseek.model.cache import cache_bytes_per_token
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
-FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
-FINISH_LENGTH = "length"  # max_tokens or the context length
-FINISH_CANCELLED = "cancelled"
-FINISH_ERROR = "error"  # the engine failed while the request ran (the message is in `error`)
 DEFAULT_CACHE_MEMORY = 1 << 30
 logger = logging.getLogger(__name__)
 
 
-# ----- what callers get back ---------------------------------------------------------------------
-@dataclass
-class StreamEvent:
-    """New output of one completion since its last event (a server turns it into one SSE chunk).
-
-    `text` never ends inside a UTF-8 character and never contains a stop string (text that could be
-    the start of one is held back until it cannot). With speculative decoding one event can carry
-    several tokens. The last event of a completion has `finish_reason` set.
-    """
-
-    request_id: str
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # generated so far, this event included
-    error: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    """One finished (or cancelled) completion."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
-    top_logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    cumulative_logprob: float | None = None  # beam search: the beam's sum of log-probabilities
-    error: str | None = None
-
-
-@dataclass
-class RequestOutput:
-    """A request and its n completions (ordered by index; by score for beam search)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-
-
+# ----- monitoring ---------------------------------------------------------------------------------
 @dataclass
 class EngineStats:
     """Counters and gauges for monitoring (a server exports them as Prometheus metrics)."""
@@ -450,6 +410,11 @@ class Engine:
         finally:
             if not handle.finished:
                 handle.cancel()
+
+    def beam_search(self, prompt: str | Sequence[int], params: BeamSearchParams | None = None) -> RequestOutput:
+        """Beam search for one prompt: a separate mode that runs between steps of the continuous batch."""
+        with self._step_lock:
+            return beam_search(self, prompt, params or BeamSearchParams())
 
     def cancel(self, request_id: str) -> None:
         """Stop a request: its completions finish with reason "cancelled" and free their cache blocks.
