@@ -190,6 +190,35 @@ def test_rollout_groups_truncation_masking_and_step_normaliser(tmp_path):
     assert {"rewards/accuracy_reward/mean", "rewards/format_reward/std", "generation_seconds", "entropy"} - set(metrics) == {"entropy"}
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_skipping_zero_advantage_rows_leaves_the_step_gradient_unchanged(tmp_path, loss_type):
+    """Rows of groups whose completions all scored the same are not run; the accumulated gradient of
+    the step equals that of the whole rollout as one batch."""
+    trainer, rollouts = build(tmp_path, [f"loss_type={loss_type}", "micro_batch_size=4"],
+                              reward_functions=[lambda prompts, completions, completion_ids, **kw: [float(i[0] < 300) for i in completion_ids]])
+    model = trainer.model
+    rollout = rollouts.sample(rollouts.sampler.next_batch())
+    rewards = torch.tensor([float(ids[0] < 300) for ids in rollout.completion_ids])
+    rewards[:4] = 1.0  # make sure one group has zero advantage
+    advantages = group_advantages(rewards, torch.tensor(rollout.group_ids))
+    batches = rollouts.collate(rollout, advantages)
+    assert len(batches) == 4 and 4 <= rollouts.skipped < 16
+
+    def step_gradient(micro_batches, normalised):
+        model.zero_grad()
+        for batch in micro_batches:
+            logprobs = completion_logprobs(model, batch, 1.0)[0]
+            extra = {"num_tokens": batch["num_tokens"], "num_sequences": batch["num_sequences"]} if normalised else {}
+            loss, _ = grpo_loss(logprobs, logprobs.detach(), batch["advantages"], batch["loss_mask"], loss_type=loss_type,
+                                max_completion_length=8, **extra)
+            (loss / len(micro_batches)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    skipped = step_gradient(batches, normalised=True)
+    whole = step_gradient([rollouts.pad_rows(rollout, range(16), advantages)], normalised=False)
+    assert torch.allclose(skipped, whole, atol=1e-7, rtol=1e-4) and whole.abs().max() > 0
+
+
 def test_grpo_raises_the_log_probability_of_rewarded_completions(tmp_path):
     """Evidence of learning on a tiny model: reward completions whose first token id is even. After a
     few steps the policy puts more mass on even first tokens (its expected reward), and the rewarded

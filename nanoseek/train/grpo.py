@@ -177,14 +177,16 @@ def grpo_loss(
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
+    num_sequences: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO surrogate, aggregated by `loss_type`; returns (loss, detached statistics).
 
     logprobs / old_logprobs / ref_logprobs [B, T]: per-token log-probs of the completion tokens under
     the policy, the sampling policy and the reference; advantages [B]; mask [B, T] (1 = a completion
-    token that is trained). `max_completion_length` is dr_grpo's constant; `num_tokens` dapo's
-    normaliser: the trained tokens of the whole optimizer step divided by the gradient-accumulation
-    count (default: this batch's tokens).
+    token that is trained). `max_completion_length` is dr_grpo's constant. The normalisers default to
+    this batch: `num_tokens` (dapo) its trained tokens, `num_sequences` (grpo, dr_grpo) its rows;
+    under gradient accumulation pass the whole optimizer step's count divided by the number of
+    micro-batches, so that the step's loss is that of one big batch.
     """
     mask = mask.to(logprobs.dtype)
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -200,12 +202,13 @@ def grpo_loss(
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
         stats["kl"] = _masked_mean(kl, mask)
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).sum() / sequences
     elif loss_type == "dr_grpo":
         if not max_completion_length:
             raise TrainingError("loss_type dr_grpo needs max_completion_length")
-        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+        loss = (per_token * mask).sum() / (sequences * max_completion_length)
     elif loss_type == "dapo":
         loss = (per_token * mask).sum() / (mask.sum().clamp_min(1) if num_tokens is None else num_tokens)
     else:
@@ -252,7 +255,7 @@ def make_loss_fn(config: GRPOConfig):
         loss, stats = grpo_loss(
             logprobs, batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach(), batch["advantages"],
             trained, batch.get("ref_logprobs"), config.beta, config.epsilon, config.epsilon_high, config.loss_type,
-            config.max_completion_length, batch["num_tokens"],
+            config.max_completion_length, batch["num_tokens"], batch["num_sequences"],
         )
         sampled = batch["completion_mask"].float()
         # How far the engine's log-probs are from this forward's: ~0 on the first update of a
@@ -292,9 +295,11 @@ class Rollouts(EpochLoader):
     resumed run starts with a fresh rollout.
 
     Micro-batch tensors: input_ids [b, S] (prompt + completion, right-padded), targets [b, S] (the
-    next token), completion_mask [b, S] (positions whose next token is a completion token),
-    loss_mask [b, S] (completion_mask minus masked truncated rows), advantages [b],
-    engine_logprobs [b, S], num_tokens [] (dapo's normaliser), old_logprobs / ref_logprobs when needed.
+    next token), completion_mask and loss_mask [b, S] (positions whose next token is a completion
+    token that is trained), advantages [b], engine_logprobs [b, S] (the sampler's), the step's
+    normalisers num_tokens [] and num_sequences [], and old_logprobs / ref_logprobs when needed.
+    Rows with zero gradient are left out (`collate`); entropy and clip fractions are logged over the
+    rows that are run.
     """
 
     def __init__(self, rows: Sequence[dict], prompt_token_ids: Sequence[list[int]], engine: Engine,
@@ -313,6 +318,7 @@ class Rollouts(EpochLoader):
         self.prompts_per_rollout = completions // config.num_generations
         self.sampler = EpochSampler(len(rows), self.prompts_per_rollout, trainer.config.seed)
         self.rollouts_made = 0
+        self.skipped = 0  # rows of the current rollout not run because their gradient is zero
         self.queue: deque[Batch] = deque()
         self.metrics: dict[str, float] = {}
 
@@ -374,6 +380,7 @@ class Rollouts(EpochLoader):
                                   rollout.texts, rollout.completion_ids, columns)
         group_ids = torch.tensor(rollout.group_ids)
         advantages = group_advantages(rewards.total, group_ids, config.scale_rewards)
+        self.skipped = 0
         batches = self.collate(rollout, advantages)
         for batch in batches:
             with trainer.precision.autocast():
@@ -383,40 +390,57 @@ class Rollouts(EpochLoader):
                     batch["ref_logprobs"] = completion_logprobs(self.reference, _on(batch, trainer.device), config.temperature)[0].float().cpu()
         model.train()
         self.metrics = rollout_metrics(rollout, rewards, group_ids, generation_seconds, time.perf_counter() - start)
+        self.metrics["frac_rows_skipped"] = self.skipped / len(rollout.texts)
         return batches * config.num_iterations
 
     def collate(self, rollout: Rollout, advantages: torch.Tensor) -> list[Batch]:
-        """Cut the rollout into micro-batches (in order, so an optimizer step holds whole groups when
-        global_batch_size is a multiple of G) and set each step's dapo normaliser."""
-        train = self.trainer.config
-        micro, accumulation = train.micro_batch_size, self.trainer.grad_accum_steps
-        pad = self.engine.tokenizer.pad_id if self.engine.tokenizer.pad_id is not None else 0
-        trained_rows = [not (self.config.mask_truncated_completions and cut) for cut in rollout.truncated]
+        """Cut the rollout into `grad_accum_steps` micro-batches per optimizer step, in order (a step
+        holds whole groups when global_batch_size is a multiple of G), with each step's normalisers.
+
+        Rows whose gradient is exactly zero are not run: no trained token (masked truncation), or
+        advantage 0 with beta = 0 (e.g. a group whose completions all scored the same), since then
+        -min(rho A, clip(rho) A) = 0 at every token. They still count in the normalisers, so the
+        loss and its gradient equal those of the full batch.
+        """
+        config, accumulation = self.config, self.trainer.grad_accum_steps
+        per_step = self.trainer.config.global_batch_size
+        trained = [not (config.mask_truncated_completions and cut) for cut in rollout.truncated]
         batches = []
-        for start in range(0, len(rollout.texts), micro):
-            rows = range(start, min(start + micro, len(rollout.texts)))
-            width = max(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in rows) - 1
-            batch = {
-                "input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
-                "targets": torch.zeros((len(rows), width), dtype=torch.long),
-                "completion_mask": torch.zeros((len(rows), width), dtype=torch.bool),
-                "engine_logprobs": torch.zeros((len(rows), width)),
-                "advantages": advantages[list(rows)],
-            }
-            for row, i in enumerate(rows):
-                ids = torch.tensor(rollout.prompt_ids[i] + rollout.completion_ids[i])
-                first, count = len(rollout.prompt_ids[i]) - 1, len(rollout.completion_ids[i])
-                batch["input_ids"][row, : len(ids) - 1] = ids[:-1]
-                batch["targets"][row, first : first + count] = ids[first + 1 :]
-                batch["completion_mask"][row, first : first + count] = True
-                batch["engine_logprobs"][row, first : first + count] = torch.tensor(rollout.engine_logprobs[i])
-            batch["loss_mask"] = batch["completion_mask"] & torch.tensor([trained_rows[i] for i in rows])[:, None]
-            batches.append(batch)
-        for step in range(0, len(batches), accumulation):
-            tokens = sum(int(b["loss_mask"].sum()) for b in batches[step : step + accumulation])
-            for batch in batches[step : step + accumulation]:
-                batch["num_tokens"] = torch.tensor(max(tokens, 1) / accumulation)
+        for start in range(0, len(rollout.texts), per_step):
+            rows = range(start, min(start + per_step, len(rollout.texts)))
+            tokens = sum(len(rollout.completion_ids[i]) for i in rows if trained[i])
+            normalisers = {"num_tokens": torch.tensor(max(tokens, 1) / accumulation),
+                           "num_sequences": torch.tensor(len(rows) / accumulation)}
+            kept = [i for i in rows if trained[i] and (config.beta > 0 or advantages[i] != 0)]
+            self.skipped += len(rows) - len(kept)
+            for part in range(accumulation):
+                share = kept[part * len(kept) // accumulation : (part + 1) * len(kept) // accumulation]
+                batch = self.pad_rows(rollout, share or [rows[0]], advantages)
+                if not share:  # a placeholder so the step still has its micro-batches: nothing trained
+                    batch["loss_mask"].zero_()
+                batches.append({**batch, **normalisers})
         return batches
+
+    def pad_rows(self, rollout: Rollout, rows: Sequence[int], advantages: torch.Tensor) -> Batch:
+        """Prompt + completion of each row, right-padded, with the masks and per-token tensors."""
+        pad = self.engine.tokenizer.pad_id if self.engine.tokenizer.pad_id is not None else 0
+        width = max(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in rows) - 1
+        batch = {
+            "input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
+            "targets": torch.zeros((len(rows), width), dtype=torch.long),
+            "completion_mask": torch.zeros((len(rows), width), dtype=torch.bool),
+            "engine_logprobs": torch.zeros((len(rows), width)),
+            "advantages": advantages[list(rows)],
+        }
+        for row, i in enumerate(rows):
+            ids = torch.tensor(rollout.prompt_ids[i] + rollout.completion_ids[i])
+            first, count = len(rollout.prompt_ids[i]) - 1, len(rollout.completion_ids[i])
+            batch["input_ids"][row, : len(ids) - 1] = ids[:-1]
+            batch["targets"][row, first : first + count] = ids[first + 1 :]
+            batch["completion_mask"][row, first : first + count] = True
+            batch["engine_logprobs"][row, first : first + count] = torch.tensor(rollout.engine_logprobs[i])
+        batch["loss_mask"] = batch["completion_mask"].clone()
+        return batch
 
 
 def _on(batch: Batch, device: torch.device) -> Batch:
