@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanoseek.eval.evaluate", "held-out task accuracy, pass@k, maj@k, format rate; perplexity on shards"),
     "rejection-sample": ("nanoseek.train.rejection", "sample k answers per prompt, keep the verified ones as an SFT dataset"),
     "distill": ("nanoseek.train.distill", "distill a teacher into a student: token-level KL/JSD (GKD) or SFT on verified teacher samples"),
+    "pipeline": ("nanoseek.train.pipeline", "run the multi-stage R1 recipe from one config file: resumable, stage by stage"),
 }
 
 
