@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanoseek.eval.evaluate", "held-out task accuracy, pass@k, maj@k, format rate; perplexity on shards"),
     "rejection-sample": ("nanoseek.train.rejection", "sample k answers per prompt, keep the verified ones as an SFT dataset"),
     "distill": ("nanoseek.train.distill", "distill a teacher into a student: token-level KL/JSD (GKD) or SFT on verified teacher samples"),
+    "generate": ("nanoseek.infer.generate", "generate text from a prompt, streamed to the terminal"),
+    "chat": ("nanoseek.infer.chat", "multi-turn chat in the terminal (reasoning shown dimmed), /clear and /exit"),
+    "quantize": ("nanoseek.infer.quant", "weight-only int8 (per channel) or FP8 (DeepSeek blocks) checkpoint + perplexity check"),
     "pipeline": ("nanoseek.train.pipeline", "run the multi-stage R1 recipe from one config file: resumable, stage by stage"),
 }
 

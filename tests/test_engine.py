@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -347,3 +348,63 @@ def test_beam_search_parameters_are_validated():
     engine = Engine(peaky_model("qwen2"), max_model_len=16)
     with pytest.raises(GenerationError, match="context length"):
         engine.beam_search(list(range(3, 19)), BeamSearchParams())
+
+
+# ----- command line ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tokenizer = tiny_tokenizer()
+    directory = tmp_path_factory.mktemp("chat-model")
+    peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=3.0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_generate_command_streams_the_completion(checkpoint, capsys):
+    from nanoseek.cli import main
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "Once upon", "--max-tokens", "12", "--stats",
+                 "--speculative"]) == 0
+    captured = capsys.readouterr()
+    tokenizer = tiny_tokenizer()
+    engine = Engine(peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=3.0), tokenizer)
+    expected = engine.generate("Once upon", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert captured.out == expected.text + "\n"
+    stats = json.loads(captured.err.strip().splitlines()[-1])
+    assert stats["tokens"] == len(expected.token_ids) and "acceptance_rate" in stats
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "Hi", "--chat", "--beams", "2",
+                 "--max-tokens", "4", "--quantize", "int8"]) == 0
+
+
+def test_generate_command_reports_bad_input_in_one_line(checkpoint, capsys):
+    from nanoseek.cli import main
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("nanoseek generate: error: invalid sampling parameters: top_p") and "Traceback" not in error
+
+
+def test_chat_command_keeps_turns_and_clears(checkpoint, monkeypatch, capsys):
+    import io
+
+    from nanoseek.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/clear\nWhat now?\n/exit\n"))
+    assert main(["chat", "--model", str(checkpoint), "--max-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant>") == 2 and "(new conversation)" in out
+
+
+def test_reasoning_is_split_from_the_answer_even_across_deltas():
+    from nanoseek.infer.chat import ReasoningSplitter
+
+    splitter = ReasoningSplitter()
+    pieces = []
+    for delta in ["<thi", "nk>Add 2 and", " 3.</th", "ink>\n", "5", "<", "!"]:
+        pieces += list(splitter.feed(delta))
+    pieces += list(splitter.flush())
+    reasoning = "".join(text for kind, text in pieces if kind == "reasoning")
+    answer = "".join(text for kind, text in pieces if kind == "answer")
+    assert (reasoning, answer) == ("Add 2 and 3.", "5<!")
+    opened = ReasoningSplitter(thinking=True)
+    assert list(opened.feed("step</think>done")) == [("reasoning", "step"), ("answer", "done")]

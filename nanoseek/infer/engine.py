@@ -287,7 +287,8 @@ def use_decode_layout(model: CausalLM) -> None:
         else:
             continue
         for weight in weights:
-            if weight.is_contiguous():  # a tied embedding / head is visited once
+            # Only float weights (quantized ones have their own kernels); a tied embedding/head is visited once.
+            if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.is_contiguous():
                 weight.data = weight.data.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
