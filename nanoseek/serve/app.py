@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,12 +64,17 @@ from nanoseek.serve.protocol import (
     TopLogprob,
     Usage,
 )
-from nanoseek.serve.registry import Deployment, EngineSettings, ModelManager
+from nanoseek.serve.registry import EngineSettings, ModelManager
 from nanoseek.serve.service import (
+    UNAUTHORIZED,
+    ApiKeys,
     ChoiceDelta,
     Generation,
     chat_prompt,
     check_context,
+    conversation,
+    counted_refusals,
+    review_input,
     sampling_params,
     start_generation,
     text_prompt,
@@ -237,17 +240,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
 
-@contextlib.contextmanager
-def _counted(state: ServerState, deployment: Deployment) -> Iterator[None]:
-    """Count requests refused before generating: `rejected` (503) or `invalid` (any other error)."""
-    try:
-        yield
-    except ServeError as error:
-        outcome = "rejected" if error.status == 503 else "invalid"
-        state.metrics.requests.labels(deployment.name, outcome).inc()
-        raise
-
-
 def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise ServeError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
@@ -292,17 +284,9 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     if body.top_logprobs and not body.logprobs:
         raise ServeError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
     deployment = await state.manager.get(body.model)
-    with _counted(state, deployment):
-        messages = []
-        for number, message in enumerate(body.messages):
-            text = message.text()
-            if text is None:
-                raise ServeError(400, f"messages[{number}] has no content", param=f"messages.{number}.content")
-            messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
-        reason = state.moderator.review_input([m["content"] for m in messages])
-        if reason is not None:
-            raise ServeError(400, f"the input was refused by the content filter ({reason})",
-                             type="content_policy_violation", param="messages")
+    with counted_refusals(state.metrics, deployment):
+        messages = conversation([(message.role, message.text()) for message in body.messages])
+        review_input(state.moderator, [m["content"] for m in messages], "messages")
         ids, opens_reasoning = chat_prompt(deployment, messages, body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_context(deployment, len(ids), max_tokens)
@@ -376,12 +360,9 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         raise ServeError(400, "prompt must not be an empty list", param="prompt")
     deployment = await state.manager.get(body.model)
     tokenizer = deployment.tokenizer
-    with _counted(state, deployment):
+    with counted_refusals(state.metrics, deployment):
         texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in prompts]
-        reason = state.moderator.review_input(texts)
-        if reason is not None:
-            raise ServeError(400, f"the input was refused by the content filter ({reason})",
-                             type="content_policy_violation", param="prompt")
+        review_input(state.moderator, texts, "prompt")
         ids = [text_prompt(deployment, prompt) for prompt in prompts]
         for prompt_ids in ids:
             check_context(deployment, len(prompt_ids), body.max_tokens, prompt_param="prompt")
@@ -532,8 +513,8 @@ class GuardMiddleware:
 
     def __init__(self, app: ASGIApp, api_keys: Sequence[str], admin_api_keys: Sequence[str], max_body_bytes: int):
         self.app = app
-        self.key_digests = [_digest(key) for key in api_keys]
-        self.admin_digests = [_digest(key) for key in admin_api_keys]
+        self.api_keys = ApiKeys(api_keys)
+        self.admin_api_keys = ApiKeys(admin_api_keys)
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -582,15 +563,10 @@ class GuardMiddleware:
         if not path.startswith("/v1/"):
             return None
         admin = scope["method"] == "POST" and path.startswith("/v1/models/")
-        digests = self.admin_digests if admin else self.key_digests
-        if not digests:
+        keys = self.admin_api_keys if admin else self.api_keys
+        if not keys or keys.accept(headers.get("authorization", "")):
             return None
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        presented = _digest(token.strip() if scheme.lower() == "bearer" else "")
-        if any([hmac.compare_digest(presented, digest) for digest in digests]):  # every key is compared
-            return None
-        return ServeError(401, "a valid API key is required: send `Authorization: Bearer <key>`",
-                          headers={"WWW-Authenticate": "Bearer"})
+        return ServeError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
 
 
@@ -601,10 +577,6 @@ async def _send_error(scope: Scope, send: Send, error: ServeError) -> None:
 
 async def _nothing_to_receive() -> Message:
     return {"type": "http.disconnect"}
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
 
 
 # ----- command line --------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ frees its cache before the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
+import hmac
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +35,70 @@ from nanoseek.serve.registry import Deployment, Lease
 from nanoseek.tokenizer import THINK_END, THINK_START, Tokenizer
 
 OUTCOME_SEVERITY = ("stop", "length", "content_filter", "error")  # a request's outcome: its worst completion
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 RESERVED_TEMPLATE_KEYS = {"messages", "add_generation_prompt", "tokenize", "track"}
 
 
+# ----- admission --------------------------------------------------------------------------------------
+class ApiKeys:
+    """Bearer keys. Comparisons are constant-time (fixed-size digests, every key compared every time)."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def accept(self, authorization: str) -> bool:
+        """Whether an `Authorization` header value (`Bearer KEY`) holds one of the keys."""
+        scheme, _, token = authorization.partition(" ")
+        presented = hashlib.sha256((token.strip() if scheme.lower() == "bearer" else "").encode()).digest()
+        return any([hmac.compare_digest(presented, digest) for digest in self.digests])
+
+
+UNAUTHORIZED = "a valid API key is required: send `Authorization: Bearer <key>`"
+
+
 # ----- building a request --------------------------------------------------------------------------
+def review_input(moderator: Moderator, texts: Sequence[str], param: str) -> None:
+    """A 400 of type `content_policy_violation` when an input filter flags any of `texts`."""
+    reason = moderator.review_input(texts)
+    if reason is not None:
+        raise ServeError(400, f"the input was refused by the content filter ({reason})",
+                         type="content_policy_violation", param=param)
+
+
+@contextlib.contextmanager
+def counted_refusals(metrics: ServerMetrics, deployment: Deployment) -> Iterator[None]:
+    """Count requests refused before generating: `rejected` (503) or `invalid` (any other error)."""
+    try:
+        yield
+    except ServeError as error:
+        metrics.requests.labels(deployment.name, "rejected" if error.status == 503 else "invalid").inc()
+        raise
+
+
 def sampling_params(**fields: Any) -> SamplingParams:
     """`SamplingParams(**fields)` with the engine's validation turned into a 400."""
     try:
         return SamplingParams(**fields)
     except GenerationError as error:
         raise ServeError(400, str(error)) from None
+
+
+def conversation(messages: Sequence[tuple[str, str | None]]) -> list[dict[str, str]]:
+    """(role, text) pairs as the chat template's messages; `developer` is a system message (as OpenAI's)."""
+    if not messages:
+        raise ServeError(400, "messages must not be empty", param="messages")
+    chat = []
+    for number, (role, content) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise ServeError(400, f"messages[{number}] has role {role!r}; use one of {', '.join(CHAT_ROLES)}",
+                             param=f"messages.{number}.role")
+        if content is None:
+            raise ServeError(400, f"messages[{number}] has no content", param=f"messages.{number}.content")
+        chat.append({"role": CHAT_ROLES[role], "content": content})
+    return chat
 
 
 def chat_prompt(deployment: Deployment, messages: Sequence[dict[str, str]],
