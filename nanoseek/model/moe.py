@@ -102,15 +102,14 @@ class RoutedExperts(nn.Module):
         order = flat_indices.argsort(stable=True)
         token_of_slot = order // top_k
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
-        grouped_input = x[token_of_slot]
+        # One split (not a slice per expert): slicing makes autograd zero-fill a full-size gradient per slice.
+        expert_inputs = x[token_of_slot].split(counts)
         gate_up, down = self.expert_weights()
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            outputs.append(self.expert_forward(grouped_input[start : start + count], gate_up[expert], down[expert]))
-            start += count
+        outputs = [
+            self.expert_forward(expert_input, gate_up[expert], down[expert])
+            for expert, (expert_input, count) in enumerate(zip(expert_inputs, counts, strict=True))
+            if count
+        ]
         grouped_output = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
 
