@@ -1,0 +1,269 @@
+"""Decoding speed: the nanoseek engine against transformers `generate` on the same weights, in one run.
+
+Configs: preset `small` (= ../shared/bench/small.json, DeepSeek-V3-shaped MoE with MLA) and
+`qwen2-small` (dense, grouped-query attention), random weights. 64-token prompt, 128 new tokens,
+greedy (EOS ignored). One JSON line per row: {"bench", "ours", "baseline", "ratio", "unit", "config",
+"threads", "notes"}. Ours and the baseline run alternately and the medians are reported.
+
+Rows (per config):
+  decode_b1_fp32        batch-1 tokens/s, fp32 both sides; identical tokens asserted
+  roofline_b1_fp32      ours against the memory-bandwidth bound: (bytes of weights a decoded token
+                        reads) / (read bandwidth: sum over a 256 MiB tensor); ratio = fraction reached
+  decode_b1_bf16        our bf16 weights against transformers' fp32 (notes: roofline fraction)
+  decode_b1_int8        our int8 weight-only (bf16 activations) against transformers' fp32
+  decode_b16            16 concurrent requests through continuous batching (aggregate tokens/s)
+                        against transformers' batched generate; identical tokens asserted
+  kv_bytes_per_token    our cache (latent + rope key for MLA, grouped KV heads for GQA) against a
+                        naive multi-head cache of the same model, bf16; must equal the formula
+And once:
+  mtp_speculative_b1    MTP self-speculative decoding against plain decoding (ours, batch 1, greedy)
+                        on a nano model whose MTP layer was trained here on generated task text
+                        (cached in runs/bench-mtp-nano); notes: acceptance rate, mean accepted length
+
+    python benchmarks/decode.py [--configs small qwen2-small] [--rows ...] [--threads N] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from nanoseek import ModelConfig
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.quant import quantize_model
+from nanoseek.model import build_model
+from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.moe import RoutedExperts
+
+PROMPT_TOKENS, NEW_TOKENS, CONCURRENT = 64, 128, 16
+MTP_DIR = Path("runs/bench-mtp-nano")
+
+
+def emit(bench: str, ours: float, baseline: float | None, unit: str, config: str, **notes) -> None:
+    ratio = None if not baseline else round(ours / baseline, 3)
+    row = {"bench": bench, "ours": round(ours, 3), "baseline": None if baseline is None else round(baseline, 3),
+           "ratio": ratio, "unit": unit, "config": config, "threads": torch.get_num_threads(), "notes": notes}
+    print(json.dumps(row), flush=True)
+
+
+def alternate(functions: list, repeats: int) -> list[tuple[float, object]]:
+    """(median seconds, last result) of each function, run alternately after one warm-up each."""
+    results = [function() for function in functions]
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            results[index] = function()
+            times[index].append(time.perf_counter() - start)
+    return [(statistics.median(t), r) for t, r in zip(times, results, strict=True)]
+
+
+def read_bandwidth(repeats: int = 7) -> float:
+    """Bytes/s of a sum over a 256 MiB fp32 tensor (median)."""
+    data = torch.ones(256 * 2**20 // 4)
+    data.sum()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        seconds.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(seconds)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoded token reads at batch 1: every matrix of the main model once, only
+    the chosen top-k routed experts of each MoE layer, one embedding row; MTP depths are not run."""
+    config, total = model.config, 0
+    for name, module in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(module, RoutedExperts):
+            size = size * config.num_experts_per_tok // config.n_routed_experts
+        elif module is model.model.embed_tokens:
+            size = size // config.vocab_size  # a tied head counts the matrix in full as lm_head
+        elif module is model.model.rotary_emb:
+            size = 0
+        total += size
+    return total
+
+
+def random_prompts(config: ModelConfig, count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(2, config.vocab_size, (count, PROMPT_TOKENS), generator=generator).tolist()
+
+
+def bench_config(name: str, rows: set[str], repeats: int) -> bool:
+    """All rows of one config; returns False if tokens differed where they must be identical."""
+    config = ModelConfig.from_preset(name)
+    model = build_model(config, seed=0).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompts = random_prompts(config, CONCURRENT)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ok = True
+
+    @torch.inference_mode()
+    def theirs(batch: list[list[int]]):
+        ids = torch.tensor(batch)
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return out[:, PROMPT_TOKENS:].tolist()
+
+    def ours(engine: Engine, batch: list[list[int]]):
+        return [o.outputs[0].token_ids for o in engine.generate(batch, greedy)]
+
+    engine = Engine(model, max_num_seqs=CONCURRENT)
+    if rows & {"decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8"}:
+        one = prompts[:1]
+        (our_time, our_tokens), (their_time, their_tokens) = alternate([lambda: ours(engine, one), lambda: theirs(one)], repeats)
+        identical = our_tokens == their_tokens
+        ok &= identical
+        baseline_rate = NEW_TOKENS / their_time
+        if "decode_b1_fp32" in rows:
+            emit("decode_b1_fp32", NEW_TOKENS / our_time, baseline_rate, "tok/s", name, identical=identical,
+                 target_ratio=2.0)
+        if "roofline_b1_fp32" in rows:
+            bandwidth, weight_bytes = read_bandwidth(), weight_bytes_per_token(model)
+            emit("roofline_b1_fp32", NEW_TOKENS / our_time, bandwidth / weight_bytes, "tok/s", name,
+                 weight_bytes_per_token=weight_bytes, read_bandwidth_gbps=round(bandwidth / 1e9, 2), target_ratio=0.8,
+                 baseline_rate_of_transformers=round(baseline_rate, 3))
+        for row, scheme in (("decode_b1_bf16", "bf16"), ("decode_b1_int8", "int8")):
+            if row not in rows:
+                continue
+            variant = build_model(config, seed=0, dtype=torch.bfloat16).eval() if scheme == "bf16" else (
+                quantize_model(build_model(config, seed=0).eval(), "int8"))
+            variant_engine = Engine(variant, max_num_seqs=CONCURRENT)
+            (variant_time, variant_tokens), (their_time, _) = alternate(
+                [lambda e=variant_engine: ours(e, one), lambda: theirs(one)], repeats)
+            agreement = sum(a == b for a, b in zip(variant_tokens[0], our_tokens[0], strict=True)) / NEW_TOKENS
+            weight_bytes = weight_bytes_per_token(variant)
+            emit(row, NEW_TOKENS / variant_time, NEW_TOKENS / their_time, "tok/s", name,
+                 target_ratio=3.5 if scheme == "bf16" else 5.0, token_agreement_with_fp32=round(agreement, 3),
+                 weight_bytes_per_token=weight_bytes,
+                 roofline_fraction=round(NEW_TOKENS / variant_time / (read_bandwidth() / weight_bytes), 3))
+    if "decode_b16" in rows:
+        (our_time, our_tokens), (their_time, their_tokens) = alternate(
+            [lambda: ours(engine, prompts), lambda: theirs(prompts)], repeats)
+        identical = our_tokens == their_tokens
+        ok &= identical
+        emit("decode_b16", CONCURRENT * NEW_TOKENS / our_time, CONCURRENT * NEW_TOKENS / their_time, "tok/s", name,
+             identical=identical, target_ratio=4.0, requests=CONCURRENT)
+    if "kv_bytes_per_token" in rows:
+        bf16_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16), cache_memory=64 << 20)
+        pool = bf16_engine.cache
+        measured = sum(b.numel() * b.element_size() for layer in pool.layers for b in layer) // (pool.num_blocks * pool.block_size)
+        formula = cache_bytes_per_token(config, torch.bfloat16)
+        ok &= measured == formula
+        if config.is_mla:  # the naive MLA cache: per-head keys (nope + rope) and values
+            naive = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 2
+        else:  # a multi-head cache: keys and values for every query head
+            naive = config.num_hidden_layers * config.num_attention_heads * config.attention_head_dim * 2 * 2
+        emit("kv_bytes_per_token", measured, naive, "bytes", name, equals_formula=measured == formula,
+             formula=formula, compression=round(naive / measured, 2))
+    return ok
+
+
+# ----- MTP: a nano model trained here, then speculative against plain decoding -----------------------
+def trained_mtp_model(steps: int, seconds: float):
+    """The nano preset with its MTP layer trained on generated task text (cached under runs/)."""
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.data.tasks import task_documents
+    from nanoseek.tokenizer import Tokenizer
+
+    if (MTP_DIR / "model.safetensors").is_file():
+        return load_pretrained(MTP_DIR), Tokenizer.from_pretrained(MTP_DIR)
+    documents = task_documents(6000, seed=0)
+    tokenizer = Tokenizer.train(documents, vocab_size=2048)
+    stream = []
+    for ids in tokenizer.encode_batch(documents):
+        stream += [tokenizer.bos_id, *ids, tokenizer.eos_id]
+    data = torch.tensor(stream)
+    model = build_model(ModelConfig.from_preset("nano"), seed=0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(0)
+    batch, length = 8, 128
+    started = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - length - 1, (batch,), generator=generator)
+        window = torch.stack([data[s : s + length + 1] for s in starts.tolist()])
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * max(0.1, 1 - step / steps)
+        output = model(window[:, :-1], labels=window[:, 1:], mtp_weight=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0:
+            print(f"# mtp training step {step}: lm {output.lm_loss.item():.3f} mtp {output.mtp_loss.item():.3f}",
+                  file=sys.stderr, flush=True)
+        if time.perf_counter() - started > seconds:
+            break
+    model.eval()
+    model.save_pretrained(MTP_DIR)
+    tokenizer.save_pretrained(MTP_DIR)
+    return model, tokenizer
+
+
+def bench_mtp(repeats: int, steps: int, seconds: float) -> bool:
+    from nanoseek.data.tasks import make_mixed_problems
+
+    model, tokenizer = trained_mtp_model(steps, seconds)
+    prompts = [tokenizer.encode(p.prompt + "\n", add_special_tokens=True)
+               for p in make_mixed_problems("test", 8, seed=7)]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    plain = Engine(model, tokenizer)
+    speculative = Engine(model, tokenizer, speculative=True)
+
+    def run(engine: Engine):
+        return [engine.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
+
+    (plain_time, plain_tokens), (spec_time, spec_tokens) = alternate([lambda: run(plain), lambda: run(speculative)], repeats)
+    identical = plain_tokens == spec_tokens
+    stats = speculative.stats
+    total = len(prompts) * NEW_TOKENS
+    emit("mtp_speculative_b1", total / spec_time, total / plain_time, "tok/s", "nano (MTP trained on tasks)",
+         identical_to_plain=identical, acceptance_rate=round(stats.acceptance_rate, 4),
+         mean_accepted_length=round(stats.mean_accepted_length, 3), target_ratio=1.5, target_acceptance=0.8)
+    return identical
+
+
+def main() -> None:
+    all_rows = ["decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8", "decode_b16",
+                "kv_bytes_per_token", "mtp_speculative_b1"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["small", "qwen2-small"])
+    parser.add_argument("--rows", nargs="+", default=all_rows, choices=all_rows)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--mtp-steps", type=int, default=1500, help="training steps of the MTP nano model")
+    parser.add_argument("--mtp-seconds", type=float, default=600, help="training time limit of the MTP nano model")
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ok = True
+    rows = set(args.rows)
+    for name in args.configs:
+        if rows - {"mtp_speculative_b1"}:
+            ok &= bench_config(name, rows, args.repeats)
+    if "mtp_speculative_b1" in rows:
+        ok &= bench_mtp(args.repeats, args.mtp_steps, args.mtp_seconds)
+    if not ok:
+        sys.exit("tokens differed where they must be identical (or the cache size did not match the formula)")
+
+
+if __name__ == "__main__":
+    main()
