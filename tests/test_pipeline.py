@@ -149,6 +149,7 @@ BAD_CONFIGS = [
     (lambda s: _change(s, 1, name="rl"), "stage names must be unique"),
     (lambda s: _change(s, 2, runs_dir="elsewhere"), "'runs_dir' is set by the pipeline"),
     (lambda s: [{k: v for k, v in stage.items() if k != "student"} for stage in s], "required: --student"),
+    (lambda s: _change(s, 2, model={"hidden_size": 8}), "model is a flag of sft; it takes a value, not a table"),
 ]
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import shlex
 import shutil
@@ -53,12 +52,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from nanoseek.config import PRESETS, parse_overrides
+from nanoseek.config import PRESETS, ModelConfig, parse_overrides
 from nanoseek.errors import ConfigError
 from nanoseek.io import atomic_write_text
-from nanoseek.train import checkpointing
+from nanoseek.train import checkpointing, distill, grpo, pretrain, rejection, sft
+from nanoseek.train.trainer import TrainConfig
 
 BASE = "base"
 MARKER, SAMPLES, SUMMARY = "stage.json", "samples.jsonl", "pipeline.json"
@@ -68,57 +69,30 @@ MODEL_FLAGS = ("model", "teacher", "student", "tokenizer")
 
 
 # ----- what a stage can be ------------------------------------------------------------------------------
-def _check_sft(items: list[str]) -> None:
-    from nanoseek.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, split_overrides
-
-    split_overrides(items, SFTConfig, SFT_TRAIN_DEFAULTS)
-
-
-def _check_grpo(items: list[str]) -> None:
-    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
-    from nanoseek.train.sft import split_overrides
-
-    split_overrides(items, GRPOConfig, GRPO_TRAIN_DEFAULTS)
-
-
-def _check_rejection(items: list[str]) -> None:
-    from nanoseek.train.rejection import RejectionConfig
-
-    RejectionConfig(**parse_overrides(RejectionConfig, items))
-
-
-def _check_distill(items: list[str]) -> None:
-    from nanoseek.train.distill import parse_settings
-
-    _check_sft(parse_settings(items)[3])
-
-
 def _check_pretrain(items: list[str]) -> None:
-    from nanoseek.config import ModelConfig
-    from nanoseek.train.pretrain import MODEL_PREFIX
-    from nanoseek.train.trainer import TrainConfig
-
-    parse_overrides(ModelConfig, [item[len(MODEL_PREFIX):] for item in items if item.startswith(MODEL_PREFIX)])
-    TrainConfig(**parse_overrides(TrainConfig, [item for item in items if not item.startswith(MODEL_PREFIX)]))
+    prefix = pretrain.MODEL_PREFIX
+    parse_overrides(ModelConfig, [item[len(prefix):] for item in items if item.startswith(prefix)])
+    TrainConfig(**parse_overrides(TrainConfig, [item for item in items if not item.startswith(prefix)]))
 
 
 @dataclass(frozen=True)
 class Command:
     """A command a stage runs: its module (`add_cli_arguments` / `cli_main`), the flag that takes the
-    stage's input model (None: it starts from nothing), what it makes, and a check of its settings."""
+    stage's input model (None: it starts from nothing), what it makes, and a check of its `key=value`
+    settings that raises ConfigError without running anything."""
 
-    module: str
+    module: ModuleType
     input_flag: str | None
     makes: str  # "model" (checkpoints/) or "dataset" (samples.jsonl)
-    check_settings: Callable[[list[str]], None]
+    check_settings: Callable[[list[str]], Any]
 
 
 COMMANDS: dict[str, Command] = {
-    "pretrain": Command("nanoseek.train.pretrain", None, "model", _check_pretrain),
-    "sft": Command("nanoseek.train.sft", "model", "model", _check_sft),
-    "grpo": Command("nanoseek.train.grpo", "model", "model", _check_grpo),
-    "rejection-sample": Command("nanoseek.train.rejection", "model", "dataset", _check_rejection),
-    "distill": Command("nanoseek.train.distill", "teacher", "model", _check_distill),
+    "pretrain": Command(pretrain, None, "model", _check_pretrain),
+    "sft": Command(sft, "model", "model", lambda items: sft.split_overrides(items, sft.SFTConfig, sft.SFT_TRAIN_DEFAULTS)),
+    "grpo": Command(grpo, "model", "model", lambda items: sft.split_overrides(items, grpo.GRPOConfig, grpo.GRPO_TRAIN_DEFAULTS)),
+    "rejection-sample": Command(rejection, "model", "dataset", lambda items: rejection.RejectionConfig(**parse_overrides(rejection.RejectionConfig, items))),
+    "distill": Command(distill, "teacher", "model", lambda items: COMMANDS["sft"].check_settings(distill.parse_settings(items)[3])),
 }
 
 
@@ -220,7 +194,7 @@ class _Parser(argparse.ArgumentParser):
 
 def command_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"nanoseek {command}", add_help=False)
-    importlib.import_module(COMMANDS[command].module).add_cli_arguments(parser)
+    COMMANDS[command].module.add_cli_arguments(parser)
     return parser
 
 
@@ -235,7 +209,7 @@ def inputs_of(config: PipelineConfig, index: int) -> dict[str, str]:
     stage = config.stages[index]
     references = {key: value for key, value in stage.settings.items() if key in PATH_FLAGS and isinstance(value, str)}
     input_flag = COMMANDS[stage.command].input_flag
-    if input_flag is not None and input_flag not in references:
+    if input_flag is not None and input_flag not in stage.settings:
         earlier = [s.name for s in config.stages[:index] if COMMANDS[s.command].makes == "model"]
         references[input_flag] = earlier[-1] if earlier else BASE
     return references
@@ -250,6 +224,8 @@ def stage_argv(config: PipelineConfig, index: int, outputs: dict[str, str], resu
     settings, options = [], []
     for key, value in values.items():
         if key in flags:
+            if isinstance(value, dict):
+                raise ConfigError(f"stage {stage.name!r}: {key} is a flag of {stage.command}; it takes a value, not a table")
             value = outputs.get(value, value) if key in PATH_FLAGS and isinstance(value, str) else value
             items = value if isinstance(value, list) else [value]
             options += [f"--{key.replace('_', '-')}", *(_text(item) for item in items)]
@@ -378,7 +354,7 @@ def _run_stage(config: PipelineConfig, index: int, outputs: dict[str, str], fing
     _write_marker(stage_dir, record)
     start = time.perf_counter()
     args = command_parser(stage.command).parse_args(argv)
-    importlib.import_module(command.module).cli_main(args)
+    command.module.cli_main(args)
     if command.makes == "dataset":
         output = stage_dir / SAMPLES
         stats = json.loads(output.with_name(output.stem + ".stats.json").read_text("utf-8"))
