@@ -93,7 +93,7 @@ def _write(path, text):
     ],
 )
 def test_cli_bad_input_fails_with_one_line(tmp_path, capsys, arguments, message):
-    code = main(["sft", "--model", str(random_model()), "--runs-dir", str(tmp_path), *arguments, "peak_tflops=1", "max_steps=1", "warmup_steps=0",
+    code = main(["sft", "--model", str(random_model()), "--runs-dir", str(tmp_path), *arguments, "peak_tflops=1", "max_steps=1",
                  "eval_problems=0"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error.startswith("nanoseek sft: error:") and message in error

@@ -179,12 +179,16 @@ def target_report(accuracy: float | None, band: Sequence[float], step: int) -> s
 # ----- what the post-training stages share ---------------------------------------------------------------
 def split_overrides(overrides: Sequence[str], stage_class: type, defaults: dict[str, Any]) -> tuple[TrainConfig, Any]:
     """`key=value` strings -> (TrainConfig, stage config): each key goes to the dataclass that has it;
-    `defaults` are the stage's TrainConfig defaults, applied before the overrides."""
+    `defaults` are the stage's TrainConfig defaults, applied before the overrides. A default warmup
+    is capped at a tenth of `max_steps`, so a short run needs no warmup override."""
     stage_fields = {field.name for field in dataclasses.fields(stage_class)}
     stage_items = [item for item in overrides if item.partition("=")[0].strip().replace("-", "_") in stage_fields]
     train_items = [item for item in overrides if item not in stage_items]
-    train = TrainConfig(**{**defaults, **parse_overrides(TrainConfig, train_items)})
-    return train, stage_class(**parse_overrides(stage_class, stage_items))
+    given = parse_overrides(TrainConfig, train_items)
+    values = {**defaults, **given}
+    if "warmup_steps" not in given and "max_steps" in values:
+        values["warmup_steps"] = min(values.get("warmup_steps", TrainConfig.warmup_steps), values["max_steps"] // 10)
+    return TrainConfig(**values), stage_class(**parse_overrides(stage_class, stage_items))
 
 
 def check_model_dir(model: str | Path, tokenizer: str | Path | None = None) -> tuple[Path, Path]:
