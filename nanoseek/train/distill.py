@@ -180,7 +180,8 @@ class OnPolicyBatches:
     `dataset` batch. The coin of draw i is a pure function of (seed, i), so resuming replays it.
 
     Student batches: input_ids [b, S] (prompt + reply, right-padded), targets [b, S] (the next token
-    where it is a reply token, else IGNORE_INDEX), on_policy [] = 1.
+    where it is a reply token, else IGNORE_INDEX), on_policy [] = 1. A prompt and its reply fit the
+    engine's context, so prompts must be shorter than it.
     """
 
     def __init__(
@@ -190,7 +191,6 @@ class OnPolicyBatches:
         self.dataset, self.prompts, self.engine, self.config = dataset, list(prompts), engine, config
         self.seed, self.autocast, self.draws = seed, autocast, 0
         self.sampler = EpochSampler(len(self.prompts), dataset.sampler.batch_size, seed)
-        self.max_length = dataset.max_length + 1  # tokens of a row, the shifted target included
 
     def __iter__(self) -> OnPolicyBatches:
         return self
@@ -201,17 +201,19 @@ class OnPolicyBatches:
             return {**next(self.dataset), "on_policy": torch.tensor(0.0)}
         indices = self.sampler.next_batch()
         prompts = [self.prompts[i] for i in indices]
-        params = SamplingParams(
-            temperature=self.config.on_policy_temperature, max_tokens=self.config.on_policy_max_tokens,
-            seed=(self.seed * 1_000_003 + self.draws) % 2**63,
-        )
+        base_seed = (self.seed * 1_000_003 + self.draws) * len(prompts)
+        params = [
+            SamplingParams(temperature=self.config.on_policy_temperature, seed=(base_seed + position) % 2**63,
+                           max_tokens=min(self.config.on_policy_max_tokens, self.engine.max_model_len - len(prompt)))
+            for position, prompt in enumerate(prompts)
+        ]
         model = self.engine.model
         was_training = model.training
         model.eval()  # sampling never runs training-only paths (the MoE balance statistics)
         with self.autocast():
             outputs = self.engine.generate(prompts, params)
         model.train(was_training)
-        rows = [(prompt + output.outputs[0].token_ids)[: self.max_length] for prompt, output in zip(prompts, outputs, strict=True)]
+        rows = [prompt + output.outputs[0].token_ids for prompt, output in zip(prompts, outputs, strict=True)]
         width = max(map(len, rows)) - 1
         inputs = torch.full((len(rows), width), self.dataset.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -344,10 +346,11 @@ def distill_logits(run: SFTRun, teacher_dir: Path, options: DistillConfig) -> di
                           tokenizer=tokenizer)
         batches: Any = loader(run.conversations, shuffle=True)
         if options.on_policy_fraction > 0:
-            prompts = [prompt_ids(tokenizer, chat) for chat in run.conversations]
-            longest = max(map(len, prompts))
-            engine = Engine(trainer.model, tokenizer, max_num_seqs=config.micro_batch_size,
-                            max_model_len=min(longest + options.on_policy_max_tokens, model.config.max_position_embeddings))
+            context = min(config.seq_len + 1, model.config.max_position_embeddings)  # a row and its shifted target
+            prompts = [ids for ids in (prompt_ids(tokenizer, chat) for chat in run.conversations) if len(ids) < context]
+            if not prompts:
+                raise ConfigError(f"no prompt is shorter than seq_len={config.seq_len} tokens: the student has no room to reply")
+            engine = Engine(trainer.model, tokenizer, max_num_seqs=config.micro_batch_size, max_model_len=context)
             model.train()
             batches = OnPolicyBatches(batches, prompts, engine, options, config.seed, trainer.precision.autocast)
         val_batches = functools.partial(loader, run.val_conversations, shuffle=False) if run.val_conversations else None
