@@ -630,8 +630,9 @@ def grpo(run: GRPORun) -> dict[str, Any]:
 
 # ----- command line -------------------------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    from nanoseek.train.sft import add_data_arguments
+    from nanoseek.train.sft import add_data_arguments, settings_help
 
+    parser.epilog = settings_help(GRPOConfig, GRPO_TRAIN_DEFAULTS)
     add_data_arguments(parser)
     parser.add_argument("--data", default=None, metavar="FILE",
                         help='JSONL of {"prompt": text or messages, ...columns the rewards read}')

@@ -304,7 +304,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run from its latest checkpoint (or from CHECKPOINT)")
 
 
+def settings_help(stage_class: type, defaults: dict[str, Any]) -> str:
+    """The `key=value` settings of a stage and their defaults, for `--help`."""
+    def listing(config_class: type, overrides: dict[str, Any]) -> str:
+        values = {f.name: overrides.get(f.name, f.default) for f in dataclasses.fields(config_class)}
+        return ", ".join(f"{name}={value}" for name, value in values.items())
+
+    return f"{stage_class.__name__}: {listing(stage_class, {})}. TrainConfig: {listing(TrainConfig, defaults)}."
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = settings_help(SFTConfig, SFT_TRAIN_DEFAULTS)
     add_data_arguments(parser)
     parser.add_argument("--data", default=None, metavar="FILE", help='JSONL of {"messages": [...]} chats')
     parser.add_argument("--name", default="sft", help="run name: outputs go to RUNS_DIR/NAME")
