@@ -83,7 +83,7 @@ class GRPOConfig:
     max_prompt_length: int = 256  # longer prompts are an error (checked before training)
     max_completion_length: int = 128
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
-    top_p: float = 1.0
+    top_p: float = 1.0  # top_p / top_k truncate sampling only: log-probs use the temperature alone (as TRL)
     top_k: int = 0
     steps_per_generation: int = 1  # optimizer steps fed by one rollout
     num_iterations: int = 1  # mu: times each rollout is used
