@@ -64,7 +64,7 @@ from nanoseek.io import atomic_directory
 from nanoseek.model import CausalLM, build_model
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import parallel
-from nanoseek.train.rejection import RejectionConfig, prompt_rows, rejection_sample
+from nanoseek.train.rejection import RejectionConfig, prompt_rows, rejection_sample, settings_listing
 from nanoseek.train.sft import (
     SFT_TRAIN_DEFAULTS,
     SFTConfig,
@@ -76,6 +76,7 @@ from nanoseek.train.sft import (
     load_policy,
     resolve_sft_run,
     resume_point,
+    settings_help,
     sft,
     split_overrides,
     write_run_config,
@@ -394,6 +395,11 @@ def parse_settings(overrides: Sequence[str]) -> tuple[DistillConfig, RejectionCo
 
 # ----- command line -------------------------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        f"DistillConfig: {settings_listing(DistillConfig)}. {settings_help(SFTConfig, SFT_TRAIN_DEFAULTS)} "
+        f"mode=sequence, sample.*: RejectionConfig: {settings_listing(RejectionConfig)}. "
+        "model.*: ModelConfig fields of a preset --student."
+    )
     parser.add_argument("--teacher", required=True, metavar="DIR", help="the teacher's checkpoint directory")
     parser.add_argument("--student", required=True, metavar="PRESET|DIR", help="a preset (random init) or a checkpoint directory")
     parser.add_argument("--data", default=None, metavar="FILE",

@@ -388,6 +388,10 @@ def _log(message: str) -> None:
 
 # ----- command line -------------------------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        f"A stage runs one of: {', '.join(COMMANDS)}, with that command's flags and key=value settings as "
+        "its keys; an example: configs/r1-micro.toml."
+    )
     parser.add_argument("--config", required=True, metavar="FILE", help="pipeline file (.toml or .json)")
     parser.add_argument("--force", nargs="?", const=True, default=None, metavar="STAGE",
                         help="run STAGE and every later stage again (no STAGE: all of them)")

@@ -249,7 +249,13 @@ def prompt_rows(data: str | Path | None, from_tasks: int, tasks: Sequence[str], 
 
 
 # ----- command line -------------------------------------------------------------------------------
+def settings_listing(config_class: type) -> str:
+    """`name=default, ...` of a settings dataclass, for `--help`."""
+    return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(config_class))
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = f"RejectionConfig: {settings_listing(RejectionConfig)}."
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory to sample from")
     parser.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the model's)")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="the SFT dataset to write")
