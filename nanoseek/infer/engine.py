@@ -404,8 +404,11 @@ class Engine:
         return [handle.result() for handle, _ in requests]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, n: int = 1) -> Iterator[StreamEvent]:
-        """Submit and iterate the events of one request; closing the iterator early cancels it."""
-        handle = self.submit(prompt, params, n)
+        """Submit (validating now) and iterate the events of one request; closing the iterator early cancels it."""
+        return self._events(self.submit(prompt, params, n))
+
+    @staticmethod
+    def _events(handle: RequestHandle) -> Iterator[StreamEvent]:
         try:
             yield from handle
         finally:
@@ -588,20 +591,28 @@ class Engine:
         """Pick the sequences to prefill this step and how many of their pending tokens: {sequence: count}.
 
         Sequences already mid-prompt go first, then waiting requests in arrival order while there are
-        sequence slots, prefill budget and free blocks (keeping one spare block per running sequence).
+        sequence slots, free blocks (keeping one spare block per running sequence) and prefill budget:
+        rows x the longest chunk (the padded batch) stays within `max_prefill_tokens`.
         """
         chunks: dict[_Sequence, int] = {}
         budget = self.max_prefill_tokens
+
+        def fits(count: int) -> bool:
+            return (len(chunks) + 1) * max([count, *chunks.values()]) <= budget
+
         for sequence in sorted((s for s in self._running if s.num_pending > 1), key=lambda s: s.arrival):
             count = min(sequence.num_pending, budget)
-            if count and self._reserve(sequence, sequence.num_computed + count):
+            if not fits(count):
+                break
+            if self._reserve(sequence, sequence.num_computed + count):
                 chunks[sequence] = count
-                budget -= count
-        while self._waiting and budget > 0:
+        while self._waiting:
             sequence = self._waiting[0]
             if len(self._running) + sequence.group_size > self.max_num_seqs:
                 break
             count = min(sequence.num_pending, budget)
+            if not fits(count):
+                break
             needed = self.cache.blocks_for(sequence.num_computed + count)
             if needed + len(self._running) > self.cache.num_free_blocks and self._running:
                 break
@@ -611,7 +622,6 @@ class Engine:
             self._running.append(sequence)
             self.cache.prepare_write(sequence.table, 0, sequence.num_computed + count)
             chunks[sequence] = count
-            budget -= count
         return chunks
 
     def _reserve(self, sequence: _Sequence, end: int, start: int | None = None) -> bool:
