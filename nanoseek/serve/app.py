@@ -168,6 +168,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()[:MAX_REPORTED_ERRORS]
+        if problems and problems[0]["type"] == "json_invalid":
+            message = f"the body is not valid JSON ({problems[0]['ctx']['error']} at character {problems[0]['loc'][-1]})"
+            return JSONResponse(ServeError(400, message).body(), status_code=400)
         message = "; ".join(f"{_location(p['loc']) or 'body'}: {p['msg']}"[:1000] for p in problems)
         param = _location(problems[0]["loc"]) if problems else None
         return JSONResponse(ServeError(400, message or "invalid request", param=param or None).body(),

@@ -9,13 +9,14 @@ to the HTTP status: `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from nanoseek.errors import NanoseekError
 
 MAX_TOP_LOGPROBS = 20
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class Request(BaseModel):
@@ -48,7 +49,7 @@ class SamplingFields(Request):
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = off.")
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
@@ -60,10 +61,10 @@ class TextPart(Request):
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
     reasoning_content: str | None = None
 
-    def text(self) -> str | None:
+    def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content
@@ -88,7 +89,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="A string, a list of token ids, or a batch of either."
     )
     max_tokens: int | None = Field(16, ge=1, description="New tokens at most (OpenAI's default: 16).")
