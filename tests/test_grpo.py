@@ -13,6 +13,7 @@ from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main
 from nanoseek.errors import ConfigError, TrainingError
 from nanoseek.infer.engine import Engine
+from nanoseek.model import CausalLM
 from nanoseek.train.grpo import (
     GRPOConfig,
     Rollouts,
@@ -254,6 +255,21 @@ def test_grpo_raises_the_log_probability_of_rewarded_completions(tmp_path):
     assert change[True] > 1.0 and change[True] - change[False] > 1.0, change
     expected = [[first_token_logprobs(model, p, c)[1] for p, c in zip(prompts, completions, strict=True)] for model in (initial, final)]
     assert sum(expected[1]) / len(prompts) > sum(expected[0]) / len(prompts) + 0.01, expected
+
+
+def test_a_reference_model_exists_only_when_beta_is_positive(tmp_path, monkeypatch):
+    copies, deepcopy = [], copy.deepcopy
+    def counting_deepcopy(value, memo=None):
+        if isinstance(value, CausalLM):
+            copies.append(value)
+        return deepcopy(value, memo)
+
+    monkeypatch.setattr("nanoseek.train.grpo.copy.deepcopy", counting_deepcopy)
+    for beta in (0.0, 0.04):
+        metrics = grpo(resolve_grpo_run(random_model(), from_tasks=64, tasks=["arithmetic"], difficulty=[1], runs_dir=tmp_path,
+                                        name=f"beta{beta}", overrides=[*FAST, "max_steps=1", f"beta={beta}"]))
+        assert ("kl" in metrics) == (beta > 0)
+    assert len(copies) == 1
 
 
 # ----- resume and bad input -------------------------------------------------------------------------------
