@@ -25,7 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -314,27 +315,15 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
             for entry in delta.logprobs])
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            message = ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=choices,
-                                          usage=usage)
-            return _sse(message.model_dump_json(exclude=None if include_usage else {"usage"}))
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                         for i in range(len(generation.choices))])
-            async for delta in _stream_deltas(generation, state.config.keepalive):
-                if isinstance(delta, str):
-                    yield delta
-                    continue
-                yield chunk([ChatChunkChoice(
-                    index=delta.index, delta=Delta(content=delta.content or None, reasoning_content=delta.reasoning or None),
-                    logprobs=logprobs_of(delta), finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
-            if include_usage:
-                yield chunk([], _usage(generation))
-
-        return _event_stream(events(), generation)
+        return _event_stream(
+            generation, body, state.config.keepalive,
+            opening=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                     for i in range(len(generation.choices))],
+            chunk=lambda choices, usage: ChatCompletionChunk(id=response_id, created=created, model=body.model,
+                                                             choices=choices, usage=usage),
+            choice=lambda delta: ChatChunkChoice(
+                index=delta.index, delta=Delta(content=delta.content or None, reasoning_content=delta.reasoning or None),
+                logprobs=logprobs_of(delta), finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
 
     choices = await _run_to_end(generation, request)
     return JSONResponse(ChatCompletionResponse(
@@ -394,26 +383,13 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         return texts[index // body.n] if body.echo else ""
 
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            message = CompletionResponse(id=response_id, created=created, model=body.model, choices=choices,
-                                         usage=usage)
-            return _sse(message.model_dump_json(exclude=None if include_usage else {"usage"}))
-
-        async def events() -> AsyncIterator[str]:
-            if body.echo:
-                yield chunk([CompletionChoice(index=i, text=echoed(i)) for i in range(len(generation.choices))])
-            async for delta in _stream_deltas(generation, state.config.keepalive):
-                if isinstance(delta, str):
-                    yield delta
-                    continue
-                yield chunk([CompletionChoice(index=delta.index, text=delta.content, logprobs=logprobs_of(delta),
-                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
-            if include_usage:
-                yield chunk([], _usage(generation))
-
-        return _event_stream(events(), generation)
+        return _event_stream(
+            generation, body, state.config.keepalive,
+            opening=[CompletionChoice(index=i, text=echoed(i)) for i in range(len(generation.choices))] if body.echo else [],
+            chunk=lambda choices, usage: CompletionResponse(id=response_id, created=created, model=body.model,
+                                                            choices=choices, usage=usage),
+            choice=lambda delta: CompletionChoice(index=delta.index, text=delta.content, logprobs=logprobs_of(delta),
+                                                  finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
 
     choices = await _run_to_end(generation, request)
     return JSONResponse(CompletionResponse(
@@ -453,17 +429,30 @@ async def _stream_deltas(generation: Generation, keepalive: float) -> AsyncItera
             yield delta
 
 
-def _event_stream(events: AsyncIterator[str], generation: Generation) -> Response:
-    async def framed() -> AsyncIterator[str]:
+def _event_stream(generation: Generation, body: ChatCompletionRequest | CompletionRequest, keepalive: float, *,
+                  opening: list[Any], chunk: Callable[[list[Any], Usage | None], BaseModel],
+                  choice: Callable[[ChoiceDelta], Any]) -> Response:
+    """The SSE response: `opening` choices, one chunk per delta, the usage chunk if asked, `[DONE]`.
+
+    `chunk(choices, usage)` builds a chunk object, `choice(delta)` the choice a delta becomes.
+    """
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    exclude = None if include_usage else {"usage"}  # chunks carry `"usage": null` only when usage was asked for
+
+    async def events() -> AsyncIterator[str]:
         try:
-            async for event in events:
-                yield event
+            if opening:
+                yield _sse(chunk(opening, None).model_dump_json(exclude=exclude))
+            async for delta in _stream_deltas(generation, keepalive):
+                yield delta if isinstance(delta, str) else _sse(chunk([choice(delta)], None).model_dump_json(exclude=exclude))
+            if include_usage:
+                yield _sse(chunk([], _usage(generation)).model_dump_json())
             yield "data: [DONE]\n\n"
         finally:
             generation.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return EventStreamResponse(framed(), media_type="text/event-stream", headers=headers)
+    return EventStreamResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 class EventStreamResponse(StreamingResponse):
