@@ -105,6 +105,7 @@ def resolve_run(
 def pretrain(run: PretrainRun, sample_prompt: str | None = None, sample_tokens: int = 32) -> dict[str, Any]:
     """Train `run` to its `max_steps` (under torchrun on every rank); returns the final metrics."""
     topology = parallel.init_distributed(run.train.device)
+    parallel.barrier()  # every rank has checked the run directory (resolve_run) before rank 0 writes to it
     try:
         config = run.train
         config.grad_accum_steps(topology.world_size)  # indivisible batch: fail before reading data
