@@ -834,53 +834,67 @@ class Engine:
         return out
 
     def _run_speculative(self, sequences: list[_Sequence]) -> list[StreamEvent]:
-        """One draft-and-verify step for decoding sequences (those without MTP history decode plainly)."""
+        """One draft-and-verify step for decoding sequences (those without MTP history decode plainly).
+
+        Greedy batches compare argmaxes only; otherwise drafts are sampled from the MTP distribution
+        and accepted by speculative sampling (speculative.py), each row with its own random stream.
+        """
         k = self.num_speculative_tokens
         sequences = self._reserve_all(sequences, lambda s: (s.mtp_computed, s.num_computed + 1 + k))
         if not sequences:
             return []
-        drafters = [s for s in sequences if s.mtp_computed < s.num_computed]
+        greedy = greedy_only([s.params for s in sequences])
         drafts: dict[_Sequence, list[int]] = {s: [] for s in sequences}
         draft_probs: dict[_Sequence, list[torch.Tensor]] = {s: [] for s in sequences}
+        drafters = [s for s in sequences if s.mtp_computed < s.num_computed]
         if drafters:
             hidden = self._mtp_catch_up(drafters, keep_last=False)
             for depth in range(k):
                 logits = self.model.lm_head(hidden).float()
-                params = [s.params for s in drafters]
-                states = [self._penalties_after(s, drafts[s]) for s in drafters]
-                probs = sampling_probs(logits, params, states)
-                tokens = draw(probs, uniforms([s.generator for s in drafters], self.device)).tolist()
-                for row, sequence in enumerate(drafters):
-                    drafts[sequence].append(tokens[row])
-                    draft_probs[sequence].append(probs[row])
+                if greedy:
+                    tokens = logits.argmax(dim=-1).tolist()
+                else:
+                    states = [self._penalties_after(s, drafts[s]) for s in drafters]
+                    probs = sampling_probs(logits, [s.params for s in drafters], states)
+                    tokens = draw(probs, uniforms([s.generator for s in drafters], self.device)).tolist()
+                    for row, sequence in enumerate(drafters):
+                        draft_probs[sequence].append(probs[row])
+                for sequence, token in zip(drafters, tokens, strict=True):
+                    drafts[sequence].append(token)
                 if depth + 1 < k:
                     starts = [s.num_computed + depth for s in drafters]
                     hidden = self._mtp_forward(drafters, [[t] for t in tokens], starts, [h[None] for h in hidden])
-        tokens = [[s.token_ids[-1], *drafts[s]] for s in sequences]
-        output = self._forward(sequences, tokens, logits_to_keep=1 + k)
+        output = self._forward(sequences, [[s.token_ids[-1], *drafts[s]] for s in sequences], logits_to_keep=1 + k)
         width = output.logits.shape[1]
+        targets = output.logits.argmax(dim=-1).tolist() if greedy else None
         events = []
         for row, sequence in enumerate(sequences):
             row_drafts = drafts[sequence]
             count = 1 + len(row_drafts)
             logits = output.logits[row, width - count :].float()
-            params = [sequence.params] * count
-            states = [self._penalties_after(sequence, row_drafts[:j]) for j in range(count)]
-            target = sampling_probs(logits, params, states)
+            if greedy:
+                target = targets[row][width - count :]
+                accepted = next((j for j, token in enumerate(row_drafts) if token != target[j]), len(row_drafts))
+                emitted = row_drafts[:accepted] + [target[accepted]]
+            else:
+                states = [self._penalties_after(sequence, row_drafts[:j]) for j in range(count)]
+                probs = sampling_probs(logits, [sequence.params] * count, states)
+                if row_drafts:
+                    emitted, accepted = accept_drafts(probs, torch.stack(draft_probs[sequence]), row_drafts, sequence.generator)
+                else:
+                    emitted, accepted = draw(probs, uniforms([sequence.generator], self.device)).tolist(), 0
             if row_drafts:
-                emitted, accepted = accept_drafts(target, torch.stack(draft_probs[sequence]), row_drafts, sequence.generator)
                 self._stats.spec_verify_steps += 1
                 self._stats.spec_draft_tokens += len(row_drafts)
                 self._stats.spec_accepted_tokens += accepted
-            else:
-                emitted, accepted = draw(target, uniforms([sequence.generator], self.device)).tolist(), 0
             hidden_rows = output.hidden_states[row, output.hidden_states.shape[1] - count :]
             self._add_pending_hidden(sequence, hidden_rows[: 1 + accepted])
             sequence.num_computed += 1 + accepted
             entries = None
-            if sequence.params.logprobs is not None:
+            if sequence.params.logprobs is not None:  # never greedy_only: `probs` is the target distribution
+                used = len(emitted)
                 chosen = torch.tensor(emitted, device=self.device)
-                entries = token_logprobs(logits[: len(emitted)], target[: len(emitted)], chosen, params[: len(emitted)])
+                entries = token_logprobs(logits[:used], probs[:used], chosen, [sequence.params] * used)
             events.append(self._append(sequence, emitted, entries))
         return events
 
