@@ -102,7 +102,8 @@ def parallelize(
     """Wrap `model` for data parallelism over `topology`; returns the module to call for forward.
 
     With FSDP2 the model is sharded in place (the returned object is `model` itself); with DDP the
-    returned wrapper holds `model`. `param_dtype` (FSDP only) all-gathers parameters in that dtype.
+    returned wrapper holds `model`, and every parameter must get a gradient each step (a loss that
+    skips MTP needs FSDP). `param_dtype` (FSDP only) all-gathers parameters in that dtype.
     Single-process runs get `model` back unchanged.
     """
     if mode not in DATA_PARALLEL_MODES:

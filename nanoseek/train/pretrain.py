@@ -96,7 +96,7 @@ def resolve_run(
     elif resume:
         resume_from = Path(resume)
         if not resume_from.is_dir():
-            raise TrainingError(f"--resume: checkpoint {resume_from} does not exist")
+            raise TrainingError(f"--resume-from: checkpoint {resume_from} does not exist")
     elif checkpointing.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
         raise TrainingError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --name")
     return PretrainRun(train, model_config, data_dir, run_dir, manifest, resume_from)
@@ -199,10 +199,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="nano", metavar="PRESET|DIR", help="model preset or config.json / checkpoint directory")
     parser.add_argument("--name", default="pretrain", help="run name: outputs go to RUNS_DIR/NAME")
     parser.add_argument("--runs-dir", default="runs", metavar="DIR")
-    parser.add_argument(
-        "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-        help="continue the run from its latest checkpoint (or from CHECKPOINT)",
-    )
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint directory")
     parser.add_argument("--sample-prompt", default=None, help="prompt of the greedy sample printed at the end")
     parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument(
@@ -212,6 +210,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    run = resolve_run(args.data, args.model, args.overrides, args.name, args.runs_dir, args.resume)
+    run = resolve_run(args.data, args.model, args.overrides, args.name, args.runs_dir, args.resume_from or args.resume)
     pretrain(run, args.sample_prompt, args.sample_tokens)
     return 0
