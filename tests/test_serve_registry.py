@@ -10,6 +10,9 @@ import httpx
 import pytest
 from serve_fixtures import ANSWER, live_server, model_root
 
+from nanoseek.cli import build_parser
+from nanoseek.serve.app import config_from_args, create_app
+
 HELLO = [{"role": "user", "content": "hi"}]
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -102,3 +105,14 @@ def test_idle_models_are_unloaded():
             assert time.monotonic() < deadline, states(http)
             time.sleep(0.05)
         assert complete(http, "tiny") and states(http)["tiny"] == "loaded"
+
+
+def test_command_line_models_are_relative_to_the_working_directory(monkeypatch):
+    monkeypatch.chdir(model_root().parent)
+    args = build_parser("serve").parse_args(["serve", "--model", f"{model_root().name}/tiny", "--model",
+                                             f"s={model_root().name}/script", "--thinking", "s", "--idle-unload", "5"])
+    config = config_from_args(args)
+    manager = create_app(config).state.server.manager
+    assert {name: (entry.path, entry.thinking) for name, entry in manager.entries.items()} == {
+        "tiny": (model_root() / "tiny", False), "s": (model_root() / "script", True)}
+    assert manager.roots == [model_root() / "tiny", model_root() / "script"] and manager.idle_unload == 5

@@ -126,8 +126,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     """Build the app; models are registered now (bad paths fail here) and loaded at startup."""
     roots = config.model_roots or [directory for _, directory in config.models]
     manager = ModelManager(roots, config.engine, config.idle_unload)
-    for name, directory in config.models:
-        manager.register(name, directory, thinking=name in config.thinking)
+    for name, directory in config.models:  # relative to the working directory (admin paths: to the roots)
+        manager.register(name, Path(directory).resolve(), thinking=name in config.thinking)
     state = ServerState(config, manager, Moderator.from_specs(config.input_filters, config.output_filters),
                         ServerMetrics())
 
