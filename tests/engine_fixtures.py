@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from model_configs import tiny_config
 
@@ -16,6 +17,16 @@ CORPUS = [
     "深度求索 builds language models; 你好，世界！ Ünïcödé and emoji 🙂🚀 too.",
     "Once upon a time there was a tiny model that learned to count: 1 2 3 4 5 6 7 8 9 10.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One torch thread for these small-tensor tests: with two, every op that enters a parallel region
+    waits for the second thread, which on a busy 2-core machine costs milliseconds per op (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def peaky_model(name: str = "v3", seed: int = 0, logit_scale: float = 30.0, **overrides):

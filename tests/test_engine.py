@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_fixtures import peaky_model, reference_greedy, tiny_tokenizer
+from engine_fixtures import peaky_model, reference_greedy, single_thread, tiny_tokenizer  # noqa: F401 (autouse fixture)
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer import BeamSearchParams, Engine, SamplingParams

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import peaky_model, tiny_tokenizer
+from engine_fixtures import peaky_model, single_thread, tiny_tokenizer  # noqa: F401 (autouse fixture)
 from safetensors import safe_open
 
 from nanoseek.checkpoint import load_pretrained

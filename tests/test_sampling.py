@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from engine_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.sampling import (

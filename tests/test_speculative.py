@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from engine_fixtures import peaky_model
+from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.sampling import make_generator
