@@ -206,6 +206,12 @@ def test_bad_requests_raise_before_any_work(mla_model, prompt, params, message):
     assert not engine.has_unfinished()
 
 
+def test_more_completions_than_sequence_slots_is_rejected(mla_model):
+    engine = Engine(mla_model, max_num_seqs=4)
+    with pytest.raises(GenerationError, match="n must be an integer in"):
+        engine.submit([5], SamplingParams(), n=5)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("stop", 5), ("stop", ["a", 3]),

@@ -140,6 +140,8 @@ class RequestHandle:
         remaining = self.n
         while remaining:
             while self._queue.empty() and not self.engine.running_in_background:
+                if not self.engine.has_unfinished():
+                    raise RuntimeError(f"request {self.request_id} is not queued in its engine")
                 self.engine.step()
             event = self._queue.get()
             remaining -= event.finish_reason is not None
@@ -477,8 +479,8 @@ class Engine:
     def _make_request(self, prompt, params: SamplingParams, n: int, request_id: str | None):
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise GenerationError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_num_seqs:
+            raise GenerationError(f"n must be an integer in [1, max_num_seqs={self.max_num_seqs}], got {n!r}")
         prompt_ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
