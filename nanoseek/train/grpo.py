@@ -1,7 +1,7 @@
 """`nanoseek grpo`: Group Relative Policy Optimization with rule-based rewards (DeepSeekMath §4, R1 §2.2).
 
     nanoseek grpo --model runs/cold-start/checkpoints/step_00000300 --from-tasks 5000 --name grpo \\
-        max_steps=200 lr=1e-4 num_generations=8 loss_type=dapo beta=0.0
+        max_steps=200 lr=2e-5 num_generations=8 loss_type=dapo beta=0.0
     nanoseek grpo --model DIR --data prompts.jsonl rewards=accuracy,my_rewards:brevity reward_weights=[1,0.2]
 
 Each optimizer step (TRL's GRPOTrainer, whose names and defaults these follow):
@@ -131,8 +131,9 @@ class GRPOConfig:
         return self.num_iterations > 1 or self.steps_per_generation > 1
 
 
-# Where GRPO departs from pretraining's defaults: a constant small lr, no decay, 8 prompts x 8 per step.
-GRPO_TRAIN_DEFAULTS = {"lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+# Where GRPO departs from pretraining's defaults: a constant small lr (the nano preset collapsed at
+# 5e-5 and above in benchmarks/grpo_learning.py), no decay, 8 prompts x 8 completions per step.
+GRPO_TRAIN_DEFAULTS = {"lr": 2e-5, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                        "global_batch_size": 64, "micro_batch_size": 32, "max_steps": 200, "eval_every": 25,
                        "checkpoint_every": 100}
 
