@@ -61,6 +61,10 @@ def test_sft_on_jsonl_chats_with_padding(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 3 and "val_lm_loss" in summary and "val_accuracy" not in summary
     assert json.loads((tmp_path / "chat" / "run_config.json").read_text())["chats"] == 32
+    # too few held-out chats for one validation batch: trained anyway, said once
+    assert main(["sft", "--model", str(random_model()), "--data", str(chats), "--runs-dir", str(tmp_path), "--name", "few",
+                 *FAST, "max_steps=1", "warmup_steps=0", "eval_problems=0", "val_fraction=0.1"]) == 0
+    assert "no validation loss" in capsys.readouterr().err
 
 
 def test_bad_chat_files_name_the_line(tmp_path):

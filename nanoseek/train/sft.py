@@ -139,7 +139,14 @@ def sft(run: SFTRun) -> dict[str, Any]:
         train_batches = loader(run.conversations, shuffle=True)
         if topology.is_main and train_batches.truncated:
             print(f"{train_batches.truncated} chats are longer than seq_len={config.seq_len} and were truncated", file=sys.stderr)
-        val_batches = functools.partial(loader, run.val_conversations, shuffle=False) if run.val_conversations else None
+        val_batches = None
+        if run.val_conversations:
+            try:
+                loader(run.val_conversations, shuffle=False)
+                val_batches = functools.partial(loader, run.val_conversations, shuffle=False)
+            except DataError as error:
+                if topology.is_main:
+                    print(f"no validation loss: {error}", file=sys.stderr)
 
         trainer = Trainer(model, config, run.run_dir, topology=topology, tokenizer=tokenizer)
         if run.resume_from is not None:
