@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.checkpoint import load_pretrained
@@ -109,7 +109,7 @@ class ModelEntry:
     state: str = "unloaded"  # unloaded | loading | loaded | switching | failed
     deployment: Deployment | None = None
     error: str | None = None
-    lock: asyncio.Lock | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serializes load, switch and unload
 
 
 class ModelManager:
@@ -153,7 +153,7 @@ class ModelManager:
                              "(at most 128 characters)", param="model")
         if name in self.entries:
             raise ServeError(400, f"model {name!r} is already registered", param="model")
-        entry = ModelEntry(name, self.resolve_path(path), thinking, int(time.time()), lock=asyncio.Lock())
+        entry = ModelEntry(name, self.resolve_path(path), thinking, int(time.time()))
         self.entries[name] = entry
         return entry
 
@@ -270,7 +270,10 @@ class ModelManager:
                 deployment = entry.deployment
                 if (deployment is not None and deployment.in_flight == 0 and not entry.lock.locked()
                         and now - deployment.last_used >= self.idle_unload):
-                    await self.unload(entry.name)
+                    try:
+                        await self.unload(entry.name)
+                    except Exception:  # keep watching the other models
+                        logger.exception("unloading idle model %s failed", entry.name)
 
     async def close(self) -> None:
         """Cancel the reaper and close every engine (requests still running end as cancelled)."""
