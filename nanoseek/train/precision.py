@@ -15,7 +15,7 @@ GEMMs. (V3 also keeps AdamW moments in bf16; we keep them fp32.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -123,9 +123,3 @@ class Precision:
                 module.linear = fp8_linear
                 converted.append(name)
         return converted
-
-    @contextlib.contextmanager
-    def evaluation(self) -> Iterator[None]:
-        """Autocast for evaluation and sampling (FP8 GEMMs stay on, as the model was trained)."""
-        with torch.no_grad(), self.autocast():
-            yield
