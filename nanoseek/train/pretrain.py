@@ -136,10 +136,9 @@ def pretrain(run: PretrainRun, sample_prompt: str | None = None, sample_tokens: 
         metrics = trainer.fit(train_batches, val_batches)
 
         prompt = sample_prompt if sample_prompt is not None else _default_prompt(run, tokenizer)
-        prompt_ids = tokenizer.encode(prompt)
+        eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         with trainer.precision.autocast():
-            eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-            generated = greedy_generate(trainer.wrapped, prompt_ids, sample_tokens, eos_ids)
+            generated = greedy_generate(trainer.wrapped, tokenizer.encode(prompt), sample_tokens, eos_ids)
         if topology.is_main:
             print(f"sample: {prompt!r} -> {tokenizer.decode(generated)!r}", file=sys.stderr)
             summary = {k: metrics[k] for k in ("step", "tokens", "loss", "val_lm_loss") if k in metrics}
