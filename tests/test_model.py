@@ -214,3 +214,18 @@ def test_router_bias_stays_fp32_in_bf16_model():
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert model.model.layers[1].mlp.gate.e_score_correction_bias not in set(model.parameters())
+
+
+def test_mtp_targets_never_cross_packed_documents():
+    """Depth 1 at the last token of document A would predict document B's second token: ignored."""
+    model = build_model(tiny_config("v3"), seed=0).eval()
+    ids = tokens(96, batch=1, seq=10, seed=3)
+    documents = torch.tensor([[0] * 5 + [1] * 5])
+    labels = tokens(96, batch=1, seq=10, seed=4)
+    with torch.no_grad():
+        output = model(ids, labels=labels, document_ids=documents)
+        logits = output.mtp_logits[0]
+        kept = torch.ones(9, dtype=torch.bool)
+        kept[4] = False  # position 4 (end of A) + 1 is in B
+        expected = torch.nn.functional.cross_entropy(logits[0, kept], labels[0, 1:][kept])
+    assert torch.allclose(output.mtp_loss, expected, atol=1e-6)

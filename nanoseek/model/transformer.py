@@ -173,7 +173,11 @@ class CausalLM(nn.Module):
             ):
                 output.mtp_logits.append(mtp_logits)
                 router_stats.extend(stats)
-                mtp_losses.append(cross_entropy(mtp_logits, labels[:, depth:]))
+                targets = labels[:, depth:]
+                if document_ids is not None:  # position i must not predict a token of the next packed document
+                    crosses = document_ids[:, depth:] != document_ids[:, :-depth]
+                    targets = targets.masked_fill(crosses, IGNORE_INDEX)
+                mtp_losses.append(cross_entropy(mtp_logits, targets))
             output.mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + mtp_weight * output.mtp_loss
         if want_balance:
