@@ -43,7 +43,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nanoseek.checkpoint import (
+    _EXPERT_KEY,
     DTYPES,
+    _copy_into,
     _from_hf_name,
     _iter_checkpoint_tensors,
     hf_state_dict,
@@ -269,6 +271,12 @@ def _load_int8(directory: Path, config: ModelConfig, dtype, device, load_mtp: bo
         float_names = hf_state_dict(CausalLM(config)).keys()
     expected = {name for name in float_names if _from_hf_name(name, config) is not None} | {"lm_head.weight"}
     expected |= {name + "_scale" for name in expected if _is_quantized_weight(name, "int8")}
+    # Scales have their weight's layout minus the input dimension, so they fill through the same
+    # name mapping (experts split per index and gate/up half) as the weights, aimed at the scale buffers.
+    scale_targets = {
+        name.removesuffix("_scale") + ("_proj" if name.endswith(("experts.gate_up_scale", "experts.down_scale")) else ""): tensor
+        for name, tensor in targets.items() if name.endswith("_scale")
+    }
     filled = set()
     for file, key, reader in _iter_checkpoint_tensors(directory):
         layer = re.match(r"^model\.layers\.(\d+)\.", key)
@@ -277,36 +285,18 @@ def _load_int8(directory: Path, config: ModelConfig, dtype, device, load_mtp: bo
         name = _from_hf_name(key, config)
         if name is None:
             continue
-        tensor = reader.get_tensor(key)
-        destination = _int8_destination(targets, name, key, file)
-        if tuple(destination.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{file.name}: {key!r} has shape {list(tensor.shape)}, expected {list(destination.shape)}")
-        destination.copy_(tensor)
+        destinations = targets
+        if name.endswith("weight_scale"):
+            name, destinations = name.removesuffix("_scale"), scale_targets
+        if name not in destinations and not _EXPERT_KEY.match(name):
+            raise CheckpointError(f"{file.name}: unexpected tensor {key!r} for this config")
+        _copy_into(destinations, name, key, reader.get_tensor(key), file)
         filled.add(key)
     missing = sorted(expected - filled)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory}: missing tensors {shown}")
     return model.eval()
-
-
-def _int8_destination(targets: dict[str, torch.Tensor], name: str, key: str, file: Path) -> torch.Tensor:
-    """The slice of the model's state that HF tensor `key` (our name `name`) fills."""
-    expert = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$", name)
-    if expert is None:
-        if name not in targets:
-            raise CheckpointError(f"{file.name}: unexpected tensor {key!r} for this config")
-        return targets[name]
-    prefix, index, kind, suffix = expert.group(1), int(expert.group(2)), expert.group(3), expert.group(4)
-    stack_name = "down" if kind == "down_proj" else "gate_up"
-    stack = targets[f"{prefix}.{stack_name}_proj" if suffix == "weight" else f"{prefix}.{stack_name}_scale"]
-    if index >= stack.shape[0]:
-        raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (expert {index} of {stack.shape[0]})")
-    destination = stack[index]
-    if kind != "down_proj":
-        half = destination.shape[0] // 2
-        destination = destination[:half] if kind == "gate_proj" else destination[half:]
-    return destination
 
 
 # ----- perplexity and the command line ----------------------------------------------------------------
