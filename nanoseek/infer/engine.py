@@ -667,16 +667,16 @@ class Engine:
     def _batch(self, sequences: list[_Sequence], tokens: list[list[int]], starts: list[int]):
         """Left-pad token lists into [batch, seq] ids, positions and a validity mask; bind the cache slots."""
         width = max(len(t) for t in tokens)
-        ids = torch.zeros(len(tokens), width, dtype=torch.long)
-        positions = torch.zeros(len(tokens), width, dtype=torch.long)
-        valid = torch.zeros(len(tokens), width, dtype=torch.bool)
-        for row, (row_tokens, start) in enumerate(zip(tokens, starts, strict=True)):
-            count = len(row_tokens)
-            ids[row, width - count :] = torch.tensor(row_tokens)
-            positions[row, width - count :] = torch.arange(start, start + count)
-            valid[row, width - count :] = True
-        ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
-        self.cache.bind([s.table for s in sequences], positions, None if bool(valid.all()) else valid)
+        padding = [width - len(t) for t in tokens]
+        ids = torch.tensor([[0] * pad + t for pad, t in zip(padding, tokens, strict=True)], device=self.device)
+        positions = torch.tensor(
+            [[0] * pad + list(range(start, start + width - pad)) for pad, start in zip(padding, starts, strict=True)],
+            device=self.device,
+        )
+        valid = None
+        if any(padding):  # padding tokens write to the cache's null block
+            valid = torch.tensor([[False] * pad + [True] * (width - pad) for pad in padding], device=self.device)
+        self.cache.bind([s.table for s in sequences], positions, valid)
         return ids, positions
 
     def _forward(self, sequences: list[_Sequence], tokens: list[list[int]], logits_to_keep: int) -> ModelOutput:
