@@ -327,7 +327,7 @@ class Engine:
         config = model.config
         if decode_layout:
             use_decode_layout(model)
-        self.model = model.eval()
+        self.model = model  # train/eval mode is irrelevant here (no labels, no dropout): left as the caller set it
         self.config = config
         self.tokenizer = tokenizer
         self.device = model.lm_head.weight.device
