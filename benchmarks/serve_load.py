@@ -14,6 +14,7 @@ Server and offline runs alternate (--repeats each; medians reported). One JSON l
 inter-token latency in seconds, identical_outputs}}.
 
     python benchmarks/serve_load.py [--clients 16 32 64] [--requests-per-client 2] [--seconds 120] [--repeats 3]
+                                    [--threads N]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -131,14 +133,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0], 4)
 
 
-def start_server(directory: Path) -> tuple[subprocess.Popen, str]:
+def start_server(directory: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "nanoseek", "serve", "--model", f"small={directory}", "--host", "127.0.0.1",
                "--port", str(port), "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
                "--max-queued-requests", "1024", "--log-level", "warning"]
-    server = subprocess.Popen(command)
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    server = subprocess.Popen(command, env=environment)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -171,13 +174,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=120, help="no new requests after this long (per row)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the server and the offline engine (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="server and offline runs per row (medians reported)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     directory = checkpoint()
     tokenizer = Tokenizer.from_pretrained(directory)
     all_prompts = prompts(tokenizer, max(args.clients) * args.requests_per_client)
     model = load_pretrained(directory)
-    server, url = start_server(directory)
+    server, url = start_server(directory, args.threads)
     try:
         asyncio.run(load(url, all_prompts, 1, 1, args.seconds))  # warm-up
         ok = True

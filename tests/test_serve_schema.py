@@ -22,6 +22,8 @@ def steer(body: dict, mode: GenerationMode) -> None:
     """Aim generated completion bodies at a served model; valid ones also past the checks for unsupported
     features, so that most of them generate (with short outputs)."""
     body["model"] = "tiny"
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = MAX_TOKENS  # the default is the rest of the context
     for field in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
             body[field] = MAX_TOKENS

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoseek.errors import NanoseekError
+from nanoseek.infer import SamplingParams
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.moderation import Moderator
 from nanoseek.serve.protocol import (
@@ -251,7 +252,8 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
 
 
-def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, logprobs: int | None):
+def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+              logprobs: int | None) -> SamplingParams:
     return sampling_params(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
