@@ -22,7 +22,9 @@ Each optimizer step (TRL's GRPOTrainer, whose names and defaults these follow):
    `dapo` = sum / tokens of the whole optimizer step (DAPO; TRL's default).
    A rollout feeds `steps_per_generation` optimizer steps and is reused `num_iterations` times;
    pi_old is the policy that sampled it (its log-probs are kept). With one on-policy update
-   rho = 1, so the loss value is about 0 while its gradient is not: watch the rewards.
+   rho = 1, so the loss value is about 0 while its gradient is not: watch the rewards. Completions
+   whose gradient is exactly zero (advantage 0 at beta = 0: a group that scored all-equal) are not
+   run through the update at all; the normalisers still count them. MTP depths stay frozen.
 The optimizer, schedule, precision, checkpoints, metrics and the MoE router-bias update are the
 shared `Trainer`'s; the rollouts are its batch source. Per step the run logs reward mean/std per
 function, the share of all-wrong / all-correct groups, completion lengths and truncation, entropy,
