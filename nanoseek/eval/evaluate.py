@@ -41,6 +41,7 @@ from nanoseek.data.tasks import (
 from nanoseek.errors import ConfigError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.io import atomic_write_text
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -139,6 +140,60 @@ def perplexity(
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
 
 
+@torch.no_grad()
+def speculative_probe(model: torch.nn.Module, tokenizer: Tokenizer, problems: Sequence[Problem], max_tokens: int = 128) -> dict[str, float]:
+    """Batch-1 greedy decoding of each problem without and with MTP self-speculation.
+
+    Reports plain decode tokens/s, the drafts' acceptance rate, tokens per verify forward and the
+    speedup (speculative tokens/s over plain). Models without an MTP layer report tokens/s only.
+    Both runs must produce the same tokens (greedy speculation is exact); `spec_identical` says so.
+    """
+    ids = prompt_ids(tokenizer, problems)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    runs = {}
+    for speculative in ([False, True] if len(getattr(model, "mtp", ())) else [False]):
+        engine = Engine(model, tokenizer, max_num_seqs=1, speculative=speculative)
+        engine.generate(ids[:1], params)  # warm-up: allocations and first-call overheads
+        tokens, start, outputs = 0, time.perf_counter(), []
+        for prompt in ids:
+            completion = engine.generate(prompt, params)[0].outputs[0]
+            tokens += len(completion.token_ids)
+            outputs.append(completion.token_ids)
+        runs[speculative] = (tokens / (time.perf_counter() - start), engine.stats, outputs)
+    metrics = {"tokens_per_second": runs[False][0]}
+    if True in runs:
+        tokens_per_second, stats, outputs = runs[True]
+        metrics.update({
+            "mtp_acceptance": stats.acceptance_rate,
+            "mtp_mean_accepted_length": stats.mean_accepted_length,
+            "spec_tokens_per_second": tokens_per_second,
+            "spec_speedup": tokens_per_second / runs[False][0],
+            "spec_identical": float(outputs == runs[False][2]),
+        })
+    return metrics
+
+
+@torch.no_grad()
+def expert_load(model: torch.nn.Module, tokenizer: Tokenizer, problems: Sequence[Problem]) -> dict[str, Any]:
+    """Tokens per routed expert of each main-model MoE layer over the problems' prompts and worked
+    solutions, relative to the layer mean (1.0 = balanced), and MaxVio = max_i load_i / mean - 1."""
+    num_layers = sum(1 for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    if num_layers == 0:
+        return {}
+    device = next(model.parameters()).device
+    counts = None
+    for problem in problems:
+        ids = tokenizer.apply_chat_template(problem.messages(), tokenize=True)
+        stats = model(torch.tensor([ids], device=device), use_mtp=False).router_stats[:num_layers]
+        layer_counts = torch.stack([s.tokens_per_expert for s in stats])
+        counts = layer_counts if counts is None else counts + layer_counts
+    relative = counts / counts.mean(dim=1, keepdim=True).clamp_min(1e-9)
+    return {
+        "expert_load": [[round(v, 4) for v in row] for row in relative.tolist()],
+        "expert_load_max_violation": float(relative.amax(dim=1).mean()) - 1.0,
+    }
+
+
 def _mean(values: Sequence[float | bool]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -158,6 +213,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="shard split for perplexity")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batches", type=int, default=16, help="perplexity batches (of 8 windows)")
+    parser.add_argument("--speculative", type=int, default=0, metavar="N",
+                        help="also decode N problems at batch 1 with and without MTP speculation (tokens/s, acceptance, speedup)")
+    parser.add_argument("--expert-load", action="store_true", help="also report per-layer expert load on the problems")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report to FILE")
     parser.add_argument("--device", default=None)
 
 
@@ -175,8 +234,15 @@ def cli_main(args: argparse.Namespace) -> int:
         problems = heldout_problems(args.count, args.tasks, args.difficulty, args.seed)
         report.update(evaluate_tasks(engine, problems, args.samples, args.temperature, args.max_tokens, args.seed))
         report["problems"] = len(problems)
+        if args.speculative > 0:
+            report.update(speculative_probe(model, tokenizer, problems[: args.speculative], args.max_tokens))
+        if args.expert_load:
+            report.update(expert_load(model, tokenizer, problems))
     if args.data is not None:
         report.update({f"{args.split}_{k}": v for k, v in perplexity(model, args.data, args.split, args.seq_len, max_batches=args.batches).items()})
     report["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
+    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()})
+    if args.out:
+        atomic_write_text(args.out, line + "\n")
+    print(line)
     return 0
