@@ -126,8 +126,9 @@ class QuantizedRoutedExperts(RoutedExperts):
     """`RoutedExperts` whose stacks are quantized; routing and token grouping are inherited."""
 
     def __init__(self, num_experts: int, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not RoutedExperts.__init__: it would allocate the float stacks
         self.num_experts = num_experts
+        self.linear = F.linear  # consulted by the inherited grouping; the quantized matmuls are in expert_forward
         self.register_buffer("gate_up_proj", gate_up[0])
         self.register_buffer("gate_up_scale", gate_up[1])
         self.register_buffer("down_proj", down[0])
