@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.infer.chat", "multi-turn chat in the terminal (reasoning shown dimmed), /clear and /exit"),
     "quantize": ("nanoseek.infer.quant", "weight-only int8 (per channel) or FP8 (DeepSeek blocks) checkpoint + perplexity check"),
     "pipeline": ("nanoseek.train.pipeline", "run the multi-stage R1 recipe from one config file: resumable, stage by stage"),
+    "speedrun": ("nanoseek.speedrun", "the whole R1 pipeline at micro scale on built-in tasks, ending in a report card"),
 }
 
 
