@@ -69,7 +69,7 @@ def test_quantized_model_stays_close_and_keeps_sensitive_weights_in_float(name, 
 
 
 def test_quantized_model_serves_through_the_engine():
-    model = quantize_model(peaky_model("v3"), "int8")  # bf16 activations
+    model = quantize_model(peaky_model("v3"), "int8", dtype=torch.bfloat16)
     engine = Engine(model, speculative=True)
     assert engine.cache.layers[0][0].dtype == torch.bfloat16
     output = engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import DTYPES
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams
 from nanoseek.infer.engine import Engine
@@ -67,8 +66,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
         raise GenerationError(f"{args.model} has no tokenizer.json; save the tokenizer next to the weights")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=args.dtype, device=device)
-    if args.quantize:  # activations in bf16 unless asked otherwise: the int8 kernel is fastest with them
-        quantize_model(model, args.quantize, dtype=DTYPES[args.dtype] if args.dtype else torch.bfloat16)
+    if args.quantize:
+        quantize_model(model, args.quantize)
     return Engine(model, Tokenizer.from_pretrained(args.model), max_model_len=args.max_model_len,
                   speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 

@@ -4,8 +4,9 @@ Decode reads every active weight once per token, so fewer bytes per weight is mo
 second (gpt-fast's int8 is the model). Activations stay in floating point.
 
 * int8: W[i, :] ~= q[i, :] * scale[i], q = round(W / scale) in [-127, 127], scale = max|W[i, :]| / 127.
-  The matmul is `torch._weight_int8pack_mm` (int8 weights read directly, bf16 activations), with a
-  dequantizing fallback where that kernel cannot run.
+  The matmul is `torch._weight_int8pack_mm` (int8 weights read directly), computed in bf16 whatever
+  the model's activation dtype (the kernel is 10x slower with fp32 inputs on CPU), with a dequantizing
+  fallback where it cannot run.
 * fp8: DeepSeek-V3's own scheme (`nanoseek.fp8.quantize_blocks`): e4m3 weights and one fp32
   `scale_inv` per 128x128 block. On CPU the weight is dequantized for each matmul (memory saving only).
 
@@ -59,6 +60,7 @@ from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, restore_fp32_state
 
 SCHEMES = ("int8", "fp8")
+INT8_KERNEL_DTYPE = torch.bfloat16  # int8 scales are kept in it: int8_linear computes in the scales' dtype
 INT8_METHOD = "nanoseek_int8"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 # Decoder-block linear weights in Hugging Face names (DeepSeek quantizes exactly these to FP8).
@@ -143,10 +145,10 @@ class QuantizedRoutedExperts(RoutedExperts):
 
 
 # ----- quantizing a model in memory ----------------------------------------------------------------
-def _quantize(weight: torch.Tensor, scheme: str, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     if scheme == "int8":
         q, scale = quantize_int8(weight)
-        return q.contiguous(), scale.to(compute_dtype)
+        return q.contiguous(), scale.to(INT8_KERNEL_DTYPE)
     return quantize_blocks(weight.contiguous())
 
 
@@ -163,11 +165,9 @@ def quantized_module_names(model: CausalLM, scheme: str) -> list[str]:
 
 
 @torch.no_grad()
-def quantize_model(model: CausalLM, scheme: str, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
-    """Quantize `model` in place for inference; everything left in floating point is cast to `dtype`.
-
-    int8 computes in `dtype` (bf16 by default: the packed int8 kernel is fast with bf16 activations).
-    """
+def quantize_model(model: CausalLM, scheme: str, dtype: torch.dtype | None = None) -> CausalLM:
+    """Quantize `model` in place for inference; what stays in floating point is cast to `dtype` (default:
+    kept as it is). On CPU fp32 activations are faster than bf16 ones around the int8 matmuls."""
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
     for name in quantized_module_names(model, scheme):
@@ -176,24 +176,33 @@ def quantize_model(model: CausalLM, scheme: str, dtype: torch.dtype = torch.bflo
         module = getattr(parent, child)
         if isinstance(module, RoutedExperts):
             new = QuantizedRoutedExperts(
-                module.num_experts, _quantize(module.gate_up_proj, scheme, dtype), _quantize(module.down_proj, scheme, dtype)
+                module.num_experts, _quantize(module.gate_up_proj, scheme), _quantize(module.down_proj, scheme)
             )
         else:
-            bias = None if module.bias is None else module.bias.detach().to(dtype)
-            new = QuantizedLinear(*_quantize(module.weight, scheme, dtype), bias)
+            bias = None if module.bias is None else module.bias.detach()
+            new = QuantizedLinear(*_quantize(module.weight, scheme), bias)
         setattr(parent, child, new)
-    for parameter in model.parameters():
-        parameter.data = parameter.data.to(dtype)
-    restore_fp32_state(model)
-    model.config = model.config.replace(torch_dtype=next(k for k, v in DTYPES.items() if v == dtype))
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear) and module.bias is not None:
+                module.bias = module.bias.to(dtype)
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(dtype)
+        restore_fp32_state(model)
+        model.config = model.config.replace(torch_dtype=next(k for k, v in DTYPES.items() if v == dtype))
     return model.eval()
 
 
 # ----- checkpoints -----------------------------------------------------------------------------------
-def quantize_checkpoint(source: str | Path, out: str | Path, scheme: str, activation_dtype: str = "bfloat16") -> dict:
-    """Write a quantized copy of a float checkpoint directory (tokenizer and other files kept)."""
+def quantize_checkpoint(source: str | Path, out: str | Path, scheme: str, activation_dtype: str | None = None) -> dict:
+    """Write a quantized copy of a float checkpoint directory (tokenizer and other files kept).
+
+    activation_dtype: dtype of the tensors left in floating point (default: bf16 for fp8, as in
+    DeepSeek's release; the source's for int8).
+    """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    activation_dtype = activation_dtype or ("bfloat16" if scheme == "fp8" else ModelConfig.from_hf(source).torch_dtype)
     model = load_pretrained(source, dtype=torch.float32)
     if "quantization_config" in model.config.extra:
         raise CheckpointError(f"{source} is already quantized ({model.config.extra['quantization_config']})")
@@ -323,7 +332,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the perplexity check "
                         "(default: generated task problems from the test split)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of held-out text to score")
-    parser.add_argument("--activation-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--activation-dtype", default=None, choices=("bfloat16", "float32"),
+                        help="dtype of the weights left in floating point (default: bf16 for fp8, the source's for int8)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
