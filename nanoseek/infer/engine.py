@@ -108,6 +108,7 @@ class RequestHandle:
         self.request_id = request_id
         self.n = n
         self._output = RequestOutput(request_id, prompt_ids, [CompletionOutput(i, "", []) for i in range(n)])
+        self._texts: list[list[str]] = [[] for _ in range(n)]  # joined into the output when a completion ends
         self._unfinished = n
         self._done = threading.Event()
         try:
@@ -159,13 +160,16 @@ class RequestHandle:
     def _publish(self, event: StreamEvent) -> None:
         """Called by the engine thread: record the event, then hand it to the consumer."""
         completion = self._output.outputs[event.index]
-        completion.text += event.text
+        self._texts[event.index].append(event.text)
         completion.token_ids.extend(event.token_ids)
         if event.logprobs is not None:
-            completion.logprobs = (completion.logprobs or []) + event.logprobs
+            completion.logprobs = completion.logprobs or []
+            completion.logprobs.extend(event.logprobs)
         if event.top_logprobs is not None:
-            completion.top_logprobs = (completion.top_logprobs or []) + event.top_logprobs
+            completion.top_logprobs = completion.top_logprobs or []
+            completion.top_logprobs.extend(event.top_logprobs)
         if event.finish_reason is not None:
+            completion.text = "".join(self._texts[event.index])
             completion.finish_reason, completion.stop_reason = event.finish_reason, event.stop_reason
             completion.error = event.error
             self._unfinished -= 1
