@@ -45,3 +45,10 @@ def test_report_renders_tables_plots_and_honest_comparison(tmp_path):
     for plot in ("loss_curves", "reward_curve", "accuracy_per_stage", "expert_load"):
         assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
         assert f"plots/{plot}.png" in report
+
+
+def test_a_tie_names_no_winner(tmp_path):
+    summary = {"comparison": {"seeds": [0], "baseline": "a", "a": [0.0], "b": [0.0], "c": [0.0]}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = write_report(tmp_path).read_text()
+    assert "No arm is ahead: a, b, c tie at 0.0%" in report and "Best arm" not in report

@@ -131,9 +131,12 @@ def render_comparison(comparison: dict[str, Any]) -> list[str]:
             if arm != baseline:
                 delta = (means[arm] - means[baseline]) * 100
                 lines.append(f"- {arm} vs {baseline}: {delta:+.1f} points (mean over {len(seeds)} seed(s)).")
-        ranked = sorted((arm for arm in arms if arm != baseline), key=lambda arm: means[arm], reverse=True)
-        if ranked:
-            lines.append(f"- Best arm: **{ranked[0]}**.")
+        best = max(means.values())
+        leaders = [arm for arm in arms if means[arm] == best]
+        if len(leaders) == 1:
+            lines.append(f"- Best arm: **{leaders[0]}**.")
+        else:
+            lines.append(f"- No arm is ahead: {', '.join(leaders)} tie at {best:.1%}.")
     if comparison.get("note"):
         lines.append(f"- {comparison['note']}")
     lines.append("")
