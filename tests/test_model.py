@@ -9,9 +9,16 @@ import torch
 from model_configs import tiny_config
 
 from nanoseek import ModelConfig
-from nanoseek.model import build_model
+from nanoseek.model import IGNORE_INDEX, build_model
 from nanoseek.model.cache import StaticKVCache
-from nanoseek.model.layers import RMSNorm, RotaryAngles, RotaryEmbedding, apply_rope_half, apply_rope_interleaved
+from nanoseek.model.kernels import linear_cross_entropy
+from nanoseek.model.layers import (
+    RMSNorm,
+    RotaryAngles,
+    RotaryEmbedding,
+    apply_rope_half,
+    apply_rope_interleaved,
+)
 from nanoseek.model.moe import MoE, Router
 
 
@@ -136,6 +143,40 @@ def test_grouped_experts_equal_naive_per_token_loop():
     assert torch.allclose(moe.experts(x, weights, indices), moe.experts.naive_forward(x, weights, indices), atol=1e-6)
 
 
+def _expert_gradients(experts, forward, x, weights, indices) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    out = forward(x, weights, indices)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.float(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
+
+
+def test_grouped_expert_kernel_gradients_equal_naive_loop():
+    """Training runs kernels.grouped_swiglu: same outputs and gradients as the per-token specification,
+    and zero gradient for an expert no token chose."""
+    experts = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp.experts
+    x = torch.randn(12, 64)
+    indices = torch.randint(0, 7, (12, 2), generator=torch.Generator().manual_seed(1))  # expert 7 unused
+    weights = torch.rand(12, 2)
+    fast = _expert_gradients(experts, experts, x, weights, indices)
+    naive = _expert_gradients(experts, experts.naive_forward, x, weights, indices)
+    for got, expected in zip(fast, naive, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast[2][7], torch.zeros_like(fast[2][7])) and torch.equal(fast[3][7], torch.zeros_like(fast[3][7]))
+
+
+def test_grouped_expert_kernel_under_bf16_autocast_equals_per_expert_linears():
+    experts = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp.experts
+    x, weights = torch.randn(16, 64), torch.rand(16, 2)
+    indices = torch.randint(0, 8, (16, 2), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _expert_gradients(experts, experts, x, weights, indices)
+        experts.linear = lambda x, weight: torch.nn.functional.linear(x, weight)  # not F.linear: the per-expert loop
+        looped = _expert_gradients(experts, experts, x, weights, indices)
+    for got, expected in zip(fast, looped, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-3)
+
+
 def _router(**overrides) -> Router:
     router = Router(tiny_config("v3", **overrides))
     torch.nn.init.normal_(router.weight, std=0.5, generator=torch.Generator().manual_seed(0))
@@ -223,9 +264,50 @@ def test_mtp_targets_never_cross_packed_documents():
     documents = torch.tensor([[0] * 5 + [1] * 5])
     labels = tokens(96, batch=1, seq=10, seed=4)
     with torch.no_grad():
-        output = model(ids, labels=labels, document_ids=documents)
+        output = model(ids, labels=labels, document_ids=documents, return_logits=True)
         logits = output.mtp_logits[0]
         kept = torch.ones(9, dtype=torch.bool)
         kept[4] = False  # position 4 (end of A) + 1 is in B
         expected = torch.nn.functional.cross_entropy(logits[0, kept], labels[0, 1:][kept])
     assert torch.allclose(output.mtp_loss, expected, atol=1e-6)
+
+
+# ----- fused output head + cross-entropy (kernels.linear_cross_entropy) ----------------------------
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 50, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(20000, 16, generator=generator, requires_grad=True)  # 150 rows: 12 chunks on CPU
+    labels = torch.randint(0, 20000, (3, 50), generator=generator)
+    labels[:, ::4] = IGNORE_INDEX
+    upstream = 2.0**16 if dtype == torch.float16 else 0.3  # fp16: a loss scale must neither overflow nor underflow
+    results = []
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for fused in (True, False):
+            hidden.grad = weight.grad = None
+            if fused:
+                loss = linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX)
+            else:
+                logits = torch.nn.functional.linear(hidden, weight).float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            (upstream * loss).backward()
+            results.append([loss, hidden.grad / upstream, weight.grad / upstream])
+    tolerance = dict(rtol=2e-2, atol=2e-3) if dtype else dict(rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_model_losses_without_logits_equal_losses_from_logits():
+    """Training (labels, no logits) runs the fused head: same LM and MTP losses and gradients."""
+    model = build_model(tiny_config("v3"), seed=0).train()
+    ids, labels = tokens(96, seq=12), tokens(96, seq=12, seed=5)
+    labels[0, :3] = IGNORE_INDEX
+    results = []
+    for return_logits in (False, True):
+        model.zero_grad(set_to_none=True)
+        output = model(ids, labels=labels, return_logits=return_logits)
+        output.loss.backward()
+        assert (output.logits is not None) == return_logits
+        results.append([output.lm_loss, output.mtp_loss] + [p.grad for p in model.parameters()])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -102,7 +102,7 @@ def test_mtp_logits_match_transformers_mtp_model():
     tokens = random_tokens(config.vocab_size)
     seq = tokens.shape[1]
     with torch.no_grad():
-        ours = model(tokens, labels=tokens)
+        ours = model(tokens, labels=tokens, return_logits=True)
         hidden = main.model(tokens).last_hidden_state
         positions = torch.arange(seq - 1)[None].expand(2, -1)
         theirs_hidden = mtp_model.forward_layer(0, hidden[:, :-1], positions, None, input_ids=tokens[:, 1:])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.kernels import grouped_swiglu
 from nanoseek.model.layers import SwiGLU
 
 
@@ -102,16 +103,21 @@ class RoutedExperts(nn.Module):
         order = flat_indices.argsort(stable=True)
         token_of_slot = order // top_k
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
-        # One split (not a slice per expert): slicing makes autograd zero-fill a full-size gradient per slice.
-        expert_inputs = x[token_of_slot].split(counts)
+        grouped_output = self.grouped_forward(x[token_of_slot], counts) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
+
+    def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""
+        if self.linear is F.linear and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts)  # training: kernels.py
         gate_up, down = self.expert_weights()
+        # One split (not a slice per expert): slicing makes autograd zero-fill a full-size gradient per slice.
         outputs = [
             self.expert_forward(expert_input, gate_up[expert], down[expert])
-            for expert, (expert_input, count) in enumerate(zip(expert_inputs, counts, strict=True))
+            for expert, (expert_input, count) in enumerate(zip(x.split(counts), counts, strict=True))
             if count
         ]
-        grouped_output = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
+        return torch.cat(outputs)
 
     def expert_weights(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
         """The (gate_up, down) weights of every expert, indexable by expert id.

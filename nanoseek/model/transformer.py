@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GroupedQueryAttention, KVCache, MultiHeadLatentAttention
+from nanoseek.model.kernels import linear_cross_entropy
 from nanoseek.model.layers import RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU
 from nanoseek.model.moe import MoE, RoutedExperts, Router, RouterStats
 from nanoseek.model.mtp import MTPModule
@@ -93,7 +94,10 @@ class Transformer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """Everything one forward produces. `loss` combines the parts with the weights passed in."""
+    """Everything one forward produces. `loss` combines the parts with the weights passed in.
+
+    With labels, `logits` and `mtp_logits` are there only if asked for (`return_logits`).
+    """
 
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
@@ -138,6 +142,7 @@ class CausalLM(nn.Module):
         use_mtp: bool = True,
         mtp_weight: float = 0.3,
         balance_alpha: float | None = None,
+        return_logits: bool = False,
     ) -> ModelOutput:
         """Run the model on `input_ids` [batch, seq].
 
@@ -150,6 +155,8 @@ class CausalLM(nn.Module):
         document_ids: [batch, seq] ids of packed documents that must not attend to each other.
         absorb: force MLA's absorbed (True) or naive (False) path; None picks the cheaper one.
         logits_to_keep: compute logits only for the last n positions (0 = all).
+        return_logits: with labels, return the logits too. Otherwise the losses are computed from the
+            hidden states chunk by chunk, never holding fp32 [tokens, vocab] logits (kernels.py).
         """
         batch, seq = input_ids.shape
         if positions is None:
@@ -160,24 +167,27 @@ class CausalLM(nn.Module):
         want_balance = labels is not None and self.training and balance_alpha > 0
         hidden, router_stats = self.model(input_ids, angles, cache, positions, mask, absorb, want_balance)
         kept = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
-        logits = self.lm_head(kept)
+        logits = self.lm_head(kept) if labels is None or return_logits else None
         output = ModelOutput(logits=logits, hidden_states=hidden, router_stats=router_stats)
         if labels is None:
             return output
-        output.lm_loss = cross_entropy(logits, labels)
+        output.lm_loss = self.head_loss(kept, logits, labels)
         loss = output.lm_loss
         if use_mtp and len(self.mtp) and seq > len(self.mtp):
             mtp_losses = []
-            for depth, (mtp_logits, stats) in enumerate(
+            for depth, (mtp_hidden, stats) in enumerate(
                 self.mtp_forward(hidden, input_ids, angles, mask, want_balance), start=1
             ):
-                output.mtp_logits.append(mtp_logits)
+                mtp_logits = None
+                if return_logits:
+                    mtp_logits = self.lm_head(mtp_hidden)
+                    output.mtp_logits.append(mtp_logits)
                 router_stats.extend(stats)
                 targets = labels[:, depth:]
                 if document_ids is not None:  # position i must not predict a token of the next packed document
                     crosses = document_ids[:, depth:] != document_ids[:, :-depth]
                     targets = targets.masked_fill(crosses, IGNORE_INDEX)
-                mtp_losses.append(cross_entropy(mtp_logits, targets))
+                mtp_losses.append(self.head_loss(mtp_hidden, mtp_logits, targets))
             output.mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + mtp_weight * output.mtp_loss
         if want_balance:
@@ -188,8 +198,18 @@ class CausalLM(nn.Module):
         output.loss = loss
         return output
 
+    def head_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the output head on `hidden` [batch, seq, dim]: from `logits` when they were
+        computed, else fused with the head (the same value and gradients, without the fp32 logits)."""
+        if logits is None and type(self.lm_head) is not nn.Linear:  # a quantized or otherwise replaced head
+            logits = self.lm_head(hidden)
+        if logits is not None:
+            return cross_entropy(logits, labels)
+        labels = labels[:, : hidden.shape[1]]
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, IGNORE_INDEX)
+
     def mtp_forward(self, hidden, input_ids, angles, mask=None, balance_loss=False):
-        """Yield (logits, router stats) of each MTP depth on full sequences (training, scoring).
+        """Yield (normed hidden h^k, router stats) of each MTP depth on full sequences (training, scoring).
 
         Depth k sees positions 0..seq-k-1: its inputs are h^{k-1} there and the tokens at i + k.
         """
@@ -202,7 +222,7 @@ class CausalLM(nn.Module):
             previous, stats = module(
                 embeddings, previous[:, :length], angles.narrow(length), mask=depth_mask, balance_loss=balance_loss
             )
-            yield self.lm_head(previous), [stats] if stats is not None else []
+            yield previous, [stats] if stats is not None else []
 
     @staticmethod
     def attention_mask(

@@ -1,0 +1,189 @@
+"""Training kernels in plain PyTorch: custom autograd Functions for the two places where autograd's
+generic graph costs more than the math (measured on the `small` preset, see benchmarks/train_step.py).
+
+* `linear_cross_entropy`: output head + token cross-entropy. The plain graph materializes fp32
+  [tokens, vocab] logits, their log-softmax, a zero-filled fp32 gradient of the same size and casts
+  between them; here the logits are computed once in the matmul dtype and turned, a few rows at a
+  time while they are still in cache, into the loss and dloss/dlogits. Backward is the two matmuls.
+* `grouped_swiglu`: the routed experts' SwiGLU over tokens already grouped by expert. Autograd over
+  per-expert weight slices stacks the expert gradients into a fresh [E, ...] tensor and casts every
+  slice under autocast; here each expert's gradient is written straight into one buffer and the
+  elementwise SwiGLU runs once over all experts' tokens.
+
+Both compute in the dtype they are given (callers cast once, so autocast's per-use weight casts and
+their gradients happen once per stack) with autocast switched off inside, and both are checked
+against the plain autograd graph in tests/test_model.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy_chunk_elements(device: torch.device) -> int:
+    """Logits turned into loss and gradient at a time. On CPU a chunk stays in a core's cache (1 MB of
+    fp32: 8 rows of a 32k vocabulary); on a GPU each chunk costs a few kernel launches, so chunks are big."""
+    return 1 << 18 if device.type == "cpu" else 1 << 26
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `tensor` runs in here: autocast's when autocast is on, else its own."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+# ----- output head + cross-entropy ------------------------------------------------------------------------
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` over positions whose label is not
+    `ignore_index`, equal to F.cross_entropy(F.linear(hidden, weight).float(), labels).
+
+    hidden [..., dim], weight [vocab, dim], labels [...] (same leading shape). The matmul runs in the
+    autocast dtype when autocast is on, the softmax always in fp32. When a gradient is needed,
+    dloss/dlogits is computed during the forward (it needs the same softmax) and kept in place of
+    the logits, so the backward pass is only the two matmuls.
+    """
+    dtype = compute_dtype(hidden)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, dtype, needs_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, dtype, needs_grad):
+        weight_in_dtype = weight.to(dtype)
+        logits = hidden.to(dtype) @ weight_in_dtype.t()
+        # fp16 would flush small probabilities to zero before the loss scale reaches them: keep fp32.
+        gradient = logits if dtype != torch.float16 or not needs_grad else torch.empty_like(logits, dtype=torch.float32)
+        valid = labels != ignore_index
+        count = valid.sum()
+        targets = labels.masked_fill(~valid, 0)[:, None]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows_per_chunk = max(1, cross_entropy_chunk_elements(logits.device) // logits.shape[1])
+        for start in range(0, logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            chunk = logits[rows].float()  # a copy, or a view of fp32 logits
+            shift = chunk.amax(dim=-1, keepdim=True)
+            target_logits = chunk.gather(1, targets[rows])
+            exponentials = chunk.sub_(shift).exp_()  # one exp pass serves the loss and its gradient
+            normalizer = exponentials.sum(dim=-1, keepdim=True)
+            total += ((normalizer.log() + shift - target_logits).squeeze(1) * valid[rows]).sum()
+            if needs_grad:  # d mean_loss / d logits = (softmax - onehot(target)) / count on valid rows
+                weight_of_row = (valid[rows] / count)[:, None]
+                chunk_gradient = exponentials.mul_(weight_of_row / normalizer)
+                chunk_gradient.scatter_add_(1, targets[rows], -weight_of_row)
+                if logits.dtype != torch.float32:  # else the chunk is a view of the logits
+                    gradient[rows] = chunk_gradient
+        if needs_grad:
+            ctx.save_for_backward(hidden, weight_in_dtype, gradient)
+            ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            # The upstream scalar multiplies the small [tokens, dim] operands in fp32, not [tokens, vocab].
+            if grad_logits.dtype == weight.dtype:
+                hidden_scaled, output_scale = (hidden * grad_loss).to(weight.dtype), grad_loss
+            else:  # fp16: scale (the loss scale) in fp32, then cast, as autograd would
+                grad_logits, hidden_scaled, output_scale = (grad_logits * grad_loss).to(weight.dtype), hidden.to(weight.dtype), 1
+            grad_hidden = ((grad_logits @ weight).float() * output_scale).to(hidden.dtype)
+            grad_weight = (grad_logits.t() @ hidden_scaled).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+# ----- routed experts ------------------------------------------------------------------------------
+def grouped_swiglu(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: Sequence[int]
+) -> torch.Tensor:
+    """SwiGLU experts over grouped tokens: rows of `x` [slots, dim] come in runs of `counts[e]` rows
+    for expert e; expert e computes down[e] @ (silu(gate) * up) with [gate; up] = gate_up[e] @ x_row.
+
+    gate_up [E, 2 * hidden, dim] (gate rows first), down [E, dim, hidden]. Returns [slots, dim] in
+    the compute dtype (autocast's when on). Same result as running `RoutedExperts.expert_forward`
+    per expert; the gradient of each weight stack is one tensor in the stack's dtype, written expert
+    by expert, zero for experts that got no token.
+    """
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _GroupedSwiGLU.apply(x.to(dtype), gate_up, down, list(counts))
+
+
+def _runs(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, rows) for every expert with at least one row."""
+    runs, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            runs.append((expert, slice(start, start + count)))
+        start += count
+    return runs
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, cast to out's dtype (an fp32 weight gradient of a bf16 matmul)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Weights stay in their own dtype (fp32 master weights under autocast) and are cast one expert
+    at a time, into small buffers the allocator reuses: a cast of a whole stack is a fresh
+    multi-megabyte tensor each step, and on CPU first-touching fresh pages costs more than the cast."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts):
+        runs = _runs(counts)
+        # Each expert's weights in the compute dtype, cast once and kept for the backward pass.
+        weights = {expert: (gate_up[expert].to(x.dtype), down[expert].to(x.dtype)) for expert, _ in runs}
+        gate_and_up = x.new_empty(x.shape[0], gate_up.shape[1])
+        for expert, rows in runs:
+            torch.mm(x[rows], weights[expert][0].t(), out=gate_and_up[rows])
+        gate, up = gate_and_up.chunk(2, dim=-1)
+        activation = F.silu(gate) * up
+        out = x.new_empty(x.shape[0], down.shape[1])
+        for expert, rows in runs:
+            torch.mm(activation[rows], weights[expert][1].t(), out=out[rows])
+        ctx.save_for_backward(x, gate_and_up, activation)
+        ctx.runs, ctx.weights = runs, weights
+        ctx.weight_specs = [(weight.shape, weight.dtype) for weight in (gate_up, down)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_and_up, activation = ctx.saved_tensors
+        runs, weights = ctx.runs, ctx.weights
+        grad_out = grad_out.contiguous()
+        (gate_up_shape, weight_dtype), (down_shape, _) = ctx.weight_specs
+        every_expert_used = len(runs) == gate_up_shape[0]
+
+        def new_weight_grad(shape: torch.Size) -> torch.Tensor:  # zero for experts that got no token
+            return (torch.empty if every_expert_used else torch.zeros)(shape, dtype=weight_dtype, device=x.device)
+
+        with torch.autocast(x.device.type, enabled=False):
+            grad_activation = torch.empty_like(activation)
+            grad_down = new_weight_grad(down_shape)
+            for expert, rows in runs:
+                torch.mm(grad_out[rows], weights[expert][1], out=grad_activation[rows])
+                _mm_into(grad_out[rows].t(), activation[rows], grad_down[expert])
+            # The two ops autograd would run for silu(gate) * up, on every expert's rows at once.
+            gate, up = gate_and_up.chunk(2, dim=-1)
+            grad_gate_and_up = torch.empty_like(gate_and_up)
+            grad_gate, grad_up = grad_gate_and_up.chunk(2, dim=-1)
+            torch.mul(grad_activation, F.silu(gate), out=grad_up)
+            grad_gate.copy_(torch.ops.aten.silu_backward(grad_activation * up, gate))
+            grad_x = torch.empty_like(x)
+            grad_gate_up = new_weight_grad(gate_up_shape)
+            for expert, rows in runs:
+                _mm_into(grad_gate_and_up[rows].t(), x[rows], grad_gate_up[expert])
+                torch.mm(grad_gate_and_up[rows], weights[expert][0], out=grad_x[rows])
+        return grad_x, grad_gate_up, grad_down, None
