@@ -6,17 +6,29 @@ STAMP := $(VENV)/.installed
 # from pulling a multi-GB CUDA build to satisfy `torch>=2.6`. Override on GPU hosts if needed.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+SPEEDRUN_ARGS ?=
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: venv test test-all lint bench speedrun clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The speedrun needs only the runtime dependencies; the tests also need the dev extras (the oracles).
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The whole R1 pipeline at micro scale on built-in tasks; resumes when interrupted.
+# `make speedrun SPEEDRUN_ARGS="--seeds 0 1 2"`, `SPEEDRUN_ARGS=--quick`, `SPEEDRUN_ARGS=--force`.
+speedrun: $(RUNTIME_STAMP)
+	$(VENV)/bin/nanoseek speedrun $(SPEEDRUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

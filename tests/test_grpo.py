@@ -231,10 +231,10 @@ def test_grpo_raises_the_log_probability_of_rewarded_completions(tmp_path):
         return [float(ids[0] % 2 == 0) for ids in completion_ids]
 
     run = resolve_grpo_run(random_model(), from_tasks=64, tasks=["arithmetic"], difficulty=[1], runs_dir=tmp_path,
-                           overrides=[*FAST, "max_steps=6", "lr=1e-2", "max_completion_length=4"], reward_functions=[even_start])
+                           overrides=[*FAST, "max_steps=10", "lr=3e-3", "max_completion_length=4"], reward_functions=[even_start])
     grpo(run)
     _, tokenizer = load_policy(run.model_dir, run.tokenizer_dir, torch.device("cpu"))
-    initial, final = load_pretrained(run.model_dir), load_pretrained(run.run_dir / "checkpoints" / "step_00000006")
+    initial, final = load_pretrained(run.model_dir), load_pretrained(run.run_dir / "checkpoints" / "step_00000010")
     prompts, completions = seen[0]  # the first rollout, sampled before any update
 
     def first_token_logprobs(model, prompt, completion_ids):
