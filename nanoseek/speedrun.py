@@ -6,7 +6,7 @@
     Qwen2-shaped student (pretrained on the same corpus first)  ->  every stage evaluated on the same
     held-out problems  ->  report.md
 
-plus, per seed, a control: continued SFT from the cold start for GRPO's wall time, so the report can
+plus, per seed, a control: continued SFT from the cold start for as long as GRPO's steps took, so the report can
 say what GRPO bought (or did not). Each step is a command a user can run by hand: the tokenizer
 and data commands, then `nanoseek pipeline` over a config this module writes (RUN/pipeline-config.json),
 then `nanoseek eval` per stage. Finished steps are skipped, so an interrupted speedrun resumes;
@@ -68,6 +68,8 @@ class SpeedrunConfig:
     rejection_samples: int = 8
     rejection_sft_steps: int = 300
     student: str = "qwen2-nano"
+    # a quarter of nano's 0.95M activated parameters (vocab 1024): 0.23M, and 0.17M vs 0.69M without embeddings
+    student_overrides: list[str] = field(default_factory=lambda: ["hidden_size=64", "intermediate_size=224"])
     student_pretrain_steps: int = 250  # R1 distils into pretrained models; 0: a random-init student
     distill_steps: int = 300
     # evaluation of every stage
@@ -121,13 +123,15 @@ def pipeline_config(run_dir: Path, config: SpeedrunConfig, seeds: list[int], con
         return {**cold_start(seed), "name": _stage("control", seed, seeds), "model": _stage("cold_start", seed, seeds),
                 "max_steps": max(steps, 1), "target_accuracy": None}
 
-    def pretrain(name: str, preset: str, steps: int) -> dict:
+    student_model = _settings([f"model.{item}" for item in config.student_overrides])
+
+    def pretrain(name: str, preset: str, steps: int, **model: Any) -> dict:
         return {
             "name": name, "command": "pretrain", "model": preset, "data": str(run_dir / "data"),
             "max_steps": steps, "global_batch_size": config.pretrain_batch,
             "micro_batch_size": config.pretrain_batch, "seq_len": config.pretrain_seq_len, "lr": config.pretrain_lr,
             "warmup_steps": max(1, steps // 10), "eval_every": 0, "checkpoint_every": 0,
-            "model.vocab_size": config.vocab_size,
+            "model.vocab_size": config.vocab_size, **model,
         }
 
     stages: list[dict] = [pretrain("pretrain", "nano", config.pretrain_steps)]
@@ -143,10 +147,11 @@ def pipeline_config(run_dir: Path, config: SpeedrunConfig, seeds: list[int], con
              "seq_len": config.sft_seq_len, **_settings(sft_batch), "eval_problems": min(100, config.eval_problems)},
         ]
     if config.student_pretrain_steps:
-        stages.append(pretrain("student_pretrain", config.student, config.student_pretrain_steps))
+        stages.append(pretrain("student_pretrain", config.student, config.student_pretrain_steps, **student_model))
     stages += [
         {"name": "distill", "command": "distill", "teacher": "rejection_sft" if config.rejection else "grpo",
          "student": "student_pretrain" if config.student_pretrain_steps else config.student,
+         **({} if config.student_pretrain_steps else student_model),
          "from_tasks": config.cold_start_problems, **tasks, "max_steps": config.distill_steps,
          "divergence": "jsd", "beta": 0.5, "eval_every": config.eval_every, "seq_len": config.sft_seq_len,
          **_settings(sft_batch)},
@@ -234,15 +239,19 @@ class Speedrun:
         return next(stage for stage in self.pipeline_stages() if stage["name"] == name)
 
     def control_steps(self, seed: int) -> int:
-        """Steps of continued SFT that take as long as this seed's GRPO stage took."""
-        grpo = self.stage_record(_stage("grpo", seed, self.seeds))
-        cold_start_metrics = self.run_dir / _stage("cold_start", seed, self.seeds) / "metrics.jsonl"
-        step_seconds = [
-            record["step_seconds"] for record in map(json.loads, cold_start_metrics.read_text().splitlines())
-            if "step_seconds" in record
-        ]
-        seconds_per_step = statistics.median(step_seconds) if step_seconds else 1.0
-        return max(1, round(grpo["seconds"] / seconds_per_step))
+        """Steps of continued SFT that take as long as this seed's GRPO steps took (rollouts and updates;
+        loading and held-out evaluations excluded). Medians of the logged step times, so a burst of
+        load on a shared machine during one stage does not hand the control extra steps."""
+
+        def step_seconds(stage: str) -> list[float]:
+            records = map(json.loads, (self.run_dir / stage / "metrics.jsonl").read_text().splitlines())
+            return [record["step_seconds"] for record in records if "step_seconds" in record]
+
+        grpo = step_seconds(_stage("grpo", seed, self.seeds))
+        sft = step_seconds(_stage("cold_start", seed, self.seeds))
+        if not grpo or not sft:
+            return 1
+        return max(1, round(len(grpo) * statistics.median(grpo) / statistics.median(sft)))
 
     def evaluate_all(self) -> dict[str, dict[str, Any]]:
         """`nanoseek eval` on every model stage, the same held-out problems for all (cached per stage)."""
@@ -292,7 +301,7 @@ class Speedrun:
                     if _stage(kind, seed, self.seeds) in evals]
 
         return {
-            "title": "GRPO against a continued-SFT control of equal wall time (held-out greedy accuracy)",
+            "title": "GRPO against a continued-SFT control of equal training time (held-out greedy accuracy)",
             "seeds": self.seeds, "baseline": "cold start", "cold start": accuracies("cold_start"),
             "GRPO": accuracies("grpo"), "continued SFT (control)": accuracies("control"),
         }
@@ -309,12 +318,25 @@ class Speedrun:
             goals.append({"goal": "format compliance after GRPO", "target": ">= 95%", "measured": f"{rate:.1%}",
                           "met": rate >= 0.95})
         teacher = "rejection_sft" if self.config.rejection else "grpo"
+        outputs = {stage["name"]: stage.get("output") for stage in self.pipeline_stages()}
+        if outputs.get("distill") and outputs.get(teacher):
+            share = activated_parameters(outputs["distill"]) / activated_parameters(outputs[teacher])
+            goals.append({"goal": "the student's activated parameters, as a share of the teacher's", "target": "<= 25%",
+                          "measured": f"{share:.1%}", "met": share <= 0.25})
         if "distill" in evals and teacher in evals and evals[teacher]["accuracy"] > 0:
             kept = evals["distill"]["accuracy"] / evals[teacher]["accuracy"]
             goals.append({"goal": "the student keeps the teacher's accuracy", "target": ">= 85%",
                           "measured": f"{kept:.0%} ({evals['distill']['accuracy']:.1%} vs {evals[teacher]['accuracy']:.1%})",
                           "met": kept >= 0.85})
         return goals
+
+
+def activated_parameters(model_dir: str | Path) -> int:
+    """Parameters a token runs through (embedding and head included) in a checkpoint's model."""
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.accounting import account
+
+    return account(ModelConfig.from_hf(model_dir)).activated_parameters
 
 
 def machine_info() -> dict[str, Any]:

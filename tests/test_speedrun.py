@@ -22,6 +22,8 @@ def test_quick_speedrun_runs_every_stage_then_resumes_without_work(tmp_path, cap
     assert 0.0 <= summary["evals"]["grpo"]["mtp_acceptance"] <= 1.0  # the MTP model is probed
     assert "mtp_acceptance" not in summary["evals"]["distill"]  # the dense student has no MTP layer
     assert len(summary["evals"]["pretrain"]["expert_load"]) == 3  # nano: 3 MoE layers
+    share = next(goal for goal in summary["goals"] if goal["goal"].startswith("the student's activated parameters"))
+    assert share["met"], share  # at most a quarter of the teacher's, measured on the checkpoints
     report = (run / "report.md").read_text()
     assert "GRPO against a continued-SFT control" in report and "| pretrain |" in report
     assert all((run / "plots" / f"{name}.png").exists() for name in ("loss_curves", "accuracy_per_stage", "expert_load"))
@@ -47,5 +49,6 @@ def test_pipeline_config_declares_r1_stages_and_per_seed_controls(tmp_path):
     assert stages["distill"]["teacher"] == "rejection_sft" and stages["distill"]["student"] == "student_pretrain"
     assert stages["student_pretrain"]["command"] == "pretrain" and stages["student_pretrain"]["model"] == "qwen2-nano"
     assert stages["student_pretrain"]["data"] == stages["pretrain"]["data"]  # the same corpus as the teacher's base
+    assert stages["student_pretrain"]["model.hidden_size"] == 64
     random_student = pipeline_config(tmp_path / "run", SpeedrunConfig(student_pretrain_steps=0), seeds=[0], controls={})
     assert [s["student"] for s in random_student["stages"] if s["name"] == "distill"] == ["qwen2-nano"]

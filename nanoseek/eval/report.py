@@ -61,7 +61,12 @@ def render_markdown(summary: dict[str, Any], plots: list[Path]) -> str:
     if summary.get("command"):
         lines += [f"Produced by `{summary['command']}`" + (f" on {summary['started']}" if summary.get("started") else "") + ".", ""]
     total = sum(stage.get("seconds", 0.0) for stage in summary.get("stages", []))
-    lines += [f"Total wall time: **{_duration(summary.get('wall_seconds', total))}**.", ""]
+    wall = summary.get("wall_seconds", total)
+    if abs(wall - total) > max(60.0, 0.25 * total):  # a resumed run: earlier invocations did part of the work
+        lines += [f"Wall time of this invocation: **{_duration(wall)}**; the stages below took "
+                  f"**{_duration(total)}** in all, over the invocations that ran them.", ""]
+    else:
+        lines += [f"Total wall time: **{_duration(wall)}**.", ""]
 
     evals = summary.get("evals", {})
     if evals:
