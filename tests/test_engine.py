@@ -23,6 +23,30 @@ def mla_model():
     return peaky_model("v3")
 
 
+def test_prompt_logprobs_equal_a_full_forward_while_requests_run(mla_model):
+    """echo + logprobs: each prompt token's log-probability given the ones before it (none for the
+    first) and the top-n at each position, from one forward between steps of a running batch."""
+    engine = Engine(mla_model, block_size=4)
+    running = engine.submit(PROMPTS[0], GREEDY)
+    engine.step()  # a request holds cache blocks; scoring must neither use nor disturb them
+    prompt = [5, 9, 2, 14, 3, 3, 8]
+    token_ids, logprobs, top = engine.prompt_logprobs(prompt, top_n=3)
+    with torch.no_grad():
+        reference = mla_model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert token_ids == prompt and logprobs[0] is None and top[0] is None
+    assert logprobs[1:] == pytest.approx([float(reference[i, prompt[i + 1]]) for i in range(len(prompt) - 1)], abs=1e-5)
+    for position in range(1, len(prompt)):
+        expected = reference[position - 1].topk(3)
+        assert list(top[position]) == expected.indices.tolist()
+    assert engine.prompt_logprobs(prompt)[2] is None  # top_n=0: no alternatives
+    while not running.finished:
+        engine.step()
+    tokens, _ = reference_greedy(mla_model, PROMPTS[0], GREEDY.max_tokens)
+    assert running.result().outputs[0].token_ids == tokens
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.prompt_logprobs([10**6])
+
+
 @pytest.mark.parametrize("name", ["v3", "v2-lite-greedy", "qwen2", "llama3"])
 def test_cached_decoding_equals_full_forward_token_by_token(name):
     model = peaky_model(name)

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from data_fixtures import small_tokenizer
 from serve_fixtures import ANSWER, REASONING, SCRIPT, live_server, script_ids
 
@@ -179,6 +180,28 @@ def test_text_completions_return_the_raw_text_and_exact_logprob_bytes(client):
     assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
     assert all(logprob > -1e-3 for logprob in choice.logprobs.token_logprobs)  # the bigram model is certain
     assert choice.logprobs.text_offset[:3] == [0, len("<think>"), len("<think>F")]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_evaluation_harness_asks(client, server):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs=1, max_tokens=1, temperature 0): every
+    prompt token comes back with its log-probability given the ones before it, the first with none."""
+    from serve_fixtures import model_root
+
+    from nanoseek import load_pretrained
+
+    prompt = [3, 17, 42, 8, 99, 5, 23]
+    reply = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(prompt) + 1 == reply.usage.total_tokens
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        reference = load_pretrained(model_root() / "tiny")(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    expected = [float(reference[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert logprobs.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-4)
+    assert logprobs.token_logprobs[-1] == pytest.approx(float(reference[-1].max()), abs=1e-4)  # the greedy token
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert reply.choices[0].text.startswith(small_tokenizer().decode(prompt))  # echoed, then the new token
 
 
 def test_chat_logprobs_cover_every_token(client):

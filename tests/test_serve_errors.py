@@ -157,7 +157,8 @@ INVALID_BODIES = [
     b'{"model": "tiny", "prompt": [-1]}',
     b'{"model": "tiny", "prompt": "x", "suffix": "y"}',
     b'{"model": "tiny", "prompt": "x", "best_of": 3}',
-    b'{"model": "tiny", "prompt": "x", "echo": true, "logprobs": 1}',
+    b'{"model": "tiny", "prompt": "x", "echo": true, "logprobs": 1, "stream": true}',
+    b'{"model": "tiny", "prompt": [99999999], "echo": true, "logprobs": 1}',
 ]
 
 

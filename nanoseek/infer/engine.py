@@ -426,6 +426,31 @@ class Engine:
         with self._step_lock:
             return beam_search(self, prompt, params or BeamSearchParams())
 
+    def prompt_logprobs(
+        self, prompt: str | Sequence[int], top_n: int = 0
+    ) -> tuple[list[int], list[float | None], list[dict[int, float] | None] | None]:
+        """(token ids, log-probability of each token given the ones before it, the `top_n` most likely
+        tokens at each position) for a prompt: None for the first token, which nothing predicts.
+
+        What `echo` + `logprobs` returns in a completions API (lm-evaluation-harness scores
+        continuations this way) and vLLM's `prompt_logprobs`. One forward over the whole prompt,
+        without the KV cache, between steps of the continuous batch; the model's raw distribution.
+        """
+        token_ids = self._prompt_ids(prompt)
+        if len(token_ids) > self.max_model_len:
+            raise GenerationError(f"the prompt has {len(token_ids)} tokens but the context length is {self.max_model_len}")
+        if top_n < 0:
+            raise GenerationError(f"top_n must be >= 0, got {top_n}")
+        with self._step_lock, torch.inference_mode():
+            ids = torch.tensor([token_ids], device=self.device)
+            logprobs = self.model(ids, use_mtp=False).logits[0, :-1].float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+            top = None
+            if top_n:
+                values, indices = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
+                top = [None] + [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        return token_ids, [None, *chosen], top
+
     def cancel(self, request_id: str) -> None:
         """Stop a request: its completions finish with reason "cancelled" and free their cache blocks.
 

@@ -76,6 +76,7 @@ from nanoseek.serve.service import (
     check_context,
     conversation,
     counted_refusals,
+    prompt_logprobs,
     review_input,
     sampling_params,
     start_generation,
@@ -344,9 +345,9 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         raise ServeError(400, "suffix is not supported by this server", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise ServeError(400, "best_of must equal n (best-of sampling is not supported)", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise ServeError(400, "echo with logprobs needs prompt logprobs, which this server does not support",
-                         param="echo")
+    scores_prompt = body.echo and body.logprobs is not None  # lm-evaluation-harness's loglikelihood requests
+    if scores_prompt and body.stream:
+        raise ServeError(400, "echo with logprobs (prompt logprobs) is not available when stream=true", param="echo")
     prompts = body.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
@@ -360,6 +361,9 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         ids = [text_prompt(deployment, prompt) for prompt in prompts]
         for prompt_ids in ids:
             check_context(deployment, len(prompt_ids), body.max_tokens, prompt_param="prompt")
+        scored_prompts = []  # per prompt: its tokens with their log-probabilities (the first has none)
+        if scores_prompt:
+            scored_prompts = [await prompt_logprobs(deployment, prompt_ids, body.logprobs) for prompt_ids in ids]
         generation = start_generation(
             deployment, ids, _sampling(body, body.max_tokens, body.logprobs), body.n,
             request_id=_request_id("cmpl"), metrics=state.metrics, moderator=state.moderator, started=started)
@@ -370,16 +374,23 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     def logprobs_of(delta: ChoiceDelta) -> CompletionLogprobs | None:
         if body.logprobs is None or delta.logprobs is None:
             return None
+        prompt_entries = scored_prompts[delta.index // body.n] if scored_prompts else []
+        text_offset, position = [], 0
+        for entry in prompt_entries:  # offsets into the echoed prompt, then into what follows it
+            text_offset.append(position)
+            position += len(token_text(tokenizer, entry.token_id))
         tokens = [token_text(tokenizer, entry.token_id) for entry in delta.logprobs]
-        text_offset = []
         for token in tokens:
             text_offset.append(offsets[delta.index])
             offsets[delta.index] += len(token)
+        entries = [*prompt_entries, *delta.logprobs]
         top = None
         if body.logprobs:
-            top = [{token_text(tokenizer, t): lp for t, lp in (entry.top or {}).items()} for entry in delta.logprobs]
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[entry.logprob for entry in delta.logprobs],
-                                  top_logprobs=top, text_offset=text_offset)
+            top = [None if entry.top is None else {token_text(tokenizer, t): lp for t, lp in entry.top.items()}
+                   for entry in entries]
+        return CompletionLogprobs(tokens=[token_text(tokenizer, entry.token_id) for entry in entries],
+                                  token_logprobs=[entry.logprob for entry in entries], top_logprobs=top,
+                                  text_offset=text_offset)
 
     def echoed(index: int) -> str:
         return texts[index // body.n] if body.echo else ""

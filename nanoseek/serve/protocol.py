@@ -178,8 +178,8 @@ class ChatCompletionChunk(Response):
 
 class CompletionLogprobs(Response):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -232,8 +232,19 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for the first token of a scored prompt
     top: dict[int, float] | None = None  # the most likely tokens, when asked for
+
+
+async def prompt_logprobs(deployment: Deployment, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    """The prompt's tokens, each with its log-probability given the ones before it (echo + logprobs,
+    lm-evaluation-harness's loglikelihood requests). One forward between engine steps, off the event loop."""
+    try:
+        token_ids, values, top = await asyncio.to_thread(deployment.engine.prompt_logprobs, prompt_ids, top_n)
+    except GenerationError as error:
+        raise ServeError(400, str(error)) from None
+    return [TokenLogprob(token, value, top[i] if top else None)
+            for i, (token, value) in enumerate(zip(token_ids, values, strict=True))]
 
 
 @dataclass
