@@ -6,8 +6,8 @@
     Qwen2-shaped student (pretrained on the same corpus first)  ->  every stage evaluated on the same
     held-out problems  ->  report.md
 
-plus, per seed, a control: continued SFT from the cold start for as long as GRPO's steps took, so the report can
-say what GRPO bought (or did not). Each step is a command a user can run by hand: the tokenizer
+plus, per seed, a control: continued SFT from the cold start for as long as GRPO's steps took, so the
+report can say what GRPO bought (or did not). Each step is a command a user can run by hand: the tokenizer
 and data commands, then `nanoseek pipeline` over a config this module writes (RUN/pipeline-config.json),
 then `nanoseek eval` per stage. Finished steps are skipped, so an interrupted speedrun resumes;
 `--force` starts over.
@@ -234,9 +234,6 @@ class Speedrun:
     def pipeline_stages(self) -> list[dict[str, Any]]:
         summary = self.run_dir / "pipeline.json"
         return json.loads(summary.read_text())["stages"] if summary.is_file() else []
-
-    def stage_record(self, name: str) -> dict[str, Any]:
-        return next(stage for stage in self.pipeline_stages() if stage["name"] == name)
 
     def control_steps(self, seed: int) -> int:
         """Steps of continued SFT that take as long as this seed's GRPO steps took (rollouts and updates;
