@@ -375,22 +375,21 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         if body.logprobs is None or delta.logprobs is None:
             return None
         prompt_entries = scored_prompts[delta.index // body.n] if scored_prompts else []
+        entries = [*prompt_entries, *delta.logprobs]
+        tokens = [token_text(tokenizer, entry.token_id) for entry in entries]
         text_offset, position = [], 0
-        for entry in prompt_entries:  # offsets into the echoed prompt, then into what follows it
+        for token in tokens[: len(prompt_entries)]:  # offsets into the echoed prompt
             text_offset.append(position)
-            position += len(token_text(tokenizer, entry.token_id))
-        tokens = [token_text(tokenizer, entry.token_id) for entry in delta.logprobs]
-        for token in tokens:
+            position += len(token)
+        for token in tokens[len(prompt_entries) :]:  # then into what follows it
             text_offset.append(offsets[delta.index])
             offsets[delta.index] += len(token)
-        entries = [*prompt_entries, *delta.logprobs]
         top = None
         if body.logprobs:
             top = [None if entry.top is None else {token_text(tokenizer, t): lp for t, lp in entry.top.items()}
                    for entry in entries]
-        return CompletionLogprobs(tokens=[token_text(tokenizer, entry.token_id) for entry in entries],
-                                  token_logprobs=[entry.logprob for entry in entries], top_logprobs=top,
-                                  text_offset=text_offset)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[entry.logprob for entry in entries],
+                                  top_logprobs=top, text_offset=text_offset)
 
     def echoed(index: int) -> str:
         return texts[index // body.n] if body.echo else ""
