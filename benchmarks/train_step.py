@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import tempfile
@@ -54,27 +55,35 @@ def main() -> None:
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
+    autocast = contextlib.nullcontext
+
+    # Forward under autocast, backward outside, a fresh autocast context per step: what a training
+    # loop does (nanoseek's Trainer, transformers' Trainer), so weight casts are paid every step.
     def our_step():
         ours.zero_grad(set_to_none=True)
-        ours(inputs, labels=targets, balance_alpha=0.0).loss.backward()
+        with autocast():
+            loss = ours(inputs, labels=targets, balance_alpha=0.0).loss
+        loss.backward()
 
     def their_step():
         theirs.zero_grad(set_to_none=True)
-        logits = theirs(inputs).logits
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        with autocast():
+            logits = theirs(inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
 
     with torch.no_grad():  # same weights, same loss before timing anything
         assert abs(ours(inputs, labels=targets).lm_loss.item() - torch.nn.functional.cross_entropy(
             theirs(inputs).logits.flatten(0, 1), targets.flatten()).item()) < 1e-3
 
     precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     for precision in precisions:
-        autocast = (
-            torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-            if precision == "bf16" else contextlib.nullcontext()
-        )
-        with autocast:
-            our_time, their_time = time_alternating([our_step, their_step], args.steps)
+        if precision == "bf16":
+            autocast = functools.partial(torch.autocast, device_type, dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext
+        our_time, their_time = time_alternating([our_step, their_step], args.steps)
         tokens_per_step = args.batch * args.seq
         ours_tps, theirs_tps = tokens_per_step / our_time, tokens_per_step / their_time
         print(json.dumps({

@@ -11,7 +11,8 @@ from model_configs import tiny_config
 from nanoseek import ModelConfig
 from nanoseek.model import IGNORE_INDEX, build_model
 from nanoseek.model.cache import StaticKVCache
-from nanoseek.model.kernels import linear_cross_entropy
+from nanoseek.model.attention import _attend, _attend_eager
+from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
 from nanoseek.model.layers import (
     RMSNorm,
     RotaryAngles,
@@ -144,11 +145,11 @@ def test_grouped_experts_equal_naive_per_token_loop():
 
 
 def _expert_gradients(experts, forward, x, weights, indices) -> list[torch.Tensor]:
-    x = x.detach().requires_grad_()
+    x, weights = x.detach().requires_grad_(), weights.detach().requires_grad_()
     experts.zero_grad(set_to_none=True)
     out = forward(x, weights, indices)
     (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return [out.float(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
+    return [out.float(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
 
 
 def test_grouped_expert_kernel_gradients_equal_naive_loop():
@@ -162,7 +163,42 @@ def test_grouped_expert_kernel_gradients_equal_naive_loop():
     naive = _expert_gradients(experts, experts.naive_forward, x, weights, indices)
     for got, expected in zip(fast, naive, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(fast[2][7], torch.zeros_like(fast[2][7])) and torch.equal(fast[3][7], torch.zeros_like(fast[3][7]))
+    assert torch.equal(fast[3][7], torch.zeros_like(fast[3][7])) and torch.equal(fast[4][7], torch.zeros_like(fast[4][7]))
+
+
+def test_slot_dispatch_and_combine_equal_indexing_with_autograd():
+    """The permutation kernels against plain indexing (whose gradients autograd derives itself)."""
+    generator = torch.Generator().manual_seed(3)
+    x, weights, y = torch.randn(6, 5, generator=generator), torch.rand(6, 3, generator=generator), torch.randn(18, 5, generator=generator)
+    order = torch.randint(0, 4, (18,), generator=generator).argsort(stable=True)
+    results = []
+    for fast in (True, False):
+        leaves = [tensor.clone().requires_grad_() for tensor in (x, weights, y)]
+        x_, weights_, y_ = leaves
+        if fast:
+            slots, combined = dispatch_slots(x_, order, 3), combine_slots(y_, weights_, order)
+        else:
+            slots = x_[order // 3]
+            combined = torch.zeros(6, 5).index_add(0, order // 3, y_ * weights_.flatten()[order, None])
+        (slots * torch.linspace(-1, 1, slots.numel()).view_as(slots)).sum().backward()
+        (combined * torch.linspace(2, -1, combined.numel()).view_as(combined)).sum().backward()
+        results.append([slots, combined] + [leaf.grad for leaf in leaves])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_eager_attention_equals_sdpa():
+    """CPU bf16 attention takes the eager path: same maths as SDPA, causal and with a boolean mask."""
+    generator = torch.Generator().manual_seed(4)
+    query, key = torch.randn(2, 3, 6, 8, generator=generator), torch.randn(2, 3, 6, 8, generator=generator)
+    value = torch.randn(2, 3, 6, 4, generator=generator)
+    mask = (torch.rand(2, 1, 6, 6, generator=generator) > 0.4) | torch.eye(6, dtype=torch.bool)
+    for attn_mask in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None, scale=0.3)
+        torch.testing.assert_close(_attend_eager(query, key, value, 0.3, attn_mask), expected)
+        got = _attend(query.bfloat16(), key.bfloat16(), value.bfloat16(), 0.3, attn_mask)  # dispatches to eager
+        torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_grouped_expert_kernel_under_bf16_autocast_equals_per_expert_linears():

@@ -9,6 +9,9 @@ generic graph costs more than the math (measured on the `small` preset, see benc
   per-expert weight slices stacks the expert gradients into a fresh [E, ...] tensor and casts every
   slice under autocast; here each expert's gradient is written straight into one buffer and the
   elementwise SwiGLU runs once over all experts' tokens.
+* `dispatch_slots` / `combine_slots`: tokens to their experts' slots and back. Autograd cannot know
+  that sorting slots by expert is a permutation, so it differentiates the gathers with serial
+  scatter-adds into zero-filled tensors; here both directions are gathers.
 
 Both compute in the dtype they are given (callers cast once, so autocast's per-use weight casts and
 their gradients happen once per stack) with autocast switched off inside, and both are checked
@@ -100,9 +103,89 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+# ----- token <-> expert-slot permutation ----------------------------------------------------------
+def dispatch_slots(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x [tokens, dim] -> [tokens * top_k, dim]: slot s holds token order[s] // top_k, where `order`
+    sorts the flattened [tokens, top_k] expert choices by expert."""
+    return _DispatchSlots.apply(x, order, top_k)
+
+
+def combine_slots(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of `dispatch_slots`, weighted: out[t] = sum_j weights[t, j] * y[slot of choice (t, j)].
+
+    y [tokens * top_k, dim] in expert order, weights [tokens, top_k] (gate weights, any float dtype,
+    applied in y's dtype with the k-term sum accumulated in fp32 by the matmul). Returns [tokens, dim]
+    in y's dtype.
+    """
+    return _CombineSlots.apply(y, weights, order)
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+class _DispatchSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_slots):
+        (order,) = ctx.saved_tensors
+        by_choice = grad_slots.index_select(0, _inverse_permutation(order))  # [tokens * k, dim], token-major
+        return by_choice.view(-1, ctx.top_k, grad_slots.shape[-1]).sum(dim=1), None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weights, order):
+        tokens, top_k = weights.shape
+        by_choice = y.index_select(0, _inverse_permutation(order)).view(tokens, top_k, -1)
+        gate = weights.to(y.dtype)
+        ctx.save_for_backward(by_choice, gate, order)
+        ctx.weights_dtype = weights.dtype
+        return torch.bmm(gate.view(tokens, 1, top_k), by_choice).view(tokens, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        by_choice, gate, order = ctx.saved_tensors
+        grad_out = grad_out.to(by_choice.dtype)
+        grad_y = grad_weights = None
+        if ctx.needs_input_grad[0]:  # d/dy: each slot's gradient is its gate weight times its token's
+            grad_by_choice = gate[:, :, None] * grad_out[:, None, :]
+            grad_y = grad_by_choice.view(-1, grad_out.shape[-1]).index_select(0, order)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(by_choice, grad_out[:, :, None]).squeeze(-1).to(ctx.weights_dtype)
+        return grad_y, grad_weights, None
+
+
 # ----- routed experts ------------------------------------------------------------------------------
+class ExpertScratch:
+    """Buffers one expert stack reuses from step to step under mixed precision: the weights cast to
+    the compute dtype (forward) and the weight gradients before their cast to the master dtype.
+
+    On CPU a fresh multi-megabyte tensor per expert per step costs more in first-touch page faults
+    than the cast itself (glibc hands large blocks back to the kernel on free); these are allocated
+    once. They hold nothing between steps that is read: every use rewrites them first.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != dtype or buffer.device != like.device:
+            buffer = self.buffers[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buffer
+
+
 def grouped_swiglu(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: Sequence[int]
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: Sequence[int],
+    scratch: ExpertScratch | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts over grouped tokens: rows of `x` [slots, dim] come in runs of `counts[e]` rows
     for expert e; expert e computes down[e] @ (silu(gate) * up) with [gate; up] = gate_up[e] @ x_row.
@@ -110,11 +193,12 @@ def grouped_swiglu(
     gate_up [E, 2 * hidden, dim] (gate rows first), down [E, dim, hidden]. Returns [slots, dim] in
     the compute dtype (autocast's when on). Same result as running `RoutedExperts.expert_forward`
     per expert; the gradient of each weight stack is one tensor in the stack's dtype, written expert
-    by expert, zero for experts that got no token.
+    by expert, zero for experts that got no token. `scratch` (one per expert stack) keeps the cast
+    weights and low-precision gradients in buffers reused across steps.
     """
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _GroupedSwiGLU.apply(x.to(dtype), gate_up, down, list(counts))
+        return _GroupedSwiGLU.apply(x.to(dtype), gate_up, down, list(counts), scratch or ExpertScratch())
 
 
 def _runs(counts: list[int]) -> list[tuple[int, slice]]:
@@ -127,54 +211,58 @@ def _runs(counts: list[int]) -> list[tuple[int, slice]]:
     return runs
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b, cast to out's dtype (an fp32 weight gradient of a bf16 matmul)."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(a @ b)
-
-
 class _GroupedSwiGLU(torch.autograd.Function):
-    """Weights stay in their own dtype (fp32 master weights under autocast) and are cast one expert
-    at a time, into small buffers the allocator reuses: a cast of a whole stack is a fresh
-    multi-megabyte tensor each step, and on CPU first-touching fresh pages costs more than the cast."""
+    """Weights stay in their own dtype (fp32 master weights under autocast). In a lower compute
+    dtype, the chosen experts are cast into the scratch stacks, and the backward pass writes the
+    weight gradients in the compute dtype into scratch stacks too, then casts each stack once."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts):
+    def forward(ctx, x, gate_up, down, counts, scratch):
         runs = _runs(counts)
-        # Each expert's weights in the compute dtype, cast once and kept for the backward pass.
-        weights = {expert: (gate_up[expert].to(x.dtype), down[expert].to(x.dtype)) for expert, _ in runs}
+        if x.dtype == gate_up.dtype:
+            gate_up_c, down_c = gate_up.detach(), down.detach()
+        else:
+            gate_up_c, down_c = scratch.get("gate_up", gate_up, x.dtype), scratch.get("down", down, x.dtype)
+            for expert, _ in runs:
+                gate_up_c[expert].copy_(gate_up[expert])
+                down_c[expert].copy_(down[expert])
         gate_and_up = x.new_empty(x.shape[0], gate_up.shape[1])
         for expert, rows in runs:
-            torch.mm(x[rows], weights[expert][0].t(), out=gate_and_up[rows])
+            torch.mm(x[rows], gate_up_c[expert].t(), out=gate_and_up[rows])
         gate, up = gate_and_up.chunk(2, dim=-1)
         activation = F.silu(gate) * up
         out = x.new_empty(x.shape[0], down.shape[1])
         for expert, rows in runs:
-            torch.mm(activation[rows], weights[expert][1].t(), out=out[rows])
-        ctx.save_for_backward(x, gate_and_up, activation)
-        ctx.runs, ctx.weights = runs, weights
-        ctx.weight_specs = [(weight.shape, weight.dtype) for weight in (gate_up, down)]
+            torch.mm(activation[rows], down_c[expert].t(), out=out[rows])
+        ctx.save_for_backward(x, gate_and_up, activation, gate_up, down)
+        ctx.runs, ctx.scratch, ctx.compute_weights = runs, scratch, (gate_up_c, down_c)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_and_up, activation = ctx.saved_tensors
-        runs, weights = ctx.runs, ctx.weights
+        x, gate_and_up, activation, gate_up, down = ctx.saved_tensors  # raises if the weights changed since
+        runs, scratch = ctx.runs, ctx.scratch
+        # A forward run since (activation checkpointing) rewrote the casts with the same values: the
+        # weights have not changed, or saved_tensors would have raised.
+        gate_up_c, down_c = ctx.compute_weights
         grad_out = grad_out.contiguous()
-        (gate_up_shape, weight_dtype), (down_shape, _) = ctx.weight_specs
-        every_expert_used = len(runs) == gate_up_shape[0]
+        every_expert_used = len(runs) == gate_up.shape[0]
 
-        def new_weight_grad(shape: torch.Size) -> torch.Tensor:  # zero for experts that got no token
-            return (torch.empty if every_expert_used else torch.zeros)(shape, dtype=weight_dtype, device=x.device)
+        def new_weight_grad(name: str, weight: torch.Tensor) -> torch.Tensor:
+            if x.dtype == weight.dtype:
+                grad = torch.empty_like(weight) if every_expert_used else torch.zeros_like(weight)
+            else:
+                grad = scratch.get(f"grad_{name}", weight, x.dtype)
+                if not every_expert_used:
+                    grad.zero_()  # experts that got no token
+            return grad
 
         with torch.autocast(x.device.type, enabled=False):
             grad_activation = torch.empty_like(activation)
-            grad_down = new_weight_grad(down_shape)
+            grad_down = new_weight_grad("down", down)
             for expert, rows in runs:
-                torch.mm(grad_out[rows], weights[expert][1], out=grad_activation[rows])
-                _mm_into(grad_out[rows].t(), activation[rows], grad_down[expert])
+                torch.mm(grad_out[rows], down_c[expert], out=grad_activation[rows])
+                torch.mm(grad_out[rows].t(), activation[rows], out=grad_down[expert])
             # The two ops autograd would run for silu(gate) * up, on every expert's rows at once.
             gate, up = gate_and_up.chunk(2, dim=-1)
             grad_gate_and_up = torch.empty_like(gate_and_up)
@@ -182,8 +270,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
             torch.mul(grad_activation, F.silu(gate), out=grad_up)
             grad_gate.copy_(torch.ops.aten.silu_backward(grad_activation * up, gate))
             grad_x = torch.empty_like(x)
-            grad_gate_up = new_weight_grad(gate_up_shape)
+            grad_gate_up = new_weight_grad("gate_up", gate_up)
             for expert, rows in runs:
-                _mm_into(grad_gate_and_up[rows].t(), x[rows], grad_gate_up[expert])
-                torch.mm(grad_gate_and_up[rows], weights[expert][0], out=grad_x[rows])
-        return grad_x, grad_gate_up, grad_down, None
+                torch.mm(grad_gate_and_up[rows].t(), x[rows], out=grad_gate_up[expert])
+                torch.mm(grad_gate_and_up[rows], gate_up_c[expert], out=grad_x[rows])
+        return grad_x, grad_gate_up.to(gate_up.dtype), grad_down.to(down.dtype), None, None

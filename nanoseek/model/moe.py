@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.kernels import grouped_swiglu
+from nanoseek.model.kernels import ExpertScratch, combine_slots, compute_dtype, dispatch_slots, grouped_swiglu
 from nanoseek.model.layers import SwiGLU
 
 
@@ -95,21 +95,20 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
         # The matmul of every expert; FP8 training swaps in `nanoseek.fp8.fp8_linear` (train/precision.py).
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self.scratch = ExpertScratch()  # mixed-precision training buffers, not state
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden]."""
-        top_k = indices.shape[1]
+        """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden] in the compute dtype."""
         flat_indices = indices.flatten()
         order = flat_indices.argsort(stable=True)
-        token_of_slot = order // top_k
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
-        grouped_output = self.grouped_forward(x[token_of_slot], counts) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, grouped_output)
+        grouped_input = dispatch_slots(x.to(compute_dtype(x)), order, indices.shape[1])
+        return combine_slots(self.grouped_forward(grouped_input, counts), weights, order)
 
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""
         if self.linear is F.linear and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
-            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts)  # training: kernels.py
+            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts, self.scratch)  # training: kernels.py
         gate_up, down = self.expert_weights()
         # One split (not a slice per expert): slicing makes autograd zero-fill a full-size gradient per slice.
         outputs = [
