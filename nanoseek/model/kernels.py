@@ -107,6 +107,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def dispatch_slots(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
     """x [tokens, dim] -> [tokens * top_k, dim]: slot s holds token order[s] // top_k, where `order`
     sorts the flattened [tokens, top_k] expert choices by expert."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: skip autograd.Function's overhead
+        return x.index_select(0, order // top_k)
     return _DispatchSlots.apply(x, order, top_k)
 
 
@@ -117,7 +119,17 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -
     applied in y's dtype with the k-term sum accumulated in fp32 by the matmul). Returns [tokens, dim]
     in y's dtype.
     """
+    if not (torch.is_grad_enabled() and (y.requires_grad or weights.requires_grad)):
+        return _combine(y, weights, order)[0]  # inference: skip autograd.Function's overhead
     return _CombineSlots.apply(y, weights, order)
+
+
+def _combine(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(combined [tokens, dim], y by choice [tokens, top_k, dim], gate weights in y's dtype)."""
+    tokens, top_k = weights.shape
+    by_choice = y.index_select(0, _inverse_permutation(order)).view(tokens, top_k, -1)
+    gate = weights.to(y.dtype)
+    return torch.bmm(gate.view(tokens, 1, top_k), by_choice).view(tokens, -1), by_choice, gate
 
 
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -143,12 +155,10 @@ class _DispatchSlots(torch.autograd.Function):
 class _CombineSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weights, order):
-        tokens, top_k = weights.shape
-        by_choice = y.index_select(0, _inverse_permutation(order)).view(tokens, top_k, -1)
-        gate = weights.to(y.dtype)
+        combined, by_choice, gate = _combine(y, weights, order)
         ctx.save_for_backward(by_choice, gate, order)
         ctx.weights_dtype = weights.dtype
-        return torch.bmm(gate.view(tokens, 1, top_k), by_choice).view(tokens, -1)
+        return combined
 
     @staticmethod
     def backward(ctx, grad_out):
