@@ -11,7 +11,8 @@ Rows (per config):
   decode_b1_fp32        batch-1 tokens/s, fp32 both sides; identical tokens asserted
   roofline_b1_fp32      ours against the memory-bandwidth bound: (bytes of weights a decoded token
                         reads) / (read bandwidth: sum over a 256 MiB tensor); ratio = fraction reached
-  decode_b1_bf16        our bf16 weights against transformers' fp32 (notes: roofline fraction)
+  decode_b1_bf16        our bf16 weights (oneDNN-packed by the engine) against transformers' fp32
+                        (notes: roofline fraction)
   decode_b1_int8        our int8 weight-only (bf16 activations) against transformers' fp32
   decode_b16            16 concurrent requests through continuous batching (aggregate tokens/s)
                         against transformers' batched generate; identical tokens asserted
@@ -152,11 +153,11 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
                 continue
             variant = build_model(config, seed=0, dtype=torch.bfloat16).eval() if scheme == "bf16" else (
                 quantize_model(build_model(config, seed=0).eval(), "int8"))
+            weight_bytes = weight_bytes_per_token(variant)  # before the engine packs bf16 weights (same bytes)
             variant_engine = Engine(variant, max_num_seqs=CONCURRENT)
             (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, _) = alternate(
                 [lambda e=variant_engine: ours(e, one), lambda: theirs(one)], repeats)
             agreement = sum(a == b for a, b in zip(variant_tokens[0], our_tokens[0], strict=True)) / NEW_TOKENS
-            weight_bytes = weight_bytes_per_token(variant)
             emit(row, NEW_TOKENS / variant_time, NEW_TOKENS / their_time, "tok/s", name,
                  target_ratio=3.5 if scheme == "bf16" else 5.0, token_agreement_with_fp32=round(agreement, 3),
                  ours_cpu=round(NEW_TOKENS / variant_cpu, 2), baseline_cpu=round(NEW_TOKENS / their_cpu, 2),

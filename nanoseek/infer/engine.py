@@ -42,6 +42,7 @@ import torch
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
 from nanoseek.infer.cache import PagedKVCache
+from nanoseek.infer.packing import pack_model
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -311,6 +312,8 @@ class Engine:
     num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
     absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
     decode_layout: store the model's weights transposed for fast decoding (`use_decode_layout`, in place).
+    pack_weights: swap bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
+        in place, inference only); default: on CPU with bf16 weights when `decode_layout` is on.
     """
 
     def __init__(
@@ -327,14 +330,18 @@ class Engine:
         num_speculative_tokens: int = 1,
         absorb: bool | None = None,
         decode_layout: bool = True,
+        pack_weights: bool | None = None,
     ):
         config = model.config
+        device = model.lm_head.weight.device
         if decode_layout:
             use_decode_layout(model)
+        if pack_weights or (pack_weights is None and decode_layout):
+            pack_model(model)
         self.model = model  # train/eval mode is irrelevant here (no labels, no dropout): left as the caller set it
         self.config = config
         self.tokenizer = tokenizer
-        self.device = model.lm_head.weight.device
+        self.device = device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.vocab_size = config.vocab_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)

@@ -168,10 +168,9 @@ class MultiHeadLatentAttention(nn.Module):
         step they cost less than a fused attention kernel's setup.
         """
         batch, seq, heads, _ = q_nope.shape
-        weight = self.kv_b_proj.weight.unflatten(0, (heads, -1))  # [h, nope + v, r]
-        w_uk, w_uv = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
         rows = q_nope.permute(2, 0, 1, 3).reshape(heads, batch * seq, -1)  # [h, b*s, nope]
-        q_latent = torch.bmm(rows, w_uk.to(rows.dtype))  # [h, b*s, r]
+        q_latent = torch.bmm(rows, w_uk)  # [h, b*s, r]
         q_latent = q_latent.view(heads, batch, seq, -1).transpose(0, 1).reshape(batch, heads * seq, -1)
         q_pe = q_pe.transpose(1, 2).reshape(batch, heads * seq, -1)
         scores = torch.baddbmm(
@@ -183,8 +182,26 @@ class MultiHeadLatentAttention(nn.Module):
         probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(latent.dtype)
         out_latent = torch.bmm(probs.view(batch, heads * seq, -1), latent)  # [b, h*s, r]
         out_latent = out_latent.view(batch, heads, seq, -1).transpose(0, 1).reshape(heads, batch * seq, -1)
-        out = torch.bmm(out_latent, w_uv.to(out_latent.dtype).transpose(1, 2))  # [h, b*s, v]
+        out = torch.bmm(out_latent, w_uv_t.to(out_latent.dtype))  # [h, b*s, v]
         return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3)
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj, contiguous, in `dtype`.
+
+        Without gradients they are kept until the weight changes: bf16 bmm copies a strided operand
+        on every call, which cost decoding a [h, nope, r] copy per layer per token.
+        """
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version, dtype)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            key = None
+        elif getattr(self, "_absorbed", (None,))[0] == key:
+            return self._absorbed[1]
+        w_uk, w_uv = weight.unflatten(0, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        weights = (w_uk.to(dtype).contiguous(), w_uv.to(dtype).transpose(1, 2).contiguous())
+        if key is not None:
+            self._absorbed = (key, weights)
+        return weights
 
     def absorb_is_cheaper(self, num_queries: int, num_keys: int) -> bool:
         """Compare the multiply-adds of both paths (per head) for this query/key count."""

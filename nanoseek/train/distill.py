@@ -351,7 +351,8 @@ def distill_logits(run: SFTRun, teacher_dir: Path, options: DistillConfig) -> di
             prompts = [ids for ids in (prompt_ids(tokenizer, chat) for chat in run.conversations) if len(ids) < context]
             if not prompts:
                 raise ConfigError(f"no prompt is shorter than seq_len={config.seq_len} tokens: the student has no room to reply")
-            engine = Engine(trainer.model, tokenizer, max_num_seqs=config.micro_batch_size, max_model_len=context)
+            engine = Engine(trainer.model, tokenizer, max_num_seqs=config.micro_batch_size, max_model_len=context,
+                            pack_weights=False)
             model.train()
             batches = OnPolicyBatches(batches, prompts, engine, options, config.seed, trainer.precision.autocast)
         val_batches = functools.partial(loader, run.val_conversations, shuffle=False) if run.val_conversations else None

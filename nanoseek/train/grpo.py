@@ -605,7 +605,8 @@ def grpo(run: GRPORun) -> dict[str, Any]:
 
         trainer = Trainer(model, config, run.run_dir, topology=topology, loss_fn=make_loss_fn(options), tokenizer=tokenizer)
         generation_batch = config.global_batch_size * options.steps_per_generation
-        engine = Engine(model, tokenizer, max_model_len=config.seq_len, max_num_seqs=min(generation_batch, 256))
+        engine = Engine(model, tokenizer, max_model_len=config.seq_len, max_num_seqs=min(generation_batch, 256),
+                        pack_weights=False)  # the policy keeps training
         rollouts = Rollouts(run.rows, prompts, engine, trainer, run.reward_functions, options, reference)
         if run.resume_from is not None:
             trainer.load_checkpoint(run.resume_from, rollouts)

@@ -277,7 +277,7 @@ def heldout_evaluator(trainer: Trainer, tokenizer: Tokenizer, problems: Sequence
     longest = max(len(ids) for ids in prompt_ids(tokenizer, problems))
     if engine is None:
         context = min(longest + max_tokens, trainer.model.config.max_position_embeddings)
-        engine = Engine(trainer.model, tokenizer, max_model_len=context, max_num_seqs=64)
+        engine = Engine(trainer.model, tokenizer, max_model_len=context, max_num_seqs=64, pack_weights=False)
         trainer.model.train()
     context = engine.max_model_len
 
