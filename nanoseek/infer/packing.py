@@ -8,8 +8,9 @@ reordered once into its blocked layout is 1.4-2.9x faster on the `small` preset'
 
 `pack_model(model)` swaps, in place, every plain linear layer for a `PackedLinear` and every routed
 expert stack for `PackedRoutedExperts`. MLA's kv_b_proj stays as it is: the absorbed attention reads
-its weight directly. A packed model is for inference only (no gradients through packed weights); its
-`state_dict` still holds ordinary tensors, converted back on demand.
+its weight directly, and keeps its per-head split contiguous (`frozen_absorbed`). A packed model is
+for inference only (its weights must not change); its `state_dict` still holds ordinary tensors,
+converted back on demand.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
 
@@ -97,4 +99,7 @@ def pack_model(model: CausalLM) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced += 1
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            module.frozen_absorbed = module.absorbed_weights(module.kv_b_proj.weight.dtype)
     return replaced

@@ -117,6 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         # Set by the model from its RotaryEmbedding: qk_head_dim^-0.5 * YaRN mscale^2 (fact 1 of the
         # reference: 192^-0.5 * 1.874 for V3, in both execution paths).
         self.softmax_scale = qk_head_dim**-0.5
+        self.frozen_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see absorbed_weights
 
     def project_query(self, x: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head query split as [nope | rope]: q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]."""
@@ -188,20 +189,14 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj, contiguous, in `dtype`.
 
-        Without gradients they are kept until the weight changes: bf16 bmm copies a strided operand
-        on every call, which cost decoding a [h, nope, r] copy per layer per token.
+        An inference-only model keeps them in `frozen_absorbed` (`nanoseek.infer.packing`): bf16 bmm
+        copies a strided operand on every call, a [h, nope, r] copy per layer per decoded token.
         """
+        if self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == dtype:
+            return self.frozen_absorbed
         weight = self.kv_b_proj.weight
-        key = (weight.data_ptr(), weight._version, dtype)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            key = None
-        elif getattr(self, "_absorbed", (None,))[0] == key:
-            return self._absorbed[1]
         w_uk, w_uv = weight.unflatten(0, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        weights = (w_uk.to(dtype).contiguous(), w_uv.to(dtype).transpose(1, 2).contiguous())
-        if key is not None:
-            self._absorbed = (key, weights)
-        return weights
+        return w_uk.to(dtype).contiguous(), w_uv.to(dtype).transpose(1, 2).contiguous()
 
     def absorb_is_cheaper(self, num_queries: int, num_keys: int) -> bool:
         """Compare the multiply-adds of both paths (per head) for this query/key count."""
