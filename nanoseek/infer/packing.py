@@ -101,5 +101,5 @@ def pack_model(model: CausalLM) -> int:
         replaced += 1
     for module in model.modules():
         if isinstance(module, MultiHeadLatentAttention):
-            module.frozen_absorbed = module.absorbed_weights(module.kv_b_proj.weight.dtype)
+            module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(module.kv_b_proj.weight.dtype))
     return replaced

@@ -187,7 +187,7 @@ class MultiHeadLatentAttention(nn.Module):
         return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj, contiguous, in `dtype`.
+        """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj in `dtype`.
 
         An inference-only model keeps them in `frozen_absorbed` (`nanoseek.infer.packing`): bf16 bmm
         copies a strided operand on every call, a [h, nope, r] copy per layer per decoded token.
@@ -196,7 +196,7 @@ class MultiHeadLatentAttention(nn.Module):
             return self.frozen_absorbed
         weight = self.kv_b_proj.weight
         w_uk, w_uv = weight.unflatten(0, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        return w_uk.to(dtype).contiguous(), w_uv.to(dtype).transpose(1, 2).contiguous()
+        return w_uk.to(dtype), w_uv.to(dtype).transpose(1, 2)  # views: fp32 bmm reads them as they are
 
     def absorb_is_cheaper(self, num_queries: int, num_keys: int) -> bool:
         """Compare the multiply-adds of both paths (per head) for this query/key count."""
