@@ -95,7 +95,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
         # The matmul of every expert; FP8 training swaps in `nanoseek.fp8.fp8_linear` (train/precision.py).
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
-        self.scratch = ExpertScratch()  # mixed-precision training buffers, not state
+        self.scratch = ExpertScratch()  # CPU mixed-precision training buffers, not state
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden] in the compute dtype."""
@@ -108,7 +108,9 @@ class RoutedExperts(nn.Module):
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""
         if self.linear is F.linear and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
-            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts, self.scratch)  # training: kernels.py
+            # Training: kernels.py. Reused buffers pay off on CPU; a GPU's caching allocator reuses memory itself.
+            scratch = self.scratch if x.device.type == "cpu" else None
+            return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts, scratch)
         gate_up, down = self.expert_weights()
         # One split (not a slice per expert): slicing makes autograd zero-fill a full-size gradient per slice.
         outputs = [
