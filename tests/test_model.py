@@ -10,8 +10,8 @@ from model_configs import tiny_config
 
 from nanoseek import ModelConfig
 from nanoseek.model import IGNORE_INDEX, build_model
-from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.attention import _attend, _attend_eager
+from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
 from nanoseek.model.layers import (
     RMSNorm,

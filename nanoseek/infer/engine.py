@@ -42,7 +42,6 @@ import torch
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
 from nanoseek.infer.cache import PagedKVCache
-from nanoseek.infer.packing import pack_model
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -52,6 +51,7 @@ from nanoseek.infer.outputs import (
     RequestOutput,
     StreamEvent,
 )
+from nanoseek.infer.packing import pack_model
 from nanoseek.infer.sampling import (
     PenaltyState,
     SamplingParams,
