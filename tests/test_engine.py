@@ -169,6 +169,25 @@ def test_streamed_text_adds_up_to_the_decoded_tokens():
         events = list(engine.stream("你好", params))
         tokens = [t for event in events for t in event.token_ids]
         assert "".join(event.text for event in events) == tokenizer.decode(tokens)
+        # generate() decodes once at the end instead of per token: the same text
+        assert engine.generate("你好", params)[0].outputs[0].text == tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_deferred_text_equals_incremental_text(flushed):
+    """A tracker nobody streams decodes once at the end; cut inside a character, with or without the
+    final flush (stop or length vs a cancelled request), it returns what the incremental one returns."""
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer.encode("你好🙂 Ünï")
+    for end in range(1, len(ids) + 1):
+        incremental, deferred = _TextTracker(tokenizer, SamplingParams()), _TextTracker(tokenizer, SamplingParams(), incremental=False)
+        for token in ids[:end]:
+            incremental.feed(token)
+            deferred.feed(token)
+            assert deferred.take(final=False) == ""
+        if flushed:
+            incremental.flush(), deferred.flush()
+        assert deferred.take(final=True) == incremental.take(final=False) + incremental.take(final=True)
 
 
 def test_text_deltas_never_split_a_character():

@@ -11,10 +11,10 @@ from engine_fixtures import single_thread  # noqa: F401 (autouse fixture)
 from nanoseek.errors import GenerationError
 from nanoseek.infer.sampling import (
     PenaltyState,
+    RandomStream,
     SamplingParams,
     apply_penalties,
     draw,
-    make_generator,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -84,14 +84,14 @@ def test_penalty_state_with_drafts_leaves_the_original_untouched():
 
 def test_draw_samples_the_distribution_and_is_reproducible():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
-    generator = make_generator(1)
-    samples = torch.stack([draw(probs, uniforms([generator])) for _ in range(4000)]).flatten()
+    stream = RandomStream(1)
+    samples = torch.stack([draw(probs, uniforms([stream])) for _ in range(4000)]).flatten()
     counts = torch.bincount(samples, minlength=4).double()
     expected = probs[0].double() * 4000
     assert counts[1] == 0
     chi2 = float((((counts - expected) ** 2)[expected > 0] / expected[expected > 0]).sum())
     assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
-    again = make_generator(1)
+    again = RandomStream(1)
     assert [int(draw(probs, uniforms([again]))) for _ in range(20)] == samples[:20].tolist()
 
 

@@ -9,7 +9,7 @@ import torch
 from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
 
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.sampling import make_generator
+from nanoseek.infer.sampling import RandomStream
 from nanoseek.infer.speculative import accept_drafts
 
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [11] * 13, [2]]
@@ -39,7 +39,7 @@ def test_accept_drafts_preserves_the_target_distribution(num_drafts):
     vocab = 5
     target = torch.softmax(torch.randn(num_drafts + 1, vocab, generator=generator) * 1.5, -1)
     draft = torch.softmax(torch.randn(num_drafts, vocab, generator=generator) * 1.5, -1)
-    rng = make_generator(1)
+    rng = RandomStream(1)
     first, second = torch.zeros(vocab), torch.zeros(vocab)
     first_accepted = 0
     trials = 6000

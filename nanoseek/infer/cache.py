@@ -114,6 +114,12 @@ class PagedKVCache:
         first, last = start // self.block_size, min(len(table), self.blocks_for(end))
         return needed + sum(1 for i in range(first, last) if self.refcounts[table[i]] > 1)
 
+    def writable(self, table: list[int], start: int, end: int) -> bool:
+        """True when positions [start, end) lie in blocks `table` already owns alone (nothing to prepare)."""
+        size, refcounts = self.block_size, self.refcounts
+        last = (end - 1) // size
+        return last < len(table) and all(refcounts[table[i]] == 1 for i in range(start // size, last + 1))
+
     def prepare_write(self, table: list[int], start: int, end: int) -> None:
         """Make positions [start, end) writable in `table`: grow it, un-share blocks it will write into.
 

@@ -54,10 +54,10 @@ from nanoseek.infer.outputs import (
 from nanoseek.infer.packing import pack_model
 from nanoseek.infer.sampling import (
     PenaltyState,
+    RandomStream,
     SamplingParams,
     draw,
     greedy_only,
-    make_generator,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -104,8 +104,9 @@ class RequestHandle:
     otherwise to a thread-safe queue (use `for`; without a background thread, iterating steps the engine).
     """
 
-    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], n: int):
+    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int], n: int, streamed: bool = True):
         self.engine = engine
+        self.streamed = streamed  # False: only `result()` is read (events are not queued)
         self.request_id = request_id
         self.n = n
         self._output = RequestOutput(request_id, prompt_ids, [CompletionOutput(i, "", []) for i in range(n)])
@@ -174,38 +175,60 @@ class RequestHandle:
             completion.finish_reason, completion.stop_reason = event.finish_reason, event.stop_reason
             completion.error = event.error
             self._unfinished -= 1
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
-        else:
-            self._queue.put(event)
+        if self.streamed:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+            else:
+                self._queue.put(event)
         if self._unfinished == 0:
             self._done.set()
 
 
 # ----- per-sequence state ------------------------------------------------------------------------
 class _TextTracker:
-    """Incremental text of one completion: UTF-8-safe deltas, stop strings found and cut off."""
+    """Incremental text of one completion: UTF-8-safe deltas, stop strings found and cut off.
 
-    def __init__(self, tokenizer, params: SamplingParams):
+    With `incremental=False` (a request nobody streams, without stop strings) the ids are only
+    collected and decoded once at the end: the same text, without two decodes per token.
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams, incremental: bool = True):
         self.decoder = tokenizer.stream_decoder(params.skip_special_tokens) if tokenizer is not None else None
         self.stops = params.stop
         self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.deferred: list[int] | None = [] if self.decoder is not None and not incremental and not self.stops else None
         self.text = ""
         self.sent = 0  # characters already handed out
         self.scanned = 0  # characters already searched for stop strings
 
     def feed(self, token_id: int) -> str | None:
         """Add a token; return the stop string it completed, if any (the text is cut before it)."""
+        if self.deferred is not None:
+            self.deferred.append(token_id)
+            return None
         if self.decoder is None:
             return None
         self.text += self.decoder.feed(token_id)
         return self._find_stop()
 
     def flush(self) -> str | None:
+        if self.deferred is not None:
+            self._decode_deferred()
         if self.decoder is None:
             return None
         self.text += self.decoder.flush()
         return self._find_stop()
+
+    def _decode_deferred(self) -> None:
+        """Run the collected ids through the stream decoder in one go (its text equals decode(ids))."""
+        ids, self.deferred = self.deferred, None
+        decoded = self.decoder.tokenizer.decode(ids, skip_special_tokens=self.decoder.skip_special_tokens)
+        if decoded.endswith("\ufffd"):  # rare: let the decoder hold back the incomplete character exactly
+            for token_id in ids:
+                self.text += self.decoder.feed(token_id)
+        else:
+            self.decoder.ids, self.decoder.prefix_offset, self.decoder.read_offset = ids, len(ids), len(ids)
+            self.text = decoded
 
     def _find_stop(self) -> str | None:
         if not self.stops:
@@ -222,6 +245,10 @@ class _TextTracker:
 
     def take(self, final: bool) -> str:
         """Text not handed out yet, minus (unless final) a tail that may still grow into a stop string."""
+        if self.deferred is not None:
+            if not final:
+                return ""
+            self._decode_deferred()
         end = len(self.text)
         if not final:
             for length in range(min(self.longest_stop - 1, end - self.sent), 0, -1):
@@ -240,14 +267,14 @@ class _Sequence:
     _arrivals = itertools.count()
 
     def __init__(self, handle: RequestHandle, index: int, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, generator: torch.Generator, tracker: _TextTracker):
+                 max_tokens: int, random: RandomStream, tracker: _TextTracker):
         self.handle = handle
         self.index = index
         self.prompt_length = len(prompt_ids)
         self.token_ids = list(prompt_ids)  # prompt + generated; the last generated one is not yet in the cache
         self.params = params
         self.max_tokens = max_tokens
-        self.generator = generator
+        self.random = random
         self.tracker = tracker
         self.penalties: PenaltyState | None = None
         self.table: list[int] = []  # cache blocks
@@ -407,7 +434,7 @@ class Engine:
         requests = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                requests.append(self._make_request(prompt, p, n, None))
+                requests.append(self._make_request(prompt, p, n, None, streamed=False))
         except GenerationError:
             with self._ids_lock:
                 self._active_ids.difference_update(handle.request_id for handle, _ in requests)
@@ -512,7 +539,7 @@ class Engine:
         return bool(self._running or self._waiting or not self._inbox.empty())
 
     # ----- request validation ----------------------------------------------------------------------
-    def _make_request(self, prompt, params: SamplingParams, n: int, request_id: str | None):
+    def _make_request(self, prompt, params: SamplingParams, n: int, request_id: str | None, streamed: bool = True):
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_num_seqs:
@@ -545,12 +572,12 @@ class Engine:
             if request_id in self._active_ids:
                 raise GenerationError(f"request id {request_id!r} is already in use")
             self._active_ids.add(request_id)
-        handle = RequestHandle(self, request_id, prompt_ids, n)
+        handle = RequestHandle(self, request_id, prompt_ids, n, streamed)
         sequences = []
         for index in range(n):
             seed = None if params.seed is None else (params.seed + index * 0x9E3779B97F4A7C15) % 2**63
-            sequence = _Sequence(handle, index, prompt_ids, params, max_tokens, make_generator(seed),
-                                 _TextTracker(self.tokenizer, params))
+            sequence = _Sequence(handle, index, prompt_ids, params, max_tokens, RandomStream(seed),
+                                 _TextTracker(self.tokenizer, params, incremental=streamed))
             if params.uses_penalties:
                 sequence.penalties = PenaltyState.from_tokens(prompt_ids, [], self.vocab_size, self.device)
             sequences.append(sequence)
@@ -668,6 +695,8 @@ class Engine:
         Returns False if `sequence` itself had to be preempted.
         """
         start = sequence.num_computed if start is None else start
+        if self.cache.writable(sequence.table, start, end):
+            return True
         while self.cache.blocks_needed(sequence.table, start, end) > self.cache.num_free_blocks:
             victim = max(self._running, key=lambda s: s.arrival)
             self._preempt(victim)
@@ -775,7 +804,7 @@ class Engine:
             tokens = logits.argmax(dim=-1).tolist()
             return [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
         probs = sampling_probs(logits, params, [s.penalties for s in sequences])
-        chosen = draw(probs, uniforms([s.generator for s in sequences], self.device))
+        chosen = draw(probs, uniforms([s.random for s in sequences], self.device))
         logprobs = token_logprobs(logits, probs, chosen, params)
         return [
             self._append(s, [token], None if entry is None else [entry])
@@ -894,7 +923,7 @@ class Engine:
                 else:
                     states = [self._penalties_after(s, drafts[s]) for s in drafters]
                     probs = sampling_probs(logits, [s.params for s in drafters], states)
-                    tokens = draw(probs, uniforms([s.generator for s in drafters], self.device)).tolist()
+                    tokens = draw(probs, uniforms([s.random for s in drafters], self.device)).tolist()
                     for row, sequence in enumerate(drafters):
                         draft_probs[sequence].append(probs[row])
                 for sequence, token in zip(drafters, tokens, strict=True):
@@ -918,9 +947,9 @@ class Engine:
                 states = [self._penalties_after(sequence, row_drafts[:j]) for j in range(count)]
                 probs = sampling_probs(logits, [sequence.params] * count, states)
                 if row_drafts:
-                    emitted, accepted = accept_drafts(probs, torch.stack(draft_probs[sequence]), row_drafts, sequence.generator)
+                    emitted, accepted = accept_drafts(probs, torch.stack(draft_probs[sequence]), row_drafts, sequence.random)
                 else:
-                    emitted, accepted = draw(probs, uniforms([sequence.generator], self.device)).tolist(), 0
+                    emitted, accepted = draw(probs, uniforms([sequence.random], self.device)).tolist(), 0
             if row_drafts:
                 self._stats.spec_verify_steps += 1
                 self._stats.spec_draft_tokens += len(row_drafts)

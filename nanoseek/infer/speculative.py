@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.infer.sampling import draw
+from nanoseek.infer.sampling import RandomStream, draw
 from nanoseek.model.attention import KVCache
 from nanoseek.model.transformer import CausalLM
 
@@ -44,30 +44,30 @@ def accept_drafts(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     drafts: list[int],
-    generator: torch.Generator,
+    stream: RandomStream,
 ) -> tuple[list[int], int]:
     """Speculative sampling for one sequence: (the emitted tokens, how many drafts were accepted).
 
     target_probs [k + 1, vocab]: p at each verified position (the last one gives the bonus token);
     draft_probs [k, vocab]: q each draft was drawn from; drafts: the k drafted ids. Uses one uniform
-    number per tested draft and one for the final draw, all from the sequence's own generator.
+    number per tested draft and one for the final draw, all from the sequence's own stream.
     """
     emitted = []
     for j, token in enumerate(drafts):
         p, q = float(target_probs[j, token]), float(draft_probs[j, token])
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        u = stream.next()
         if u * q < p:  # accept with probability min(1, p / q)
             emitted.append(token)
             continue
         residual = (target_probs[j] - draft_probs[j]).clamp_(min=0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: the residual is p itself
             residual = target_probs[j]
-        emitted.append(_draw_one(residual, generator))
+        emitted.append(_draw_one(residual, stream))
         return emitted, j
-    emitted.append(_draw_one(target_probs[len(drafts)], generator))
+    emitted.append(_draw_one(target_probs[len(drafts)], stream))
     return emitted, len(drafts)
 
 
-def _draw_one(probs: torch.Tensor, generator: torch.Generator) -> int:
-    u = torch.rand(1, generator=generator, dtype=torch.float64)
+def _draw_one(probs: torch.Tensor, stream: RandomStream) -> int:
+    u = torch.tensor([stream.next()], dtype=torch.float64)
     return int(draw(probs[None], u)[0])
