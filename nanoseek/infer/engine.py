@@ -220,15 +220,17 @@ class _TextTracker:
         return self._find_stop()
 
     def _decode_deferred(self) -> None:
-        """Run the collected ids through the stream decoder in one go (its text equals decode(ids))."""
+        """Decode the collected ids at once: the text an incremental decoder would have handed out
+        (ending before a character still incomplete), with the decoder left holding the rest."""
         ids, self.deferred = self.deferred, None
-        decoded = self.decoder.tokenizer.decode(ids, skip_special_tokens=self.decoder.skip_special_tokens)
-        if decoded.endswith("\ufffd"):  # rare: let the decoder hold back the incomplete character exactly
-            for token_id in ids:
-                self.text += self.decoder.feed(token_id)
-        else:
-            self.decoder.ids, self.decoder.prefix_offset, self.decoder.read_offset = ids, len(ids), len(ids)
-            self.text = decoded
+        decoder = self.decoder
+        complete = len(ids)
+        text = decoder._decode(ids)
+        while text.endswith("\ufffd") and complete > 0:  # the last character is still incomplete
+            complete -= 1
+            text = decoder._decode(ids[:complete])
+        decoder.ids, decoder.prefix_offset, decoder.read_offset = ids, 0, complete
+        self.text = text
 
     def _find_stop(self) -> str | None:
         if not self.stops:
