@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -360,3 +361,42 @@ def test_model_losses_without_logits_equal_losses_from_logits():
         results.append([output.lm_loss, output.mtp_loss] + [p.grad for p in model.parameters()])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["v3", "qwen2"])
+def test_fused_projections_follow_their_parameters(name):
+    """The engine fuses linears that read one input (q/k/v, gate/up, MLA's q_a + kv_a) into one buffer
+    whose rows are the parameters: same outputs, optimizer steps on the parameters reach the fused
+    matmul, and a parameter replaced wholesale turns the fusion off instead of going stale."""
+    from nanoseek.infer.engine import use_decode_layout
+
+    model = build_model(tiny_config(name), seed=0)
+    reference = copy.deepcopy(model)
+    use_decode_layout(model)
+    fused = [m.fused for m in model.modules() if getattr(m, "fused", None) is not None]
+    assert len(fused) == 2 * model.config.num_hidden_layers + (name == "v3") * (model.config.num_hidden_layers - 1)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def assert_fused_equals_separate():
+        with torch.no_grad():
+            assert any(f.usable for f in fused)
+            fast = model(ids).logits
+        with torch.enable_grad():  # the layers one by one
+            assert not any(f.usable for f in fused)
+            separate = model(ids).logits.detach()
+        torch.testing.assert_close(fast, separate, rtol=1e-5, atol=1e-6)
+        return fast
+
+    with torch.no_grad():
+        torch.testing.assert_close(assert_fused_equals_separate(), reference(ids).logits, rtol=1e-5, atol=1e-6)
+    before = model.model.layers[0].self_attn.fused.weight.clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.model.layers[0].self_attn.fused.weight, before)
+    assert_fused_equals_separate()
+    first = model.model.layers[0].self_attn.fusable_projections()[0]
+    first.weight.data = torch.full_like(first.weight, 0.01)
+    with torch.no_grad():
+        assert not fused[0].usable and fused[1].usable
+    assert_fused_equals_separate()

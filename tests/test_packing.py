@@ -8,6 +8,7 @@ from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fi
 from model_configs import tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.engine import use_decode_layout
 from nanoseek.infer.packing import PackedLinear, PackedRoutedExperts, pack_model, packing_supported
 from nanoseek.model import build_model
 
@@ -23,8 +24,12 @@ def bf16_model(name: str):
 
 @requires_packing
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
-def test_packed_model_gives_the_same_logits_and_state_dict(name):
+@pytest.mark.parametrize("decode_layout", [False, True])
+def test_packed_model_gives_the_same_logits_and_state_dict(name, decode_layout):
+    """Packed alone, or as the engine prepares a model: decode layout with fused projections, then packed."""
     model, packed = bf16_model(name), bf16_model(name)
+    if decode_layout:
+        use_decode_layout(packed)
     replaced = pack_model(packed)
     assert replaced > 0 and isinstance(packed.lm_head, PackedLinear)
     if name == "v3":

@@ -106,3 +106,9 @@ def test_logprobs_raw_and_processed():
     assert list(raw[1]) == [0, 1]
     assert processed[0] == pytest.approx(math.log(float((LOGITS[0] / 0.5).softmax(-1)[1])), abs=1e-5)
     assert processed[1] is None and none is None
+    # every row processed without alternatives (GRPO's rollouts): only the chosen tokens' log is taken
+    only = [SamplingParams(temperature=0.5, top_k=2, logprobs=0, logprobs_mode="processed")] * 2
+    probs = sampling_probs(LOGITS.repeat(2, 1), only)
+    fast = token_logprobs(LOGITS.repeat(2, 1), probs, torch.tensor([1, 0]), only)
+    assert [entry[0] for entry in fast] == pytest.approx(probs.log()[[0, 1], [1, 0]].tolist(), abs=1e-6)
+    assert fast[0][1] is None

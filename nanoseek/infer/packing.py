@@ -7,7 +7,7 @@ reordered once into its blocked layout is 1.4-2.9x faster on the `small` preset'
 2-core AVX512-bf16 EPYC, one thread) and gives bit-identical results.
 
 `pack_model(model)` swaps, in place, every plain linear layer for a `PackedLinear` and every routed
-expert stack for `PackedRoutedExperts`. MLA's kv_b_proj stays as it is: the absorbed attention reads
+expert stack for `PackedRoutedExperts`, and packs the buffers of fused projections. MLA's kv_b_proj stays as it is: the absorbed attention reads
 its weight directly, and keeps its per-head split contiguous (`frozen_absorbed`). A packed model is
 for inference only (its weights must not change); its `state_dict` still holds ordinary tensors,
 converted back on demand.
@@ -100,6 +100,10 @@ def pack_model(model: CausalLM) -> int:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced += 1
     for module in model.modules():
+        fused = getattr(module, "fused", None)
+        if fused is not None and fused.weight.dtype == torch.bfloat16 and fused.linear is not packed_linear:
+            fused.weight, fused.linear = pack_weight(fused.weight), packed_linear
+            fused.linears, fused.pointers = [], []  # the plain layers were replaced: keep no copy alive
         if isinstance(module, MultiHeadLatentAttention):
             module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(module.kv_b_proj.weight.dtype))
     return replaced

@@ -265,13 +265,21 @@ def token_logprobs(
     out: list[tuple[float, dict[int, float] | None] | None] = [None] * len(params)
     if not wanted:
         return out
-    index = torch.tensor(wanted, device=logits.device)
-    raw = logits[index].float().log_softmax(dim=-1)
-    processed = probs[index].log()
-    modes = torch.tensor([params[i].logprobs_mode == "processed" for i in wanted], device=logits.device)
-    logprobs = torch.where(modes[:, None], processed, raw)
-    chosen = logprobs.gather(1, tokens[index].unsqueeze(-1)).squeeze(-1).tolist()
+    device = logits.device
+    index = torch.tensor(wanted, device=device) if len(wanted) < len(params) else None
+    processed_rows = [params[i].logprobs_mode == "processed" for i in wanted]
     top_n = max(params[i].logprobs for i in wanted)
+    chosen_ids = (tokens if index is None else tokens[index]).unsqueeze(-1)
+    row_logits = (logits if index is None else logits[index]).float()
+    row_probs = probs if index is None else probs[index]
+    if top_n or not all(processed_rows):  # the full distributions are needed
+        processed = row_probs.log()
+        logprobs = processed if all(processed_rows) else torch.where(
+            torch.tensor(processed_rows, device=device)[:, None], processed, row_logits.log_softmax(dim=-1))
+        chosen = logprobs.gather(1, chosen_ids).squeeze(-1).tolist()
+    else:  # only the sampled token's processed log-probability: no [rows, vocab] log
+        logprobs = None
+        chosen = row_probs.gather(1, chosen_ids).squeeze(-1).log().tolist()
     top_values, top_ids = (logprobs.topk(top_n, dim=-1) if top_n else (None, None))
     for row, i in enumerate(wanted):
         n = params[i].logprobs

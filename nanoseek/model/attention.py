@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved
+from nanoseek.model.layers import (
+    FusedProjection,
+    RMSNorm,
+    RotaryAngles,
+    apply_rope_half,
+    apply_rope_interleaved,
+)
 
 
 class KVCache(Protocol):
@@ -140,20 +146,26 @@ class MultiHeadLatentAttention(nn.Module):
         # reference: 192^-0.5 * 1.874 for V3, in both execution paths).
         self.softmax_scale = qk_head_dim**-0.5
         self.frozen_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see absorbed_weights
+        self.fused: FusedProjection | None = None  # q (or q_a) + kv_a, set by the inference engine
 
-    def project_query(self, x: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head query split as [nope | rope]: q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def fusable_projections(self) -> list[nn.Linear]:
+        """The projections of the layer input: the query's first one and the KV compression."""
+        return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
+
+    def project_query(self, first: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query split as [nope | rope]: q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope].
+
+        `first` is the output of the query's first projection (q_proj, or q_a_proj with a q LoRA).
+        """
+        q = first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(first))
         q = q.unflatten(-1, (self.num_heads, -1))
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, self.apply_rope(q_pe, angles)
 
-    def compress_kv(self, x: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache stores per token: the normalized latent [b, s, r] and rotated k_pe [b, s, rope]."""
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+    def compress_kv(self, compressed: torch.Tensor, angles: RotaryAngles) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores per token, from kv_a_proj_with_mqa's output: the normalized latent
+        [b, s, r] and rotated k_pe [b, s, rope]."""
+        latent, k_pe = compressed.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent), self.apply_rope(k_pe, angles)
 
     def forward(
@@ -165,8 +177,12 @@ class MultiHeadLatentAttention(nn.Module):
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
     ) -> torch.Tensor:
-        q_nope, q_pe = self.project_query(x, angles)
-        latent, k_pe = self.compress_kv(x, angles)
+        if self.fused is not None and self.fused.usable:
+            first, compressed = self.fused(x)
+        else:
+            first, compressed = (projection(x) for projection in self.fusable_projections())
+        q_nope, q_pe = self.project_query(first, angles)
+        latent, k_pe = self.compress_kv(compressed, angles)
         if cache is not None:
             latent, k_pe = cache.update(self.layer_index, positions, mask.shape[-1], latent, k_pe)
         if absorb is None:
@@ -245,6 +261,10 @@ class GroupedQueryAttention(nn.Module):
             self.num_heads * self.head_dim, config.hidden_size, bias=config.model_type == "llama" and config.attention_bias
         )
         self.softmax_scale = self.head_dim**-0.5
+        self.fused: FusedProjection | None = None  # q + k + v, set by the inference engine
+
+    def fusable_projections(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(
         self,
@@ -255,9 +275,13 @@ class GroupedQueryAttention(nn.Module):
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
     ) -> torch.Tensor:
-        query = apply_rope_half(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), angles)
-        key = apply_rope_half(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), angles)
-        value = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.fused is not None and self.fused.usable:
+            query, key, value = self.fused(x)
+        else:
+            query, key, value = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        query = apply_rope_half(query.unflatten(-1, (self.num_heads, self.head_dim)), angles)
+        key = apply_rope_half(key.unflatten(-1, (self.num_kv_heads, self.head_dim)), angles)
+        value = value.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if cache is not None:
             key, value = cache.update(self.layer_index, positions, mask.shape[-1], key, value)
         out = _attend(

@@ -25,6 +25,64 @@ class RMSNorm(nn.Module):
         return self.weight * normalized.to(x.dtype)
 
 
+class FusedProjection:
+    """Linear layers that read the same input, run as one matmul when no gradient is needed.
+
+    `FusedProjection.fuse(linears)` moves their weights (and biases) into one buffer and makes each
+    parameter a view of its rows, so the parameters keep their names, shapes and values, in-place
+    updates (optimizer steps, `load_state_dict`) reach the buffer, and autograd still sees separate
+    parameters. Decoding a few rows is dominated by per-call overhead: q/k/v as one call instead of
+    three. The buffer is stored transposed ([in, out], the engine's decode layout). If a parameter
+    is replaced (`.data = ...`, `.to(...)`), `usable` turns False and the layers run one by one again.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], linears: list[nn.Linear]):
+        self.weight, self.bias, self.sizes = weight, bias, sizes
+        self.linears = linears
+        self.pointers = self._pointers()
+        self.linear = F.linear  # `nanoseek.infer.packing` swaps in its packed kernel
+
+    @classmethod
+    @torch.no_grad()
+    def fuse(cls, linears: list[nn.Linear]) -> FusedProjection:
+        first = linears[0].weight
+        sizes = [linear.out_features for linear in linears]
+        buffer = torch.empty(first.shape[1], sum(sizes), dtype=first.dtype, device=first.device)
+        weight = buffer.t()  # [out, in] with the decode layout's strides
+        has_bias = linears[0].bias is not None
+        bias = torch.empty(sum(sizes), dtype=first.dtype, device=first.device) if has_bias else None
+        for linear, rows in zip(linears, weight.split(sizes), strict=True):
+            rows.copy_(linear.weight)
+            linear.weight.data = rows
+        if bias is not None:
+            for linear, part in zip(linears, bias.split(sizes), strict=True):
+                part.copy_(linear.bias)
+                linear.bias.data = part
+        return cls(weight, bias, sizes, linears)
+
+    def _pointers(self) -> list[int]:
+        return [t.data_ptr() for linear in self.linears for t in (linear.weight, linear.bias) if t is not None]
+
+    @property
+    def usable(self) -> bool:
+        """No gradient wanted and every parameter still a view of the buffer."""
+        return not torch.is_grad_enabled() and self._pointers() == self.pointers
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fusable(linears: list[nn.Linear]) -> bool:
+    """Plain float linears of one input size on one device and dtype, all with or all without bias."""
+    first = linears[0]
+    return all(
+        type(linear) is nn.Linear and linear.in_features == first.in_features
+        and linear.weight.dtype == first.weight.dtype and linear.weight.dtype.is_floating_point
+        and linear.weight.device == first.weight.device and (linear.bias is None) == (first.bias is None)
+        for linear in linears
+    )
+
+
 class SwiGLU(nn.Module):
     """The feed-forward block of every model here: down(silu(gate(x)) * up(x))."""
 
@@ -33,9 +91,17 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fused: FusedProjection | None = None  # gate + up, set by the inference engine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is not None and self.fused.usable:
+            gate, up = self.fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fusable_projections(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj]
 
 
 @dataclass
