@@ -11,7 +11,7 @@ from model_configs import tiny_config
 
 from nanoseek import ModelConfig
 from nanoseek.model import IGNORE_INDEX, build_model
-from nanoseek.model.attention import _attend, _attend_eager, _attend_grouped_decode
+from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
 from nanoseek.model.layers import (
@@ -203,15 +203,15 @@ def test_eager_attention_equals_sdpa():
 
 
 def test_grouped_decode_attention_equals_sdpa():
-    """One query per row over grouped cached keys (a strided view, as the cache returns it): the
-    matmul path CPU bf16 decoding takes computes what SDPA computes."""
+    """One query per row over grouped cached keys (a strided view, as the cache returns it): folding
+    each key/value head's query heads into query rows computes what SDPA's GQA computes."""
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(3, 1, 8, 16, generator=generator).transpose(1, 2)
     key, value = (torch.randn(3, 10, 2, 16, generator=generator).transpose(1, 2) for _ in range(2))
     mask = torch.arange(10)[None, None, None, :] <= torch.tensor([3, 9, 6])[:, None, None, None]
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(_attend_grouped_decode(query, key, value, 0.25, mask, 4), expected)
-    got = _attend(query.bfloat16(), key.bfloat16(), value.bfloat16(), 0.25, mask, num_kv_groups=4)  # dispatches here
+    torch.testing.assert_close(_attend(query, key, value, 0.25, mask, num_kv_groups=4), expected)
+    got = _attend(query.bfloat16(), key.bfloat16(), value.bfloat16(), 0.25, mask, num_kv_groups=4)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
