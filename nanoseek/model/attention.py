@@ -163,7 +163,7 @@ class MultiHeadLatentAttention(nn.Module):
         absorb: bool | None = None,
     ) -> torch.Tensor:
         if self.fused is not None and self.fused.usable:
-            first, compressed = self.fused(x)
+            first, compressed = self.fused(x).split(self.fused.sizes, dim=-1)
         else:
             first, compressed = (projection(x) for projection in self.fusable_projections())
         q_nope, q_pe = self.project_query(first, angles)
@@ -260,13 +260,15 @@ class GroupedQueryAttention(nn.Module):
         mask: torch.Tensor | None = None,
         absorb: bool | None = None,
     ) -> torch.Tensor:
-        if self.fused is not None and self.fused.usable:
-            query, key, value = self.fused(x)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused is not None and self.fused.usable:  # queries and keys rotated together
+            query_key, value = self.fused(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+            query, key = apply_rope_half(query_key.unflatten(-1, (heads + kv_heads, dim)), angles).split([heads, kv_heads], dim=2)
         else:
-            query, key, value = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        query = apply_rope_half(query.unflatten(-1, (self.num_heads, self.head_dim)), angles)
-        key = apply_rope_half(key.unflatten(-1, (self.num_kv_heads, self.head_dim)), angles)
-        value = value.unflatten(-1, (self.num_kv_heads, self.head_dim))
+            query = apply_rope_half(self.q_proj(x).unflatten(-1, (heads, dim)), angles)
+            key = apply_rope_half(self.k_proj(x).unflatten(-1, (kv_heads, dim)), angles)
+            value = self.v_proj(x)
+        value = value.unflatten(-1, (kv_heads, dim))
         if cache is not None:
             key, value = cache.update(self.layer_index, positions, mask.shape[-1], key, value)
         out = _attend(

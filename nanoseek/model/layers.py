@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalized = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # few ops: decode runs 30+ norms a token
-        return self.weight * normalized.to(x.dtype)
+        # few ops: decode runs 30+ norms a token
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class FusedProjection:
@@ -68,8 +71,9 @@ class FusedProjection:
         """No gradient wanted and every parameter still a view of the buffer."""
         return not torch.is_grad_enabled() and self._pointers() == self.pointers
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side [..., sum(sizes)] (split by the caller)."""
+        return self.linear(x, self.weight, self.bias)
 
 
 def fusable(linears: list[nn.Linear]) -> bool:
@@ -95,7 +99,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused.usable:
-            gate, up = self.fused(x)
+            gate, up = self.fused(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -117,6 +121,13 @@ class RotaryAngles:
     def narrow(self, length: int) -> RotaryAngles:
         """The angles of the first `length` positions (MTP depths run on shortened sequences)."""
         return RotaryAngles(self.cos[:, :length], self.sin[:, :length])
+
+    @functools.cached_property
+    def half_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([cos | cos], [-sin | sin]) as [batch, seq, 1, rope_dim] for `apply_rope_half`, built once
+        per forward and shared by every layer."""
+        cos, sin = self.cos[:, :, None], self.sin[:, :, None]
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -227,9 +238,10 @@ def apply_rope_interleaved(x: torch.Tensor, angles: RotaryAngles) -> torch.Tenso
 def apply_rope_half(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     """Rotate channel i with channel i + dim/2 (the "NeoX" layout of Qwen2 and Llama checkpoints).
 
-    `x` is [batch, seq, heads, dim].
+    `x` is [batch, seq, heads, dim]: (first, second) -> (first cos - second sin, second cos + first sin),
+    computed as x [cos | cos] + [second | first] [-sin | sin] in three ops.
     """
-    cos, sin = angles.cos[:, :, None], angles.sin[:, :, None]
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-    return rotated.to(x.dtype)
+    cos, signed_sin = angles.half_layout
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return torch.addcmul(x32 * cos, torch.cat((second, first), dim=-1), signed_sin).to(x.dtype)
