@@ -150,7 +150,11 @@ class PagedKVCache:
         """
         size = self.block_size
         width = max(len(table) for table in tables)
-        padded = torch.tensor([table + [NULL_BLOCK] * (width - len(table)) for table in tables], device=self.device)
+        flat: list[int] = []
+        for table in tables:
+            flat += table
+            flat += [NULL_BLOCK] * (width - len(table))
+        padded = torch.tensor(flat, device=self.device).view(len(tables), width)
         read = (padded[:, :, None] * size + torch.arange(size, device=self.device)).flatten(1)
         write = read.gather(1, positions.clamp(max=read.shape[1] - 1))
         if valid is not None:

@@ -181,21 +181,22 @@ def sampling_probs(
     """
     logits = apply_penalties(logits.float(), params, states or [None] * len(params))
     device = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    logits = logits / temperature[:, None]
-    top_k = [p.top_k for p in params if not p.greedy]
-    top_p = [p.top_p for p in params if not p.greedy]
-    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+    greedy = [p.greedy for p in params]
+    temperatures = [1.0 if p.greedy else p.temperature for p in params]
+    if len(set(temperatures)) > 1:
+        logits = logits / torch.tensor(temperatures, device=device)[:, None]
+    elif temperatures[0] != 1.0:  # one temperature for the batch (a scalar divide gives the same values)
+        logits = logits / temperatures[0]
+    if any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy):
         logits = _truncate_sorted(logits, params)
     probs = logits.softmax(dim=-1)
-    min_p = torch.tensor([p.min_p if not p.greedy else 0.0 for p in params], device=device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params if not p.greedy):
+        min_p = torch.tensor([p.min_p if not p.greedy else 0.0 for p in params], device=device)
         probs = torch.where(probs >= min_p[:, None] * probs.amax(dim=-1, keepdim=True), probs, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    if bool(greedy.any()):
+    if any(greedy):
         one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy[:, None], one_hot, probs)
+        probs = torch.where(torch.tensor(greedy, device=device)[:, None], one_hot, probs)
     return probs
 
 
