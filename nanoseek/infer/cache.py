@@ -63,6 +63,7 @@ class PagedKVCache:
         self.free_blocks = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low ids first
         self.write_slots: torch.Tensor | None = None
         self.read_slots: torch.Tensor | None = None
+        self._read_flat: tuple[int, torch.Tensor] | None = None
 
     # ----- sizes --------------------------------------------------------------------------------
     @property
@@ -117,8 +118,12 @@ class PagedKVCache:
     def writable(self, table: list[int], start: int, end: int) -> bool:
         """True when positions [start, end) lie in blocks `table` already owns alone (nothing to prepare)."""
         size, refcounts = self.block_size, self.refcounts
-        last = (end - 1) // size
-        return last < len(table) and all(refcounts[table[i]] == 1 for i in range(start // size, last + 1))
+        first, last = start // size, (end - 1) // size
+        if last >= len(table):
+            return False
+        if first == last:  # one decoded token
+            return refcounts[table[first]] == 1
+        return all(refcounts[table[i]] == 1 for i in range(first, last + 1))
 
     def prepare_write(self, table: list[int], start: int, end: int) -> None:
         """Make positions [start, end) writable in `table`: grow it, un-share blocks it will write into.
@@ -161,13 +166,16 @@ class PagedKVCache:
             write = write.masked_fill(~valid, NULL_BLOCK * size)
         self.read_slots = read
         self.write_slots = write.flatten()
+        self._read_flat: tuple[int, torch.Tensor] | None = None  # (kv_length, read slots flattened): shared by the layers
 
     def update(
         self, layer_index: int, positions: torch.Tensor, kv_length: int, *entries: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """Store `entries` [batch, seq, ...] at the bound write slots; return [batch, kv_length, ...] per entry."""
         batch = positions.shape[0]
-        read = self.read_slots[:, :kv_length].flatten()
+        if self._read_flat is None or self._read_flat[0] != kv_length:
+            self._read_flat = (kv_length, self.read_slots[:, :kv_length].flatten())
+        read = self._read_flat[1]
         stored = self.layers[layer_index]
         out = []
         for buffer, entry in zip(stored, entries, strict=True):

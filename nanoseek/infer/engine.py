@@ -719,9 +719,8 @@ class Engine:
         A reservation only ever preempts sequences younger than the one it serves, so the sequences
         returned all hold their reservation.
         """
-        running = set(self._running)
-        spans = [span(s) for s in sequences]
-        if all(s in running and self.cache.writable(s.table, *span_) for s, span_ in zip(sequences, spans, strict=True)):
+        running, writable = set(self._running), self.cache.writable
+        if all(s in running and writable(s.table, *span(s)) for s in sequences):
             return sequences  # the common decode step: every write lands in a block the sequence owns alone
         ready = []
         for sequence in sorted(sequences, key=lambda s: s.arrival):

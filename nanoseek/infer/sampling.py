@@ -223,7 +223,7 @@ def uniforms(streams: Sequence[RandomStream], device: torch.device | str | None 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: row i gets the first token whose cumulative probability exceeds u[i]. [rows]."""
-    cdf = probs.double().cumsum(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     target = (u.to(cdf) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return tokens.clamp_(max=probs.shape[-1] - 1)

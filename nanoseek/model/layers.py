@@ -170,6 +170,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> RotaryAngles:
         """Angles for integer `positions` of shape [batch, seq]."""
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        if self.attention_factor == 1.0:
+            return RotaryAngles(angles.cos(), angles.sin())
         return RotaryAngles(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
 
 
