@@ -173,6 +173,24 @@ def test_streamed_text_adds_up_to_the_decoded_tokens():
         assert engine.generate("你好", params)[0].outputs[0].text == tokenizer.decode(tokens)
 
 
+@pytest.mark.parametrize("logprobs", [None, 0, 2])
+def test_generate_records_what_a_stream_delivers(logprobs):
+    """generate() (nobody streams: tokens recorded without events) returns what the stream delivers."""
+    tokenizer = tiny_tokenizer()
+    engine = Engine(peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=1.0), tokenizer)
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, logprobs=logprobs)
+    result = engine.generate("Once upon", params, n=2)[0]
+    for completion in result.outputs:
+        events = [e for e in engine.stream("Once upon", params, n=2) if e.index == completion.index]
+        assert completion.token_ids == [t for e in events for t in e.token_ids]
+        assert completion.text == "".join(e.text for e in events)
+        if logprobs is None:
+            assert completion.logprobs is None and completion.top_logprobs is None
+        else:
+            assert completion.logprobs == [lp for e in events for lp in e.logprobs]
+            assert completion.top_logprobs == ([t for e in events for t in e.top_logprobs] if logprobs else None)
+
+
 @pytest.mark.parametrize("flushed", [True, False])
 def test_deferred_text_equals_incremental_text(flushed):
     """A tracker nobody streams decodes once at the end; cut inside a character, with or without the

@@ -160,6 +160,17 @@ class RequestHandle:
             remaining -= event.finish_reason is not None
             yield event
 
+    def _record(self, index: int, token_ids: list[int], logprobs: list | None) -> None:
+        """Called by the engine thread for a request nobody streams: keep new tokens, no event."""
+        completion = self._output.outputs[index]
+        completion.token_ids.extend(token_ids)
+        if logprobs is not None:
+            completion.logprobs = completion.logprobs or []
+            completion.logprobs.extend(chosen for chosen, _ in logprobs)
+            if any(top is not None for _, top in logprobs):
+                completion.top_logprobs = completion.top_logprobs or []
+                completion.top_logprobs.extend(top for _, top in logprobs)
+
     def _publish(self, event: StreamEvent) -> None:
         """Called by the engine thread: record the event, then hand it to the consumer."""
         completion = self._output.outputs[event.index]
@@ -817,17 +828,20 @@ class Engine:
         params = [s.params for s in sequences]
         if greedy_only(params):
             tokens = logits.argmax(dim=-1).tolist()
-            return [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
+            events = [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
+            return [event for event in events if event is not None]
         probs = sampling_probs(logits, params, [s.penalties for s in sequences])
         chosen = draw(probs, uniforms([s.random for s in sequences], self.device))
         logprobs = token_logprobs(logits, probs, chosen, params)
-        return [
+        events = [
             self._append(s, [token], None if entry is None else [entry])
             for s, token, entry in zip(sequences, chosen.tolist(), logprobs, strict=True)
         ]
+        return [event for event in events if event is not None]
 
-    def _append(self, sequence: _Sequence, tokens: list[int], logprobs: list | None) -> StreamEvent:
-        """Add sampled tokens to a sequence, apply every stop rule, and publish the event."""
+    def _append(self, sequence: _Sequence, tokens: list[int], logprobs: list | None) -> StreamEvent | None:
+        """Add sampled tokens to a sequence, apply every stop rule, and publish the event (None: the
+        request is not streamed and goes on, so its tokens were only recorded)."""
         params = sequence.params
         added: list[int] = []
         finish, stop_reason = None, None
@@ -851,6 +865,9 @@ class Engine:
             matched = sequence.tracker.flush()
             if matched is not None:
                 finish, stop_reason = FINISH_STOP, matched
+        if finish is None and not sequence.handle.streamed:  # nobody reads the event: record the tokens only
+            sequence.handle._record(sequence.index, added, None if logprobs is None else logprobs[: len(added)])
+            return None
         event = StreamEvent(
             sequence.handle.request_id, sequence.index, sequence.tracker.take(final=finish is not None), added,
             prompt_tokens=sequence.prompt_length, completion_tokens=sequence.num_generated,
@@ -977,7 +994,9 @@ class Engine:
                 used = len(emitted)
                 chosen = torch.tensor(emitted, device=self.device)
                 entries = token_logprobs(logits[:used], probs[:used], chosen, [sequence.params] * used)
-            events.append(self._append(sequence, emitted, entries))
+            event = self._append(sequence, emitted, entries)
+            if event is not None:
+                events.append(event)
         return events
 
     def _penalties_after(self, sequence: _Sequence, drafts: list[int]) -> PenaltyState | None:
