@@ -143,6 +143,11 @@ def test_grouped_experts_equal_naive_per_token_loop():
     x = torch.randn(20, 64)
     weights, indices, _ = moe.gate(x)
     assert torch.allclose(moe.experts(x, weights, indices), moe.experts.naive_forward(x, weights, indices), atol=1e-6)
+    with torch.no_grad():  # one token (batch-1 decoding) takes the path without grouping
+        one = x[3:4]
+        weights, indices, _ = moe.gate(one)
+        torch.testing.assert_close(moe.experts(one, weights, indices), moe.experts.naive_forward(one, weights, indices),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _expert_gradients(experts, forward, x, weights, indices) -> list[torch.Tensor]:
