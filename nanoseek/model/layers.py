@@ -123,6 +123,11 @@ class RotaryAngles:
         return RotaryAngles(self.cos[:, :length], self.sin[:, :length])
 
     @functools.cached_property
+    def complex_rotation(self) -> torch.Tensor:
+        """cos + i sin [batch, seq, rope_dim / 2] for `apply_rope_interleaved`, built once per forward."""
+        return torch.complex(self.cos, self.sin)
+
+    @functools.cached_property
     def half_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([cos | cos], [-sin | sin]) as [batch, seq, 1, rope_dim] for `apply_rope_half`, built once
         per forward and shared by every layer."""
@@ -226,7 +231,7 @@ def apply_rope_interleaved(x: torch.Tensor, angles: RotaryAngles) -> torch.Tenso
 
     `x` is [batch, seq, heads, dim] or [batch, seq, dim] (the shared k_pe).
     """
-    rotation = torch.complex(angles.cos, angles.sin)
+    rotation = angles.complex_rotation
     if x.dim() == 4:
         rotation = rotation[:, :, None]
     # (x0 + i x1) * (cos + i sin) rotates the pair (x0, x1): one complex multiply instead of six real ops.
