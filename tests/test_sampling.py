@@ -95,6 +95,13 @@ def test_draw_samples_the_distribution_and_is_reproducible():
     assert [int(draw(probs, uniforms([again]))) for _ in range(20)] == samples[:20].tolist()
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    """An API client may send any top_k >= 1 (2**70 overflowed int64 in a tensor: a 500 in the server)."""
+    params = [SamplingParams(temperature=1.0, top_k=2**70, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.9)]
+    probs = sampling_probs(LOGITS.repeat(2, 1), params)
+    torch.testing.assert_close(probs[0], probs[1])
+
+
 def test_logprobs_raw_and_processed():
     params = [SamplingParams(temperature=0.5, logprobs=2), SamplingParams(temperature=0.5, logprobs=0, logprobs_mode="processed"),
               SamplingParams()]

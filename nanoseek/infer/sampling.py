@@ -204,7 +204,7 @@ def _truncate_sorted(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     """Top-k then top-p on temperature-scaled logits: tokens outside get -inf. Greedy rows untouched."""
     device = logits.device
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 and not p.greedy else vocab for p in params], device=device)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 and not p.greedy else vocab for p in params], device=device)
     top_p = torch.tensor([p.top_p if not p.greedy else 1.0 for p in params], device=device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device)
