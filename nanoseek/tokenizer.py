@@ -503,6 +503,22 @@ class StreamDecoder:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(emitted) :]
 
+    def feed_many(self, token_ids: Sequence[int]) -> str:
+        """Add several ids at once: the text feeding them one at a time would have returned, in one
+        decode (plus one more per token of a character still incomplete at the end)."""
+        ids = self.ids + list(token_ids)
+        emitted = self._decode(ids[self.prefix_offset : self.read_offset])
+        end = len(ids)
+        text = self._decode(ids[self.prefix_offset : end])
+        while text.endswith("\ufffd") and end > self.read_offset:
+            end -= 1
+            text = self._decode(ids[self.prefix_offset : end])
+        self.ids = ids
+        if end == self.read_offset or len(text) <= len(emitted):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, end
+        return text[len(emitted) :]
+
     def flush(self) -> str:
         """The text still held back (an incomplete character at the end of the stream decodes as U+FFFD)."""
         emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])

@@ -193,6 +193,24 @@ def test_stream_decoder_never_splits_a_character(text):
         assert not any("\ufffd" in delta for delta in deltas)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.data())
+def test_stream_decoder_feed_many_equals_feeding_one_at_a_time(text, data):
+    """Ids fed in runs (an engine decoding a non-streamed request at the end, or mid-way) give the
+    same text at every run boundary as feeding them one by one, incomplete characters held back."""
+    tokenizer = small_tokenizer()
+    ids = tokenizer.encode(text)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=3)))
+    one, many = StreamDecoder(tokenizer), StreamDecoder(tokenizer)
+    start, sent_one, sent_many = 0, "", ""
+    for cut in [*cuts, len(ids)]:
+        sent_one += "".join(one.feed(token_id) for token_id in ids[start:cut])
+        sent_many += many.feed_many(ids[start:cut])
+        assert sent_many == sent_one
+        start = cut
+    assert sent_many + many.flush() == sent_one + one.flush() == text
+
+
 def test_stream_decoder_holds_back_partial_characters(tokenizer):
     ids = tokenizer.encode("a😀")  # the emoji is four byte tokens: nothing shows until the last one
     decoder = tokenizer.stream_decoder()

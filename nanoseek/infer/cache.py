@@ -166,7 +166,7 @@ class PagedKVCache:
             write = write.masked_fill(~valid, NULL_BLOCK * size)
         self.read_slots = read
         self.write_slots = write.flatten()
-        self._read_flat: tuple[int, torch.Tensor] | None = None  # (kv_length, read slots flattened): shared by the layers
+        self._read_flat = None  # (kv_length, read slots flattened), made by the first layer's `update`
 
     def update(
         self, layer_index: int, positions: torch.Tensor, kv_length: int, *entries: torch.Tensor

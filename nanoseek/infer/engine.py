@@ -232,17 +232,8 @@ class _TextTracker:
         return self._find_stop()
 
     def _decode_deferred(self) -> None:
-        """Decode the collected ids at once: the text an incremental decoder would have handed out
-        (ending before a character still incomplete), with the decoder left holding the rest."""
         ids, self.deferred = self.deferred, None
-        decoder = self.decoder
-        complete = len(ids)
-        text = decoder._decode(ids)
-        while text.endswith("\ufffd") and complete > 0:  # the last character is still incomplete
-            complete -= 1
-            text = decoder._decode(ids[:complete])
-        decoder.ids, decoder.prefix_offset, decoder.read_offset = ids, 0, complete
-        self.text = text
+        self.text += self.decoder.feed_many(ids)
 
     def _find_stop(self) -> str | None:
         if not self.stops:
@@ -330,7 +321,7 @@ def use_decode_layout(model: CausalLM) -> None:
     for a model that is also being trained with tools that need contiguous parameters (FSDP).
     """
     for module in model.modules():
-        if getattr(module, "fused", "absent") is None and fusable(module.fusable_projections()):
+        if hasattr(module, "fusable_projections") and module.fused is None and fusable(module.fusable_projections()):
             module.fused = FusedProjection.fuse(module.fusable_projections())
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):

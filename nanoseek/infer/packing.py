@@ -7,8 +7,9 @@ reordered once into its blocked layout is 1.4-2.9x faster on the `small` preset'
 2-core AVX512-bf16 EPYC, one thread) and gives bit-identical results.
 
 `pack_model(model)` swaps, in place, every plain linear layer for a `PackedLinear` and every routed
-expert stack for `PackedRoutedExperts`, and packs the buffers of fused projections. MLA's kv_b_proj stays as it is: the absorbed attention reads
-its weight directly, and keeps its per-head split contiguous (`frozen_absorbed`). A packed model is
+expert stack for `PackedRoutedExperts`, and packs the buffers of fused projections. MLA's kv_b_proj
+stays as it is: the absorbed attention reads its weight directly, and keeps its per-head split
+contiguous (`frozen_absorbed`). A packed model is
 for inference only (its weights must not change); its `state_dict` still holds ordinary tensors,
 converted back on demand.
 """
