@@ -495,25 +495,18 @@ class StreamDecoder:
 
     def feed(self, token_id: int) -> str:
         """Add one token id; return the text it completes (often "", while a character is pending)."""
-        self.ids.append(token_id)
-        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset :])
-        if len(text) <= len(emitted) or text.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(emitted) :]
+        return self.feed_many((token_id,))
 
     def feed_many(self, token_ids: Sequence[int]) -> str:
-        """Add several ids at once: the text feeding them one at a time would have returned, in one
-        decode (plus one more per token of a character still incomplete at the end)."""
-        ids = self.ids + list(token_ids)
-        emitted = self._decode(ids[self.prefix_offset : self.read_offset])
-        end = len(ids)
-        text = self._decode(ids[self.prefix_offset : end])
+        """Add several ids; return the text they complete, as feeding them one at a time would have, in
+        one decode (plus one more per token of a character still incomplete at the end)."""
+        self.ids.extend(token_ids)
+        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        end = len(self.ids)
+        text = self._decode(self.ids[self.prefix_offset : end])
         while text.endswith("\ufffd") and end > self.read_offset:
             end -= 1
-            text = self._decode(ids[self.prefix_offset : end])
-        self.ids = ids
+            text = self._decode(self.ids[self.prefix_offset : end])
         if end == self.read_offset or len(text) <= len(emitted):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, end
