@@ -23,7 +23,10 @@ And once:
                         on nano models whose MTP layer was trained here on generated task text
                         (cached in runs/bench-mtp-nano-L*): the 4-layer preset, and a 12-layer one in
                         which the MTP block is a more realistic share of the model (V3: 1 of 62
-                        blocks; nano: 1 of 5); notes: acceptance rate, mean accepted length
+                        blocks; nano: 1 of 5), with 1, 2 and 3 drafts per step (--mtp-drafts; beyond
+                        the first the depth drafts from its own output, as vLLM does with V3's single
+                        MTP layer); notes: acceptance rate (the share of drafts accepted), mean
+                        accepted length (tokens emitted per verify forward)
 
     python benchmarks/decode.py [--configs small qwen2-small] [--rows ...] [--threads N] [--repeats 3]
 """
@@ -228,7 +231,9 @@ def trained_mtp_model(layers: int, steps: int, seconds: float):
     return model, tokenizer
 
 
-def bench_mtp(layers: int, repeats: int, steps: int, seconds: float) -> bool:
+def bench_mtp(layers: int, repeats: int, steps: int, seconds: float, draft_counts: list[int]) -> bool:
+    """Plain greedy decoding against speculative decoding with each number of drafts per step, all
+    run alternately; one row per draft count (the MTP depth drafts beyond the first from its own output)."""
     from nanoseek.data.tasks import make_mixed_problems
 
     model, tokenizer = trained_mtp_model(layers, steps, seconds)
@@ -236,21 +241,25 @@ def bench_mtp(layers: int, repeats: int, steps: int, seconds: float) -> bool:
                for p in make_mixed_problems("test", 8, seed=7)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     plain = Engine(model, tokenizer)
-    speculative = Engine(model, tokenizer, speculative=True)
+    speculative = [Engine(model, tokenizer, speculative=True, num_speculative_tokens=k) for k in draft_counts]
 
     def run(engine: Engine):
         return [engine.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
 
-    (plain_time, plain_cpu, plain_tokens), (spec_time, spec_cpu, spec_tokens) = alternate(
-        [lambda: run(plain), lambda: run(speculative)], repeats)
-    identical = plain_tokens == spec_tokens
-    stats = speculative.stats
+    (plain_time, plain_cpu, plain_tokens), *measured = alternate(
+        [lambda: run(plain)] + [lambda engine=engine: run(engine) for engine in speculative], repeats)
     total = len(prompts) * NEW_TOKENS
-    emit("mtp_speculative_b1", total / spec_time, total / plain_time, "tok/s", f"nano, {layers} layers (MTP trained on tasks)",
-         ours_cpu=round(total / spec_cpu, 2), baseline_cpu=round(total / plain_cpu, 2),
-         identical_to_plain=identical, acceptance_rate=round(stats.acceptance_rate, 4),
-         mean_accepted_length=round(stats.mean_accepted_length, 3), target_ratio=1.5, target_acceptance=0.8)
-    return identical
+    ok = True
+    for k, engine, (spec_time, spec_cpu, spec_tokens) in zip(draft_counts, speculative, measured, strict=True):
+        identical = plain_tokens == spec_tokens
+        ok &= identical
+        stats = engine.stats
+        emit("mtp_speculative_b1", total / spec_time, total / plain_time, "tok/s",
+             f"nano, {layers} layers (MTP trained on tasks), {k} draft(s) per step",
+             ours_cpu=round(total / spec_cpu, 2), baseline_cpu=round(total / plain_cpu, 2),
+             identical_to_plain=identical, num_speculative_tokens=k, acceptance_rate=round(stats.acceptance_rate, 4),
+             mean_accepted_length=round(stats.mean_accepted_length, 3), target_ratio=1.5, target_acceptance=0.8)
+    return ok
 
 
 def main() -> None:
@@ -262,6 +271,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--mtp-layers", type=int, nargs="+", default=[4, 12], help="depths of the MTP nano models")
+    parser.add_argument("--mtp-drafts", type=int, nargs="+", default=[1, 2, 3],
+                        help="drafts per speculative step, one row each (1 = the MTP depth alone)")
     parser.add_argument("--mtp-steps", type=int, default=3000, help="training steps of an MTP nano model")
     parser.add_argument("--mtp-seconds", type=float, default=900, help="training time limit of an MTP nano model")
     args = parser.parse_args()
@@ -277,7 +288,7 @@ def main() -> None:
             ok &= bench_config(name, rows, args.repeats)
     if "mtp_speculative_b1" in rows:
         for layers in args.mtp_layers:
-            ok &= bench_mtp(layers, args.repeats, args.mtp_steps, args.mtp_seconds)
+            ok &= bench_mtp(layers, args.repeats, args.mtp_steps, args.mtp_seconds, args.mtp_drafts)
     if not ok:
         sys.exit("tokens differed where they must be identical (or the cache size did not match the formula)")
 

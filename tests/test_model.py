@@ -11,6 +11,7 @@ from model_configs import tiny_config
 
 from nanoseek import ModelConfig
 from nanoseek.model import IGNORE_INDEX, build_model
+from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
@@ -143,11 +144,14 @@ def test_grouped_experts_equal_naive_per_token_loop():
     x = torch.randn(20, 64)
     weights, indices, _ = moe.gate(x)
     assert torch.allclose(moe.experts(x, weights, indices), moe.experts.naive_forward(x, weights, indices), atol=1e-6)
-    with torch.no_grad():  # one token (batch-1 decoding) takes the path without grouping
-        one = x[3:4]
-        weights, indices, _ = moe.gate(one)
-        torch.testing.assert_close(moe.experts(one, weights, indices), moe.experts.naive_forward(one, weights, indices),
-                                   rtol=1e-5, atol=1e-6)
+    # Inference: a few tokens (batch-1 decoding, speculative verification) run pair by pair, more are grouped.
+    for tokens in (1, 3, moe_layers.FEW_PAIRS // moe.gate.top_k + 1, 20):
+        rows = x[2 : 2 + tokens]
+        with torch.no_grad():
+            weights, indices, _ = moe.gate(rows)
+            expected = moe.experts.naive_forward(rows, weights, indices)
+            torch.testing.assert_close(moe.experts(rows, weights, indices), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(moe.experts.few_tokens_forward(rows, weights, indices), expected, rtol=1e-5, atol=1e-6)
 
 
 def _expert_gradients(experts, forward, x, weights, indices) -> list[torch.Tensor]:
@@ -404,4 +408,10 @@ def test_fused_projections_follow_their_parameters(name):
     first.weight.data = torch.full_like(first.weight, 0.01)
     with torch.no_grad():
         assert not fused[0].usable and fused[1].usable
+    assert_fused_equals_separate()
+    # new Parameter objects (load_state_dict(assign=True)) count as replaced too
+    owner = next(m for m in model.modules() if getattr(m, "fused", None) is fused[-1])
+    owner.load_state_dict({key: value.clone() for key, value in owner.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        assert not fused[-1].usable
     assert_fused_equals_separate()

@@ -769,9 +769,13 @@ class Engine:
                      hidden: list[torch.Tensor]) -> torch.Tensor:
         """The MTP depth over left-padded rows; returns its hidden state at each row's last position [b, hidden]."""
         ids, positions = self._batch(sequences, next_ids, starts)
-        previous = torch.zeros(*ids.shape, self.config.hidden_size, dtype=hidden[0].dtype, device=self.device)
-        for row, row_hidden in enumerate(hidden):
-            previous[row, ids.shape[1] - row_hidden.shape[0] :] = row_hidden
+        width = ids.shape[1]
+        if all(row_hidden.shape[0] == width for row_hidden in hidden):  # no padding (every decode step)
+            previous = torch.stack(hidden)
+        else:
+            previous = torch.zeros(*ids.shape, self.config.hidden_size, dtype=hidden[0].dtype, device=self.device)
+            for row, row_hidden in enumerate(hidden):
+                previous[row, width - row_hidden.shape[0] :] = row_hidden
         return mtp_forward(self.model, self.cache, ids, previous, positions)[:, -1]
 
     def _run_prefill(self, chunks: dict[_Sequence, int]) -> list[StreamEvent]:
