@@ -11,6 +11,7 @@ import pytest
 from serve_fixtures import ANSWER, live_server, model_root
 
 from nanoseek.cli import build_parser
+from nanoseek.errors import NanoseekError
 from nanoseek.serve.app import config_from_args, create_app
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -116,3 +117,17 @@ def test_command_line_models_are_relative_to_the_working_directory(monkeypatch):
     assert {name: (entry.path, entry.thinking) for name, entry in manager.entries.items()} == {
         "tiny": (model_root() / "tiny", False), "s": (model_root() / "script", True)}
     assert manager.roots == [model_root() / "tiny", model_root() / "script"] and manager.idle_unload == 5
+
+
+def test_speculative_settings_reach_the_engines_and_bad_ones_are_refused():
+    args = build_parser("serve").parse_args(["serve", "--model", str(model_root() / "tiny"), "--speculative",
+                                             "--num-speculative-tokens", "3"])
+    manager = create_app(config_from_args(args)).state.server.manager
+    engine = manager._build("tiny", model_root() / "tiny", thinking=False).engine
+    try:
+        assert engine.speculative == bool(len(engine.model.mtp)) and engine.num_speculative_tokens == 3
+    finally:
+        engine.close()
+    args = build_parser("serve").parse_args(["serve", "--model", str(model_root() / "tiny"), "--num-speculative-tokens", "0"])
+    with pytest.raises(NanoseekError, match="num-speculative-tokens must be >= 1"):
+        config_from_args(args)

@@ -150,25 +150,32 @@ def speculative_probe(model: torch.nn.Module, tokenizer: Tokenizer, problems: Se
     """
     ids = prompt_ids(tokenizer, problems)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    runs = {}
-    for speculative in ([False, True] if len(getattr(model, "mtp", ())) else [False]):
-        engine = Engine(model, tokenizer, max_num_seqs=1, speculative=speculative)
+    modes = [False, True] if len(getattr(model, "mtp", ())) else [False]
+    engines = {speculative: Engine(model, tokenizer, max_num_seqs=1, speculative=speculative) for speculative in modes}
+    tokens = dict.fromkeys(modes, 0)
+    seconds = dict.fromkeys(modes, 0.0)
+    outputs: dict[bool, list] = {speculative: [] for speculative in modes}
+    for engine in engines.values():
         engine.generate(ids[:1], params)  # warm-up: allocations and first-call overheads
-        tokens, start, outputs = 0, time.perf_counter(), []
-        for prompt in ids:
-            completion = engine.generate(prompt, params)[0].outputs[0]
-            tokens += len(completion.token_ids)
-            outputs.append(completion.token_ids)
-        runs[speculative] = (tokens / (time.perf_counter() - start), engine.stats, outputs)
+    for index, prompt in enumerate(ids):
+        # Both modes on each problem in turn, alternating which goes first: a shared machine's speed drifts.
+        for speculative in modes if index % 2 == 0 else modes[::-1]:
+            start = time.perf_counter()
+            completion = engines[speculative].generate(prompt, params)[0].outputs[0]
+            seconds[speculative] += time.perf_counter() - start
+            tokens[speculative] += len(completion.token_ids)
+            outputs[speculative].append(completion.token_ids)
+    runs = {speculative: (tokens[speculative] / seconds[speculative], engines[speculative].stats, outputs[speculative])
+            for speculative in modes}
     metrics = {"tokens_per_second": runs[False][0]}
     if True in runs:
-        tokens_per_second, stats, outputs = runs[True]
+        tokens_per_second, stats, spec_outputs = runs[True]
         metrics.update({
             "mtp_acceptance": stats.acceptance_rate,
             "mtp_mean_accepted_length": stats.mean_accepted_length,
             "spec_tokens_per_second": tokens_per_second,
             "spec_speedup": tokens_per_second / runs[False][0],
-            "spec_identical": float(outputs == runs[False][2]),
+            "spec_identical": float(spec_outputs == runs[False][2]),
         })
     return metrics
 
