@@ -128,21 +128,22 @@ class RoutedExperts(nn.Module):
         MoE layer) when there are only a handful of (token, expert) pairs."""
         gate_up, down = self.expert_weights()
         x = x.to(compute_dtype(x))
-        rows = x.unbind(0)
         choices = indices.tolist()
         users: dict[int, list[int]] = {}  # expert -> the tokens that chose it
         for token, experts in enumerate(choices):
             for expert in experts:
                 users.setdefault(expert, []).append(token)
-        by_pair: dict[tuple[int, int], torch.Tensor] = {}
+        by_pair: dict[tuple[int, int], torch.Tensor] = {}  # [1, hidden] rows: 2-D inputs keep the GEMM kernels
         for expert, tokens in users.items():
-            if len(tokens) == 1:
-                by_pair[tokens[0], expert] = self.expert_forward(rows[tokens[0]], gate_up[expert], down[expert])
+            if len(tokens) == len(choices):
+                inputs = x
+            elif len(tokens) == 1:
+                inputs = x[tokens[0] : tokens[0] + 1]
             else:
-                inputs = x if len(tokens) == len(rows) else x[tokens]
-                outputs = self.expert_forward(inputs, gate_up[expert], down[expert]).unbind(0)
-                by_pair.update(((token, expert), output) for token, output in zip(tokens, outputs, strict=True))
-        stacked = torch.stack([by_pair[token, expert] for token, experts in enumerate(choices) for expert in experts])
+                inputs = x[tokens]
+            outputs = self.expert_forward(inputs, gate_up[expert], down[expert])
+            by_pair.update(((token, expert), output) for token, output in zip(tokens, outputs.split(1), strict=True))
+        stacked = torch.cat([by_pair[token, expert] for token, experts in enumerate(choices) for expert in experts])
         return torch.bmm(weights.to(stacked.dtype).unsqueeze(1), stacked.view(*indices.shape, -1)).squeeze(1)
 
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
