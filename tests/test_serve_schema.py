@@ -22,8 +22,9 @@ def steer(body: dict, mode: GenerationMode) -> None:
     """Aim generated completion bodies at a served model; valid ones also past the checks for unsupported
     features, so that most of them generate (with short outputs)."""
     body["model"] = "tiny"
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = MAX_TOKENS  # the default is the rest of the context
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        # absent or null, the default is the rest of the context: minutes of generation for one request
+        body["max_tokens"] = MAX_TOKENS
     for field in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
             body[field] = MAX_TOKENS
