@@ -151,9 +151,9 @@ class PenaltyState:
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[PenaltyState | None]) -> torch.Tensor:
     """Repetition penalty on seen tokens, then presence/frequency penalties on output tokens. [rows, vocab]."""
-    rows = [i for i, p in enumerate(params) if p.uses_penalties]
-    if not rows:
+    if not any(p.uses_penalties for p in distinct(params)):
         return logits
+    rows = [i for i, p in enumerate(params) if p.uses_penalties]
     logits = logits.clone()
     index = torch.tensor(rows, device=logits.device)
     selected = logits[index]
@@ -181,22 +181,22 @@ def sampling_probs(
     """
     logits = apply_penalties(logits.float(), params, states or [None] * len(params))
     device = logits.device
-    greedy = [p.greedy for p in params]
-    temperatures = [1.0 if p.greedy else p.temperature for p in params]
-    if len(set(temperatures)) > 1:
-        logits = logits / torch.tensor(temperatures, device=device)[:, None]
-    elif temperatures[0] != 1.0:  # one temperature for the batch (a scalar divide gives the same values)
-        logits = logits / temperatures[0]
-    if any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy):
+    kinds = distinct(params)  # the checks below look at each distinct params object once
+    temperatures = {1.0 if p.greedy else p.temperature for p in kinds}
+    if len(temperatures) > 1:
+        logits = logits / torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)[:, None]
+    elif temperatures != {1.0}:  # one temperature for the batch (a scalar divide gives the same values)
+        logits = logits / temperatures.pop()
+    if any(p.top_k > 0 or p.top_p < 1 for p in kinds if not p.greedy):
         logits = _truncate_sorted(logits, params)
     probs = logits.softmax(dim=-1)
-    if any(p.min_p > 0 for p in params if not p.greedy):
+    if any(p.min_p > 0 for p in kinds if not p.greedy):
         min_p = torch.tensor([p.min_p if not p.greedy else 0.0 for p in params], device=device)
         probs = torch.where(probs >= min_p[:, None] * probs.amax(dim=-1, keepdim=True), probs, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    if any(greedy):
+    if any(p.greedy for p in kinds):
         one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(torch.tensor(greedy, device=device)[:, None], one_hot, probs)
+        probs = torch.where(torch.tensor([p.greedy for p in params], device=device)[:, None], one_hot, probs)
     return probs
 
 
@@ -262,36 +262,47 @@ def token_logprobs(
 
     `logits` raw [rows, vocab], `probs` the sampling distribution of the same rows, `tokens` [rows].
     """
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    kinds = distinct(params)
     out: list[tuple[float, dict[int, float] | None] | None] = [None] * len(params)
-    if not wanted:
+    if all(p.logprobs is None for p in kinds):
         return out
+    every_row = all(p.logprobs is not None for p in kinds)
+    wanted = range(len(params)) if every_row else [i for i, p in enumerate(params) if p.logprobs is not None]
     device = logits.device
-    index = torch.tensor(wanted, device=device) if len(wanted) < len(params) else None
-    processed_rows = [params[i].logprobs_mode == "processed" for i in wanted]
-    top_n = max(params[i].logprobs for i in wanted)
+    index = None if every_row else torch.tensor(wanted, device=device)
+    all_processed = all(p.logprobs_mode == "processed" for p in kinds if p.logprobs is not None)
+    top_n = max(p.logprobs for p in kinds if p.logprobs is not None)
     chosen_ids = (tokens if index is None else tokens[index]).unsqueeze(-1)
     row_logits = (logits if index is None else logits[index]).float()
     row_probs = probs if index is None else probs[index]
-    if top_n or not all(processed_rows):  # the full distributions are needed
+    if top_n or not all_processed:  # the full distributions are needed
         processed = row_probs.log()
-        logprobs = processed if all(processed_rows) else torch.where(
+        processed_rows = [params[i].logprobs_mode == "processed" for i in wanted]
+        logprobs = processed if all_processed else torch.where(
             torch.tensor(processed_rows, device=device)[:, None], processed, row_logits.log_softmax(dim=-1))
         chosen = logprobs.gather(1, chosen_ids).squeeze(-1).tolist()
     else:  # only the sampled token's processed log-probability: no [rows, vocab] log
         logprobs = None
         chosen = row_probs.gather(1, chosen_ids).squeeze(-1).log().tolist()
-    top_values, top_ids = (logprobs.topk(top_n, dim=-1) if top_n else (None, None))
+    if not top_n:  # only the chosen tokens' log-probabilities
+        for row, i in enumerate(wanted):
+            out[i] = (chosen[row], None)
+        return out
+    top_values, top_ids = logprobs.topk(top_n, dim=-1)
     for row, i in enumerate(wanted):
         n = params[i].logprobs
-        top = None
-        if n:
-            top = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True))
+        top = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True)) if n else None
         out[i] = (chosen[row], top)
     return out
 
 
 def greedy_only(params: Sequence[SamplingParams]) -> bool:
     """True when argmax alone decides every row (no penalties, no logprobs): the fast path."""
-    return all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params)
+    return all(p.greedy and not p.uses_penalties and p.logprobs is None for p in distinct(params))
+
+
+def distinct(params: Sequence[SamplingParams]) -> list[SamplingParams]:
+    """Each params object once: a decode batch holds many rows of few requests (the n completions of
+    a request share one), so per-batch checks need not look at every row."""
+    return list({id(p): p for p in params}.values())
 
