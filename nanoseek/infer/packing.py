@@ -104,7 +104,7 @@ def pack_model(model: CausalLM) -> int:
         fused = getattr(module, "fused", None)
         if fused is not None and fused.weight.dtype == torch.bfloat16 and fused.linear is not packed_linear:
             fused.weight, fused.linear = pack_weight(fused.weight), packed_linear
-            fused.parameters, fused.pointers = [], []  # the plain layers were replaced: keep no copy alive
+            fused.parameter_slots, fused.pointers = [], []  # the plain layers were replaced: keep no copy alive
         if isinstance(module, MultiHeadLatentAttention):
             module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(module.kv_b_proj.weight.dtype))
     return replaced

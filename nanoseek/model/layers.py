@@ -44,7 +44,7 @@ class FusedProjection:
         # (parameter dict, name) of every weight and bias: `usable` runs on every call and a dict
         # lookup costs a fifth of nn.Module's attribute lookup; it still sees parameters replaced
         # wholesale (`load_state_dict(assign=True)`).
-        self.parameters = [(linear._parameters, name) for linear in linears for name in ("weight", "bias")
+        self.parameter_slots = [(linear._parameters, name) for linear in linears for name in ("weight", "bias")
                            if getattr(linear, name) is not None]
         self.pointers = self._pointers()
         self.linear = F.linear  # `nanoseek.infer.packing` swaps in its packed kernel
@@ -68,7 +68,7 @@ class FusedProjection:
         return cls(weight, bias, sizes, linears)
 
     def _pointers(self) -> list[int]:
-        return [parameters[name].data_ptr() for parameters, name in self.parameters]
+        return [parameters[name].data_ptr() for parameters, name in self.parameter_slots]
 
     @property
     def usable(self) -> bool:
