@@ -284,11 +284,7 @@ def token_logprobs(
     else:  # only the sampled token's processed log-probability: no [rows, vocab] log
         logprobs = None
         chosen = row_probs.gather(1, chosen_ids).squeeze(-1).log().tolist()
-    if not top_n:  # only the chosen tokens' log-probabilities
-        for row, i in enumerate(wanted):
-            out[i] = (chosen[row], None)
-        return out
-    top_values, top_ids = logprobs.topk(top_n, dim=-1)
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
     for row, i in enumerate(wanted):
         n = params[i].logprobs
         top = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True)) if n else None

@@ -45,7 +45,7 @@ class FusedProjection:
         # lookup costs a fifth of nn.Module's attribute lookup; it still sees parameters replaced
         # wholesale (`load_state_dict(assign=True)`).
         self.parameter_slots = [(linear._parameters, name) for linear in linears for name in ("weight", "bias")
-                           if getattr(linear, name) is not None]
+                                if getattr(linear, name) is not None]
         self.pointers = self._pointers()
         self.linear = F.linear  # `nanoseek.infer.packing` swaps in its packed kernel
 
