@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanoseek.model.layers import is_plain_linear
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 BLOCK = 128
@@ -335,7 +337,7 @@ def convert_to_fp8_training(
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not nn.Linear or (skip is not None and skip(name, child)):
+            if not is_plain_linear(child) or (skip is not None and skip(name, child)):
                 continue
             if id(child) not in replacements:
                 replacements[id(child)] = Fp8Linear.from_linear(child, power_of_two=power_of_two)

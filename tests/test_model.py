@@ -15,7 +15,10 @@ from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
+from nanoseek.model import layers
 from nanoseek.model.layers import (
+    FEW_ROWS,
+    Linear,
     RMSNorm,
     RotaryAngles,
     RotaryEmbedding,
@@ -70,6 +73,29 @@ def test_rmsnorm_computes_in_fp32():
     expected = (x16.float() / torch.sqrt(x16.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert torch.equal(norm(x16), expected)  # squares of ~300 would lose precision if summed in bf16
     assert norm(x16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_equals_f_linear(rows, bias, monkeypatch):
+    """Inference with up to FEW_ROWS rows takes the weight @ x^T path (not F.linear), same values and
+    shape for 2-D and 3-D inputs; with gradients (or more rows) it is F.linear, and gradients flow."""
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    calls = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        for inputs in (x, x.view(rows, 48)):
+            out = layer(inputs)
+            assert out.shape == (*inputs.shape[:-1], 80) and out.is_contiguous()
+            torch.testing.assert_close(out, expected.view_as(out), rtol=1e-5, atol=1e-5)
+    assert len(calls) == (2 if rows > FEW_ROWS else 0)
+    layer(x).sum().backward()
+    assert len(calls) == (3 if rows > FEW_ROWS else 1) and layer.weight.grad is not None
+    with torch.no_grad():  # a weight that is a strided view (not [out, in] contiguous) goes to F.linear
+        torch.testing.assert_close(layers.linear(x, layer.weight.t().contiguous().t()), expected - (layer.bias if bias else 0))
 
 
 # ----- MLA: naive vs absorbed (fact 7) ---------------------------------------------------------
@@ -377,11 +403,11 @@ def test_fused_projections_follow_their_parameters(name):
     """The engine fuses linears that read one input (q/k/v, gate/up, MLA's q_a + kv_a) into one buffer
     whose rows are the parameters: same outputs, optimizer steps on the parameters reach the fused
     matmul, and a parameter replaced wholesale turns the fusion off instead of going stale."""
-    from nanoseek.infer.engine import use_decode_layout
+    from nanoseek.infer.engine import fuse_projections
 
     model = build_model(tiny_config(name), seed=0)
     reference = copy.deepcopy(model)
-    use_decode_layout(model)
+    fuse_projections(model)
     fused = [m.fused for m in model.modules() if getattr(m, "fused", None) is not None]
     assert len(fused) == 2 * model.config.num_hidden_layers + (name == "v3") * (model.config.num_hidden_layers - 1)
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -8,9 +8,10 @@ from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fi
 from model_configs import tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.engine import use_decode_layout
+from nanoseek.infer.engine import fuse_projections
 from nanoseek.infer.packing import PackedLinear, PackedRoutedExperts, pack_model, packing_supported
 from nanoseek.model import build_model
+from nanoseek.model.layers import is_plain_linear
 
 requires_packing = pytest.mark.skipif(
     not packing_supported(build_model(tiny_config("qwen2"), seed=0, dtype=torch.bfloat16)),
@@ -24,17 +25,17 @@ def bf16_model(name: str):
 
 @requires_packing
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
-@pytest.mark.parametrize("decode_layout", [False, True])
-def test_packed_model_gives_the_same_logits_and_state_dict(name, decode_layout):
-    """Packed alone, or as the engine prepares a model: decode layout with fused projections, then packed."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_model_gives_the_same_logits_and_state_dict(name, fused):
+    """Packed alone, or as the engine prepares a model: projections fused, then packed."""
     model, packed = bf16_model(name), bf16_model(name)
-    if decode_layout:
-        use_decode_layout(packed)
+    if fused:
+        fuse_projections(packed)
     replaced = pack_model(packed)
     assert replaced > 0 and isinstance(packed.lm_head, PackedLinear)
     if name == "v3":
         assert isinstance(packed.model.layers[1].mlp.experts, PackedRoutedExperts)
-        assert type(packed.model.layers[0].self_attn.kv_b_proj) is torch.nn.Linear  # read directly by absorbed attention
+        assert is_plain_linear(packed.model.layers[0].self_attn.kv_b_proj)  # read directly by absorbed attention
     ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=0, atol=1e-2)
@@ -57,7 +58,7 @@ def test_engine_packs_bf16_models_and_decodes_the_same_tokens():
 
 def test_fp32_models_and_trained_engines_are_not_packed():
     model = peaky_model("v3")
-    assert pack_model(model) == 0 and type(model.lm_head) is torch.nn.Linear
+    assert pack_model(model) == 0 and is_plain_linear(model.lm_head)
     bf16 = bf16_model("v3")
     Engine(bf16, pack_weights=False)  # how GRPO, SFT evaluation and distillation build theirs: the model keeps training
-    assert type(bf16.lm_head) is torch.nn.Linear
+    assert is_plain_linear(bf16.lm_head)

@@ -65,7 +65,6 @@ from nanoseek.infer.sampling import (
 from nanoseek.infer.speculative import accept_drafts, mtp_forward
 from nanoseek.model.cache import cache_bytes_per_token
 from nanoseek.model.layers import FusedProjection, fusable
-from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
 DEFAULT_CACHE_MEMORY = 1 << 30
@@ -308,32 +307,14 @@ class _Sequence:
 
 # ----- the engine --------------------------------------------------------------------------------
 @torch.no_grad()
-def use_decode_layout(model: CausalLM) -> None:
-    """Store every linear and expert weight transposed in memory (same values, shapes and names), and
-    fuse the linears that read the same input (`FusedProjection`: q/k/v, gate/up, MLA's two input
-    projections) into one buffer each.
-
-    A decode step multiplies one row per sequence by each weight. With the weight stored [in, out]
-    (the `[out, in]` parameter becomes a transposed view) the CPU BLAS streams it with vectorized
-    row updates instead of per-row dot products: about 2x the bandwidth at batch 1 on x86. Prefill
-    GEMMs run equally fast in either layout. Gradients keep working (they follow the parameter's
-    layout, and fused parameters are views of their buffer), but use `Engine(..., decode_layout=False)`
-    for a model that is also being trained with tools that need contiguous parameters (FSDP).
-    """
+def fuse_projections(model: CausalLM) -> None:
+    """Fuse the linears that read the same input (q/k/v, gate/up, MLA's two input projections) into one
+    buffer each (`FusedProjection`), in place: one matmul instead of two or three per decode step.
+    Parameters keep their names, shapes and values, and training keeps working (fused layers run one
+    by one while gradients are on)."""
     for module in model.modules():
         if hasattr(module, "fusable_projections") and module.fused is None and fusable(module.fusable_projections()):
             module.fused = FusedProjection.fuse(module.fusable_projections())
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            weights = [module.weight]
-        elif isinstance(module, RoutedExperts):
-            weights = [module.gate_up_proj, module.down_proj]
-        else:
-            continue
-        for weight in weights:
-            # Only float weights (quantized ones have their own kernels); a tied embedding/head is visited once.
-            if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.is_contiguous():
-                weight.data = weight.data.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 class Engine:
@@ -348,9 +329,9 @@ class Engine:
     speculative: draft with the model's MTP depth and verify (falls back to plain decoding without one).
     num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
     absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
-    decode_layout: store the model's weights transposed for fast decoding (`use_decode_layout`, in place).
+    fuse: fuse the projections that read the same input (`fuse_projections`, in place).
     pack_weights: swap bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
-        in place, inference only); default: on CPU with bf16 weights when `decode_layout` is on.
+        in place, inference only; a no-op unless the weights are bf16 on a CPU with bf16 kernels).
     """
 
     def __init__(
@@ -366,14 +347,14 @@ class Engine:
         speculative: bool = False,
         num_speculative_tokens: int = 1,
         absorb: bool | None = None,
-        decode_layout: bool = True,
-        pack_weights: bool | None = None,
+        fuse: bool = True,
+        pack_weights: bool = True,
     ):
         config = model.config
         device = model.lm_head.weight.device
-        if decode_layout:
-            use_decode_layout(model)
-        if pack_weights or (pack_weights is None and decode_layout):
+        if fuse:
+            fuse_projections(model)
+        if pack_weights:
             pack_model(model)
         self.model = model  # train/eval mode is irrelevant here (no labels, no dropout): left as the caller set it
         self.config = config

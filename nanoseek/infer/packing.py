@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.layers import is_plain_linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
 
@@ -91,7 +92,7 @@ def pack_model(model: CausalLM) -> int:
         return 0
     replaced = 0
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not name.endswith("kv_b_proj") and module.weight.dtype == torch.bfloat16:
+        if is_plain_linear(module) and not name.endswith("kv_b_proj") and module.weight.dtype == torch.bfloat16:
             new: nn.Module = PackedLinear(module)
         elif type(module) is RoutedExperts and module.gate_up_proj.dtype == torch.bfloat16:
             new = PackedRoutedExperts(module)

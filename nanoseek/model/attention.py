@@ -22,6 +22,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.layers import (
     FusedProjection,
+    Linear,
     RMSNorm,
     RotaryAngles,
     apply_rope_half,
@@ -112,19 +113,19 @@ class MultiHeadLatentAttention(nn.Module):
         qk_head_dim = config.qk_head_dim
         bias = config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
+            self.q_proj = Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(config.hidden_size, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
         )
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
         interleaved = config.rope_interleave or config.model_type == "deepseek_v2"
         self.apply_rope = apply_rope_interleaved if interleaved else apply_rope_half
         # Set by the model from its RotaryEmbedding: qk_head_dim^-0.5 * YaRN mscale^2 (fact 1 of the
@@ -239,10 +240,10 @@ class GroupedQueryAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.attention_head_dim
         qkv_bias = config.model_type == "qwen2" or config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(
             self.num_heads * self.head_dim, config.hidden_size, bias=config.model_type == "llama" and config.attention_bias
         )
         self.softmax_scale = self.head_dim**-0.5

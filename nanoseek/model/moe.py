@@ -24,7 +24,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.kernels import ExpertScratch, combine_slots, compute_dtype, dispatch_slots, grouped_swiglu
-from nanoseek.model.layers import SwiGLU
+from nanoseek.model.layers import SwiGLU, linear
 
 
 @dataclass
@@ -106,7 +106,7 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
         # The matmul of every expert; FP8 training swaps in `nanoseek.fp8.fp8_linear` (train/precision.py).
-        self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear
         self.scratch = ExpertScratch()  # CPU mixed-precision training buffers, not state
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ class RoutedExperts(nn.Module):
 
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""
-        if self.linear is F.linear and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+        if self.linear is linear and torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             # Training: kernels.py. Reused buffers pay off on CPU; a GPU's caching allocator reuses memory itself.
             scratch = self.scratch if x.device.type == "cpu" else None
             return grouped_swiglu(x, self.gate_up_proj, self.down_proj, counts, scratch)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, RotaryAngles
+from nanoseek.model.layers import Linear, RMSNorm, RotaryAngles
 
 
 class MTPModule(nn.Module):
@@ -25,7 +25,7 @@ class MTPModule(nn.Module):
         self.layer_index = layer_index
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = block
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # `shared_head.norm` on disk
 

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GroupedQueryAttention, KVCache, MultiHeadLatentAttention
 from nanoseek.model.kernels import linear_cross_entropy
-from nanoseek.model.layers import RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU
+from nanoseek.model.layers import Linear, RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU, is_plain_linear
 from nanoseek.model.moe import MoE, RoutedExperts, Router, RouterStats
 from nanoseek.model.mtp import MTPModule
 
@@ -116,7 +116,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         first_mtp = config.num_hidden_layers
@@ -201,7 +201,7 @@ class CausalLM(nn.Module):
     def head_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the output head on `hidden` [batch, seq, dim]: from `logits` when they were
         computed, else fused with the head (the same value and gradients, without the fp32 logits)."""
-        if logits is None and type(self.lm_head) is not nn.Linear:  # a quantized or otherwise replaced head
+        if logits is None and not is_plain_linear(self.lm_head):  # a quantized or otherwise replaced head
             logits = self.lm_head(hidden)
         if logits is not None:
             return cross_entropy(logits, labels)
