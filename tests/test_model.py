@@ -10,12 +10,11 @@ import torch
 from model_configs import tiny_config
 
 from nanoseek import ModelConfig
-from nanoseek.model import IGNORE_INDEX, build_model
+from nanoseek.model import IGNORE_INDEX, build_model, layers
 from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
-from nanoseek.model import layers
 from nanoseek.model.layers import (
     FEW_ROWS,
     Linear,

@@ -12,7 +12,6 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
 
-
 FEW_ROWS = 128  # up to this many rows, `linear` multiplies weight @ x^T on CPU
 
 
