@@ -16,6 +16,7 @@ from train_fixtures import (
 
 from nanoseek.fp8 import Fp8Linear, fp8_linear
 from nanoseek.model import build_model
+from nanoseek.model.layers import is_plain_linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.train.precision import LossScaler, Precision, resolve_precision
 from nanoseek.train.trainer import TrainConfig, Trainer
@@ -78,7 +79,7 @@ def test_fp8_converts_linears_and_experts_but_not_head_router_eh_proj_or_norms()
     keys = list(model.state_dict())
     converted = Precision("fp8", torch.device("cpu")).prepare(model)
     assert list(model.state_dict()) == keys  # same parameters: checkpoints and optimizer state unchanged
-    assert type(model.lm_head) is nn.Linear and type(model.mtp[0].eh_proj) is nn.Linear
+    assert is_plain_linear(model.lm_head) and is_plain_linear(model.mtp[0].eh_proj)
     assert "model.layers.0.self_attn.q_a_proj" in converted and "model.layers.0.mlp.down_proj" in converted
     assert isinstance(model.model.layers[1].self_attn.kv_b_proj, Fp8Linear)
     assert isinstance(model.model.layers[1].mlp.shared_experts.up_proj, Fp8Linear)
