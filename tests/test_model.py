@@ -17,6 +17,7 @@ from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
 from nanoseek.model.layers import (
     FEW_ROWS,
+    FEW_ROWS_ONE_THREAD,
     Linear,
     RMSNorm,
     RotaryAngles,
@@ -74,14 +75,25 @@ def test_rmsnorm_computes_in_fp32():
     assert norm(x16).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 64, FEW_ROWS, FEW_ROWS + 1])
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("rows", [1, 2, 5, FEW_ROWS_ONE_THREAD + 1, FEW_ROWS, FEW_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_linear_equals_f_linear(rows, bias, monkeypatch):
-    """Inference with up to FEW_ROWS rows takes the weight @ x^T path (not F.linear), same values and
-    shape for 2-D and 3-D inputs; with gradients (or more rows) it is F.linear, and gradients flow."""
+def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
+    """Inference with few rows (FEW_ROWS, or FEW_ROWS_ONE_THREAD on one thread) takes the weight @ x^T
+    path, not F.linear: same values and shape for 2-D and 3-D inputs. With gradients or more rows it
+    is F.linear, and gradients flow."""
     layer = Linear(48, 80, bias=bias)
     x = torch.randn(rows, 1, 48)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    few = rows <= (FEW_ROWS if threads > 1 else FEW_ROWS_ONE_THREAD)
     calls = []
     original = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or original(*args))
@@ -90,9 +102,9 @@ def test_few_rows_linear_equals_f_linear(rows, bias, monkeypatch):
             out = layer(inputs)
             assert out.shape == (*inputs.shape[:-1], 80) and out.is_contiguous()
             torch.testing.assert_close(out, expected.view_as(out), rtol=1e-5, atol=1e-5)
-    assert len(calls) == (2 if rows > FEW_ROWS else 0)
+    assert len(calls) == (0 if few else 2)
     layer(x).sum().backward()
-    assert len(calls) == (3 if rows > FEW_ROWS else 1) and layer.weight.grad is not None
+    assert len(calls) == (1 if few else 3) and layer.weight.grad is not None
     with torch.no_grad():  # a weight that is a strided view (not [out, in] contiguous) goes to F.linear
         torch.testing.assert_close(layers.linear(x, layer.weight.t().contiguous().t()), expected - (layer.bias if bias else 0))
 

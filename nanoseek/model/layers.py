@@ -12,24 +12,27 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
 
-FEW_ROWS = 128  # up to this many rows, `linear` multiplies weight @ x^T on CPU
+FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
+FEW_ROWS_ONE_THREAD = 8  # ...or this many when torch runs one thread
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), faster for the few rows of a decode step on CPU.
 
-    x @ weight^T with few rows sends the CPU BLAS down its matrix-vector path, which runs on one
-    thread and reads a [out, in] weight with per-row dot products. The same product computed as
-    (weight @ x^T)^T is a GEMM with a small inner dimension: threaded, streaming the weight at up to
-    2x the rate. One row is duplicated to two for the same reason. Measured on a 2-core AVX-512 EPYC
-    with weights read from memory: 1.1-2.6x faster per matmul for 1 to 128 rows (the 32000 x 512
-    output head at one row: 2.4 -> 1.6 ms), no gain from one thread or above ~128 rows. Inference
-    only (no autograd graph is built through it) and fp32 only (bf16 and int8 have packed kernels).
+    x @ weight^T with one row sends the CPU BLAS down its matrix-vector path, which runs on one
+    thread and reads the [out, in] weight with per-row dot products; with a few rows, MKL's GEMM
+    parallelizes poorly over them. The same product computed as (weight @ x^T)^T splits the
+    weight's rows across threads and streams it (one row is doubled to two to get that kernel).
+    Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear: with 2 threads
+    1.1-2.7x faster for 1 to 128 rows (the 32000 x 512 output head: 4.2 -> 1.6 ms at one row, 8.1 ->
+    1.3 ms at two); with one thread 1.3-2.2x for 1 to 8 rows and slower from 16. Inference only (no
+    autograd graph goes through it) and fp32 only (bf16 and int8 have packed kernels).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         not 0 < rows <= FEW_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
         or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
+        or (rows > FEW_ROWS_ONE_THREAD and torch.get_num_threads() == 1)
     ):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
