@@ -25,7 +25,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weight's rows across threads and streams it (one row is doubled to two to get that kernel).
     Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear: with 2 threads
     faster for 1 to 128 rows, most for 1-16 (the 32000 x 512 output head: 4.2 -> 1.6 ms at one row,
-    8.1 -> 1.3 ms at two; 1.03-1.2x at 128); with one thread 1.3-2.2x for 1 to 8 rows and slower
+    8.1 -> 1.3 ms at two; 1.03-1.2x at 128); with one thread 1.1-3.5x for 1 to 8 rows and slower
     from 16. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have
     packed kernels).
     """
