@@ -23,11 +23,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     thread and reads the [out, in] weight with per-row dot products; with a few rows, MKL's GEMM
     parallelizes poorly over them. The same product computed as (weight @ x^T)^T splits the
     weight's rows across threads and streams it (one row is doubled to two to get that kernel).
-    Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear: with 2 threads
-    faster for 1 to 128 rows, most for 1-16 (the 32000 x 512 output head: 4.2 -> 1.6 ms at one row,
-    8.1 -> 1.3 ms at two; 1.03-1.2x at 128); with one thread 1.1-3.5x for 1 to 8 rows and slower
-    from 16. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have
-    packed kernels).
+    Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear
+    (`benchmarks/few_rows_linear.py`): with 2 threads 1.7-4.6x faster for 1 to 4 rows (the 32000 x
+    512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two), 0.73-1.42x at 8, about even
+    from 16 to 128 rows in isolation (0.86-1.16x), and 0-4% faster for 32-64-row decode steps in the
+    engine than with the limit at 16; with one thread faster for 1 to 8 rows only. Inference only (no autograd graph goes
+    through it) and fp32 only (bf16 and int8 have packed kernels).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
