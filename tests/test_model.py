@@ -84,7 +84,7 @@ def threads(request):
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("rows", [1, 2, 5, FEW_ROWS_ONE_THREAD + 1, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS_ONE_THREAD, FEW_ROWS_ONE_THREAD + 1, FEW_ROWS, FEW_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
     """Inference with few rows (FEW_ROWS, or FEW_ROWS_ONE_THREAD on one thread) takes the weight @ x^T

@@ -13,7 +13,7 @@ from torch import nn
 from nanoseek.config import ModelConfig, yarn_mscale
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
-FEW_ROWS_ONE_THREAD = 8  # ...or this many when torch runs one thread
+FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,8 +27,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (`benchmarks/few_rows_linear.py`): with 2 threads 1.7-4.6x faster for 1 to 4 rows (the 32000 x
     512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two), 0.73-1.42x at 8, about even
     from 16 to 128 rows in isolation (0.86-1.16x), and 0-4% faster for 32-64-row decode steps in the
-    engine than with the limit at 16; with one thread faster for 1 to 8 rows only. Inference only (no autograd graph goes
-    through it) and fp32 only (bf16 and int8 have packed kernels).
+    engine than with the limit at 16; with one thread 1.1-3x faster for 1 to 4 rows, 0.57-1.24x at
+    8. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have packed
+    kernels).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
