@@ -31,12 +31,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     8. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have packed
     kernels).
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (
-        not 0 < rows <= FEW_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (  # training and GPUs leave here, after two cheap checks
+        torch.is_grad_enabled() or x.device.type != "cpu"
         or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
-        or (rows > FEW_ROWS_ONE_THREAD and torch.get_num_threads() == 1)
     ):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= (FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
