@@ -78,6 +78,37 @@ def test_quantized_model_serves_through_the_engine():
     assert all(m.gate_up_proj.is_contiguous() for m in model.modules() if isinstance(m, QuantizedRoutedExperts))
 
 
+@pytest.mark.parametrize("name", ["v3", "qwen2"])
+def test_int8_projections_fuse_into_one_matmul(name):
+    """The engine fuses int8 layers that read one input (q/k/v with Qwen2's biases, gate/up, MLA's
+    q_a + kv_a) like float ones: one int8 matmul per group, each layer's weight, scale and bias a view
+    of the fused rows, the same logits; a buffer replaced wholesale turns the fusion off."""
+    from nanoseek.infer.engine import fuse_projections
+
+    model = quantize_model(peaky_model(name, logit_scale=3.0), "int8")
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    fuse_projections(model)
+    fused = [m.fused for m in model.modules() if getattr(m, "fused", None) is not None]
+    layers = model.config.num_hidden_layers
+    assert len(fused) == 2 * layers + (name == "v3") * (layers - 1) and all(f.weight.dtype == torch.int8 for f in fused)
+    attention = model.model.layers[0].self_attn
+    for layer, rows in zip(attention.fusable_projections(), attention.fused.weight.split(attention.fused.sizes), strict=True):
+        assert layer.weight.data_ptr() == rows.data_ptr()
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "_weight_int8pack_mm", lambda *args: calls.append(args[1]) or kernel(*args))
+        logits = model(TOKENS).logits
+    main = [m.fused for m in model.model.layers.modules() if getattr(m, "fused", None) is not None]  # not MTP's
+    assert sorted(id(q) for q in calls if any(q is f.weight for f in fused)) == sorted(id(f.weight) for f in main)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    attention.fusable_projections()[0].weight_scale = attention.fusable_projections()[0].weight_scale.clone()
+    with torch.no_grad():
+        assert not attention.fused.usable
+        torch.testing.assert_close(model(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_fp8_checkpoint_uses_deepseeks_format_and_loads_with_load_pretrained(tmp_path):
     model = peaky_model("v3", logit_scale=3.0)
     model.save_pretrained(tmp_path / "float")

@@ -52,6 +52,7 @@ from nanoseek.infer.outputs import (
     StreamEvent,
 )
 from nanoseek.infer.packing import pack_model
+from nanoseek.infer.quant import fuse_int8, int8_fusable
 from nanoseek.infer.sampling import (
     PenaltyState,
     RandomStream,
@@ -313,8 +314,13 @@ def fuse_projections(model: CausalLM) -> None:
     Parameters keep their names, shapes and values, and training keeps working (fused layers run one
     by one while gradients are on)."""
     for module in model.modules():
-        if hasattr(module, "fusable_projections") and module.fused is None and fusable(module.fusable_projections()):
-            module.fused = FusedProjection.fuse(module.fusable_projections())
+        if not hasattr(module, "fusable_projections") or module.fused is not None:
+            continue
+        projections = module.fusable_projections()
+        if fusable(projections):
+            module.fused = FusedProjection.fuse(projections)
+        elif int8_fusable(projections):  # weight-only int8 (`nanoseek.infer.quant`)
+            module.fused = fuse_int8(projections)
 
 
 class Engine:

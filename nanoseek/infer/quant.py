@@ -56,6 +56,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.fp8 import dequantize_blocks, quantize_blocks
 from nanoseek.io import atomic_directory
+from nanoseek.model.layers import FusedProjection
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, restore_fp32_state
 
@@ -89,15 +90,16 @@ class QuantizedWeight:
         return F.linear(x, dequantize_blocks(self.weight, self.scale, dtype=x.dtype))
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (q * scale)^T, computed in `scale`'s dtype; returns x's dtype."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ (q * scale)^T (+ bias), computed in `scale`'s dtype; returns x's dtype."""
     out_features, in_features = q.shape
     rows = x.reshape(-1, in_features).to(scale.dtype)
     if in_features % 8 == 0 and q.is_contiguous():  # the packed kernel's layout requirements
         out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)
     else:
         out = F.linear(rows, q.to(scale.dtype)) * scale
-    return out.view(*x.shape[:-1], out_features).to(x.dtype)
+    out = out.view(*x.shape[:-1], out_features).to(x.dtype)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -110,8 +112,38 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.int8:
+            return int8_linear(x, self.weight, self.weight_scale, self.bias)
         out = QuantizedWeight(self.weight, self.weight_scale).linear(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def int8_fusable(linears: list[nn.Module]) -> bool:
+    """int8 layers of one input size on one device, all with or all without bias (see `fuse_int8`)."""
+    first = linears[0]
+    return all(
+        isinstance(layer, QuantizedLinear) and layer.weight.dtype == torch.int8 and layer.weight.is_contiguous()
+        and layer.weight.shape[1] == first.weight.shape[1] and layer.weight.device == first.weight.device
+        and layer.weight_scale.dtype == first.weight_scale.dtype and (layer.bias is None) == (first.bias is None)
+        for layer in linears
+    )
+
+
+@torch.no_grad()
+def fuse_int8(linears: list[QuantizedLinear]) -> FusedProjection:
+    """int8 layers that read the same input as one int8 matmul (what `FusedProjection.fuse` does for
+    float layers): weights, scales and biases move into one buffer each and every layer's buffers
+    become views of their rows, so names, shapes and values are kept."""
+    sizes = [layer.weight.shape[0] for layer in linears]
+    weight = torch.cat([layer.weight for layer in linears])
+    scale = torch.cat([layer.weight_scale for layer in linears])
+    bias = None if linears[0].bias is None else torch.cat([layer.bias for layer in linears])
+    biases = [None] * len(linears) if bias is None else bias.split(sizes)
+    for layer, rows, scales, part in zip(linears, weight.split(sizes), scale.split(sizes), biases, strict=True):
+        layer.weight, layer.weight_scale, layer.bias = rows, scales, part
+    fused = FusedProjection(weight, bias, sizes, linears, names=("weight", "weight_scale", "bias"))
+    fused.linear = lambda x, q, bias: int8_linear(x, q, scale, bias)
+    return fused
 
 
 class _QuantizedStack:

@@ -85,15 +85,18 @@ class FusedProjection:
     layers run one by one again.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], linears: list[nn.Linear]):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], linears: list[nn.Module],
+                 names: tuple[str, ...] = ("weight", "bias")):
         self.weight, self.bias, self.sizes = weight, bias, sizes
-        # (parameter dict, name) of every weight and bias: `usable` runs on every call and a dict
-        # lookup costs a fifth of nn.Module's attribute lookup; it still sees parameters replaced
-        # wholesale (`load_state_dict(assign=True)`).
-        self.parameter_slots = [(layer._parameters, name) for layer in linears for name in ("weight", "bias")
-                                if getattr(layer, name) is not None]
+        # (parameter or buffer dict, name) of every tensor named in `names` (quantized layers add their
+        # scales): `usable` runs on every call and a dict lookup costs a fifth of nn.Module's attribute
+        # lookup; it still sees tensors replaced wholesale (`load_state_dict(assign=True)`).
+        self.parameter_slots = [
+            (layer._parameters if name in layer._parameters else layer._buffers, name)
+            for layer in linears for name in names if getattr(layer, name) is not None
+        ]
         self.pointers = self._pointers()
-        self.linear = linear  # `nanoseek.infer.packing` swaps in its packed kernel
+        self.linear = linear  # called as linear(x, weight, bias); packing and int8 fusion swap in their kernels
 
     @classmethod
     @torch.no_grad()
