@@ -36,6 +36,7 @@ def test_packed_model_gives_the_same_logits_and_state_dict(name, fused):
     if name == "v3":
         assert isinstance(packed.model.layers[1].mlp.experts, PackedRoutedExperts)
         assert is_plain_linear(packed.model.layers[0].self_attn.kv_b_proj)  # read directly by absorbed attention
+        assert packed.model.layers[0].self_attn.frozen_absorbed[0].dtype == torch.float32  # absorbed_dtype on CPU
     ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=0, atol=1e-2)
@@ -43,6 +44,29 @@ def test_packed_model_gives_the_same_logits_and_state_dict(name, fused):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+@requires_packing
+def test_packed_absorbed_attention_computes_in_fp32():
+    """A packed bf16 MLA model keeps W_UK/W_UV in fp32 (CPU bf16 bmm is slower at decode sizes): the
+    absorbed attention equals the fp32 computation on the same bf16 inputs, rounded to bf16 at the end."""
+    packed = bf16_model("v3")
+    pack_model(packed)
+    attention = packed.model.layers[0].self_attn
+    reference = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
+    reference.kv_b_proj.weight.data = attention.kv_b_proj.weight.float()
+    generator = torch.Generator().manual_seed(0)
+    heads, keys = attention.num_heads, 7
+    q_nope = torch.randn(2, 3, heads, attention.qk_nope_head_dim, generator=generator).bfloat16()
+    q_pe = torch.randn(2, 3, heads, attention.qk_rope_head_dim, generator=generator).bfloat16()
+    latent = torch.randn(2, keys, attention.kv_lora_rank, generator=generator).bfloat16()
+    k_pe = torch.randn(2, keys, attention.qk_rope_head_dim, generator=generator).bfloat16()
+    mask = torch.ones(2, 1, 3, keys, dtype=torch.bool).tril(diagonal=keys - 3)
+    with torch.no_grad():
+        out = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+        expected = reference.attend_absorbed(q_nope.float(), q_pe.float(), latent.float(), k_pe.float(), mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
 
 
 @requires_packing

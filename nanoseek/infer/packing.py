@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.attention import MultiHeadLatentAttention, absorbed_dtype
 from nanoseek.model.layers import is_plain_linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
@@ -107,5 +107,7 @@ def pack_model(model: CausalLM) -> int:
             fused.weight, fused.linear = pack_weight(fused.weight), packed_linear
             fused.parameter_slots, fused.pointers = [], []  # the plain layers were replaced: keep no copy alive
         if isinstance(module, MultiHeadLatentAttention):
-            module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(module.kv_b_proj.weight.dtype))
+            weight = module.kv_b_proj.weight
+            compute = absorbed_dtype(weight.dtype, weight.device)
+            module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(compute))
     return replaced

@@ -87,6 +87,14 @@ def _attend_eager(query, key, value, scale, mask) -> torch.Tensor:
     return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
 
 
+def absorbed_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype inference-only absorbed attention computes in (`frozen_absorbed`): fp32 for bf16/fp16
+    on CPU, where each small batched matmul of a decode step costs 2-3x fp32's (oneDNN's per-call
+    overhead: 17-40 vs 6-20 us with a 130-token cache; `small` in bf16 decodes 1.10x faster); the
+    weights' dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA (V2 paper §2.1, V3 report eq. 1-11).
 
@@ -190,10 +198,15 @@ class MultiHeadLatentAttention(nn.Module):
 
         Multi-query attention over the one latent per token: heads fold into the query rows, so each
         step reads the cache once for all heads. Plain batched matmuls: for the few queries of a decode
-        step they cost less than a fused attention kernel's setup.
+        step they cost less than a fused attention kernel's setup. Computed in the dtype of the frozen
+        weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
+        dtype = q_nope.dtype
+        compute = dtype if self.frozen_absorbed is None else self.frozen_absorbed[0].dtype
+        if compute != dtype:
+            q_nope, q_pe, latent, k_pe = (t.to(compute) for t in (q_nope, q_pe, latent, k_pe))
         batch, seq, heads, _ = q_nope.shape
-        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
+        w_uk, w_uv_t = self.absorbed_weights(compute)
         rows = q_nope.permute(2, 0, 1, 3).reshape(heads, batch * seq, -1)  # [h, b*s, nope]
         q_latent = torch.bmm(rows, w_uk)  # [h, b*s, r]
         q_latent = q_latent.view(heads, batch, seq, -1).transpose(0, 1).reshape(batch, heads * seq, -1)
@@ -208,13 +221,13 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = torch.bmm(probs.view(batch, heads * seq, -1), latent)  # [b, h*s, r]
         out_latent = out_latent.view(batch, heads, seq, -1).transpose(0, 1).reshape(heads, batch * seq, -1)
         out = torch.bmm(out_latent, w_uv_t.to(out_latent.dtype))  # [h, b*s, v]
-        return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3)
+        return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3).to(dtype)
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj in `dtype`.
 
-        An inference-only model keeps them in `frozen_absorbed` (`nanoseek.infer.packing`): bf16 bmm
-        copies a strided operand on every call, a [h, nope, r] copy per layer per decoded token.
+        An inference-only model keeps them contiguous in `frozen_absorbed`, in `absorbed_dtype`
+        (`nanoseek.infer.packing`): otherwise every call would copy a strided or converted operand.
         """
         if self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == dtype:
             return self.frozen_absorbed
