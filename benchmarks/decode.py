@@ -16,6 +16,8 @@ Rows (per config):
   decode_b1_int8        our int8 weight-only (bf16 activations) against transformers' fp32
   decode_b16            16 concurrent requests through continuous batching (aggregate tokens/s)
                         against transformers' batched generate; identical tokens asserted
+  decode_b16_bf16       the same with our bf16 weights against transformers' fp32 (16 rows make the
+                        step GEMM-bound, and AVX512-bf16 doubles the multiply rate; notes: agreement)
   kv_bytes_per_token    our cache (latent + rope key for MLA, grouped KV heads for GQA) against a
                         naive multi-head cache of the same model, bf16; must equal the formula
 And once:
@@ -174,6 +176,16 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
         total = CONCURRENT * NEW_TOKENS
         emit("decode_b16", total / our_time, total / their_time, "tok/s", name, identical=identical, target_ratio=4.0,
              requests=CONCURRENT, ours_cpu=round(total / our_cpu, 2), baseline_cpu=round(total / their_cpu, 2))
+    if "decode_b16_bf16" in rows:
+        variant_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).eval(), max_num_seqs=CONCURRENT)
+        (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, their_tokens) = alternate(
+            [lambda: ours(variant_engine, prompts), lambda: theirs(prompts)], repeats)
+        total = CONCURRENT * NEW_TOKENS
+        agreement = sum(a == b for ours_row, theirs_row in zip(variant_tokens, their_tokens, strict=True)
+                        for a, b in zip(ours_row, theirs_row, strict=True)) / total
+        emit("decode_b16_bf16", total / variant_time, total / their_time, "tok/s", name, target_ratio=4.0,
+             requests=CONCURRENT, token_agreement_with_fp32=round(agreement, 3),
+             ours_cpu=round(total / variant_cpu, 2), baseline_cpu=round(total / their_cpu, 2))
     if "kv_bytes_per_token" in rows:
         bf16_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16), cache_memory=64 << 20)
         pool = bf16_engine.cache
@@ -264,7 +276,7 @@ def bench_mtp(layers: int, repeats: int, steps: int, seconds: float, draft_count
 
 def main() -> None:
     all_rows = ["decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8", "decode_b16",
-                "kv_bytes_per_token", "mtp_speculative_b1"]
+                "decode_b16_bf16", "kv_bytes_per_token", "mtp_speculative_b1"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["small", "qwen2-small"])
     parser.add_argument("--rows", nargs="+", default=all_rows, choices=all_rows)

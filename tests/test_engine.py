@@ -348,7 +348,7 @@ def test_moe_decode_reads_only_the_chosen_experts():
     """Poisoning every expert no token chose leaves the output unchanged (they are never read)."""
     model = peaky_model("v3")
     prompt = [5, 6, 7, 8]
-    engine = Engine(model)
+    engine = Engine(model, pack_weights=False)  # the poison goes into the plain stacks below
     expected = engine.generate(prompt, GREEDY)[0].outputs[0]
     chosen: dict[int, set[int]] = {}
 

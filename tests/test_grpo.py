@@ -138,7 +138,7 @@ def build(tmp_path, overrides=(), reward_functions=None):
     model, tokenizer = load_policy(run.model_dir, run.tokenizer_dir, torch.device("cpu"))
     model.mtp.requires_grad_(False)
     trainer = Trainer(model, run.train, run.run_dir, loss_fn=make_loss_fn(run.options), tokenizer=tokenizer)
-    engine = Engine(model, tokenizer, max_model_len=run.train.seq_len, max_num_seqs=64)
+    engine = Engine(model, tokenizer, max_model_len=run.train.seq_len, max_num_seqs=64, pack_weights=False)  # as grpo()
     prompts = encode_prompts(tokenizer, run.rows, run.options.max_prompt_length)
     return trainer, Rollouts(run.rows, prompts, engine, trainer, run.reward_functions, run.options)
 
@@ -147,10 +147,14 @@ def test_rollouts_sample_with_the_policy_weights_in_eval_mode_and_hand_back_a_tr
     trainer, rollouts = build(tmp_path, ["lr=3e-2", "rewards=format"],
                               reward_functions=[lambda prompts, completions, completion_ids, **kw: [float(i[0] % 2) for i in completion_ids]])
     model = trainer.model
-    modes = []
+    modes, heads = [], []
     hook = model.register_forward_pre_hook(lambda module, args: modes.append((module.training, torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
+    head = model.lm_head
+    head_hook = head.register_forward_hook(lambda module, args, output: heads.append(type(module).__name__))
     batches = rollouts.make_batches()
     assert model.training
+    assert model.lm_head is head and heads and set(heads) == {"PackedLinear"}  # packed while sampling, put back after
+    head_hook.remove()
     assert (False, True, False) in modes and all(not training for training, inference, _ in modes if inference)
 
     batch = batches[0]

@@ -1,4 +1,4 @@
-"""oneDNN-packed bf16 weights for CPU inference: same outputs, same state dict, only where they apply."""
+"""oneDNN-packed fp32 and bf16 weights for CPU inference: same outputs, same state dict, only where they apply."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from model_configs import tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.engine import fuse_projections
-from nanoseek.infer.packing import PackedLinear, PackedRoutedExperts, pack_model, packing_supported
+from nanoseek.errors import TrainingError
+from nanoseek.infer.packing import PackedLinear, PackedRoutedExperts, pack_model, packed_while, packing_supported
 from nanoseek.model import build_model
 from nanoseek.model.layers import is_plain_linear
 
@@ -17,18 +18,23 @@ requires_packing = pytest.mark.skipif(
     not packing_supported(build_model(tiny_config("qwen2"), seed=0, dtype=torch.bfloat16)),
     reason="this CPU's oneDNN has no bf16 kernels",
 )
+requires_fp32_packing = pytest.mark.skipif(
+    not packing_supported(build_model(tiny_config("qwen2"), seed=0)), reason="this build of torch has no oneDNN"
+)
+DTYPES = [pytest.param(torch.bfloat16, marks=requires_packing), pytest.param(torch.float32, marks=requires_fp32_packing)]
 
 
-def bf16_model(name: str):
-    return peaky_model(name).to(torch.bfloat16)
+def bf16_model(name: str, dtype: torch.dtype = torch.bfloat16):
+    return peaky_model(name).to(dtype)
 
 
-@requires_packing
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_packed_model_gives_the_same_logits_and_state_dict(name, fused):
-    """Packed alone, or as the engine prepares a model: projections fused, then packed."""
-    model, packed = bf16_model(name), bf16_model(name)
+def test_packed_model_gives_the_same_logits_and_state_dict(name, fused, dtype):
+    """Packed alone, or as the engine prepares a model: projections fused, then packed. bf16 gives the
+    same bits; fp32 the same values up to summation order."""
+    model, packed = bf16_model(name, dtype), bf16_model(name, dtype)
     if fused:
         fuse_projections(packed)
     replaced = pack_model(packed)
@@ -39,7 +45,7 @@ def test_packed_model_gives_the_same_logits_and_state_dict(name, fused):
         assert packed.model.layers[0].self_attn.frozen_absorbed[0].dtype == torch.float32  # absorbed_dtype on CPU
     ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=0, atol=1e-2)
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-4)
     expected, got = model.state_dict(), packed.state_dict()
     assert set(got) == set(expected)
     for key, value in expected.items():
@@ -69,20 +75,49 @@ def test_packed_absorbed_attention_computes_in_fp32():
     torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
 
 
-@requires_packing
-def test_engine_packs_bf16_models_and_decodes_the_same_tokens():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_engine_packs_models_and_decodes_the_same_tokens(dtype):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [[5, 9, 13, 2, 40], [7, 7, 30]]
-    plain = Engine(bf16_model("v3"), pack_weights=False)
-    packed = Engine(bf16_model("v3"))  # default: packs on CPU in bf16
+    plain = Engine(bf16_model("v3", dtype), pack_weights=False)
+    packed = Engine(bf16_model("v3", dtype))  # default: packs on CPU in fp32 and bf16
     assert isinstance(packed.model.lm_head, PackedLinear) and not isinstance(plain.model.lm_head, PackedLinear)
     tokens = [[o.outputs[0].token_ids for o in engine.generate(prompts, params)] for engine in (plain, packed)]
     assert tokens[0] == tokens[1]
 
 
-def test_fp32_models_and_trained_engines_are_not_packed():
-    model = peaky_model("v3")
+def test_fp16_models_and_trained_engines_are_not_packed():
+    model = bf16_model("v3", torch.float16)  # no packed fp16 kernel is used
     assert pack_model(model) == 0 and is_plain_linear(model.lm_head)
-    bf16 = bf16_model("v3")
-    Engine(bf16, pack_weights=False)  # how GRPO, SFT evaluation and distillation build theirs: the model keeps training
-    assert is_plain_linear(bf16.lm_head)
+    for dtype in (torch.float32, torch.bfloat16):
+        trained = bf16_model("v3", dtype)
+        Engine(trained, pack_weights=False)  # how GRPO, SFT evaluation and distillation build theirs: the model keeps training
+        assert is_plain_linear(trained.lm_head)
+
+
+@requires_fp32_packing
+def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
+    """GRPO decodes its rollouts inside `packed_while`: packed for the block, the original modules,
+    parameters, hooks, fused buffers and MLA weights back after it, and training works again."""
+    model = peaky_model("v3")
+    fuse_projections(model)
+    head, attention = model.lm_head, model.model.layers[0].self_attn
+    fused_weight, parameters = attention.fused.weight, dict(model.named_parameters())
+    seen = []
+    head.register_forward_hook(lambda module, args, output: seen.append(type(module).__name__))
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        with packed_while(model):
+            assert isinstance(model.lm_head, PackedLinear) and attention.frozen_absorbed is not None
+            torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-4)
+    assert model.lm_head is head and attention.fused.weight is fused_weight and attention.frozen_absorbed is None
+    with torch.no_grad():
+        assert attention.fused.usable  # its parameter slots are back
+    assert dict(model.named_parameters()) == parameters and seen == ["Linear", "PackedLinear"]
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert head.weight.grad is not None
+    pack_model(model)
+    with pytest.raises(TrainingError, match="pack_weights=False"):
+        model(ids, labels=ids)

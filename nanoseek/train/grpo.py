@@ -55,6 +55,7 @@ from nanoseek.data.tasks import TASKS, Problem, make_mixed_problems
 from nanoseek.errors import ConfigError, DataError, TrainingError
 from nanoseek.eval.evaluate import heldout_problems
 from nanoseek.infer.engine import FINISH_LENGTH, Engine
+from nanoseek.infer.packing import packed_while
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import CausalLM
 from nanoseek.tokenizer import Tokenizer
@@ -360,7 +361,8 @@ class Rollouts(EpochLoader):
                            seed=(base + position) % 2**63)
             for position in range(len(indices))
         ]
-        outputs = self.engine.generate([self.prompt_token_ids[i] for i in indices], params, n=config.num_generations)
+        with packed_while(self.engine.model):  # the policy's current weights, packed for decoding and put back after
+            outputs = self.engine.generate([self.prompt_token_ids[i] for i in indices], params, n=config.num_generations)
         rollout = Rollout([], [], [], [], [], [])
         for index, output in zip(indices, outputs, strict=True):
             for completion in output.outputs:
