@@ -7,10 +7,16 @@ import torch
 from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
 from model_configs import tiny_config
 
+from nanoseek.errors import TrainingError
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.engine import fuse_projections
-from nanoseek.errors import TrainingError
-from nanoseek.infer.packing import PackedLinear, PackedRoutedExperts, pack_model, packed_while, packing_supported
+from nanoseek.infer.packing import (
+    PackedLinear,
+    PackedRoutedExperts,
+    pack_model,
+    packed_while,
+    packing_supported,
+)
 from nanoseek.model import build_model
 from nanoseek.model.layers import is_plain_linear
 

@@ -28,7 +28,6 @@ from nanoseek.model.layers import is_plain_linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
 
-
 # dtype -> the row count oneDNN's blocked layout is chosen for (see pack_weight)
 PACK_ROWS_HINT = {torch.float32: 16, torch.bfloat16: 1}
 
