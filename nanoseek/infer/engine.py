@@ -336,8 +336,8 @@ class Engine:
     num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
     absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
     fuse: fuse the projections that read the same input (`fuse_projections`, in place).
-    pack_weights: swap bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
-        in place, inference only; a no-op unless the weights are bf16 on a CPU with bf16 kernels).
+    pack_weights: swap fp32/bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
+        in place, inference only: pass False for a model that keeps training; a no-op off CPU).
     """
 
     def __init__(
