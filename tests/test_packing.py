@@ -24,10 +24,15 @@ requires_packing = pytest.mark.skipif(
     not packing_supported(build_model(tiny_config("qwen2"), seed=0, dtype=torch.bfloat16)),
     reason="this CPU's oneDNN has no bf16 kernels",
 )
-requires_fp32_packing = pytest.mark.skipif(
-    not packing_supported(build_model(tiny_config("qwen2"), seed=0)), reason="this build of torch has no oneDNN"
-)
+requires_fp32_packing = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this build of torch has no oneDNN")
 DTYPES = [pytest.param(torch.bfloat16, marks=requires_packing), pytest.param(torch.float32, marks=requires_fp32_packing)]
+
+
+@pytest.fixture(autouse=True)
+def pack_small_fp32_matrices(monkeypatch):
+    """The tiny test models' fp32 matrices are under the packing threshold: pack them anyway."""
+    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
 
 
 def bf16_model(name: str, dtype: torch.dtype = torch.bfloat16):
@@ -127,3 +132,20 @@ def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
     pack_model(model)
     with pytest.raises(TrainingError, match="pack_weights=False"):
         model(ids, labels=ids)
+
+
+@requires_fp32_packing
+def test_small_fp32_matrices_and_models_stay_plain(monkeypatch):
+    """fp32 matrices under FP32_PACK_MIN_ELEMENTS and models under FP32_PACK_MIN_PARAMETERS keep MKL
+    (cheaper per call in cache); bf16 ones are packed."""
+    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 1 << 24)
+    assert pack_model(peaky_model("qwen2")) == 0
+    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
+    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 96 * 64)  # the tiny head's size
+    model = peaky_model("qwen2")
+    pack_model(model)
+    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight.numel() >= 96 * 64
+    assert is_plain_linear(model.model.layers[0].self_attn.o_proj)  # 64 x 64
+    bf16 = bf16_model("qwen2")
+    pack_model(bf16)
+    assert isinstance(bf16.model.layers[0].self_attn.o_proj, PackedLinear)
