@@ -137,6 +137,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
     def ours(engine: Engine, batch: list[list[int]]):
         return [o.outputs[0].token_ids for o in engine.generate(batch, greedy)]
 
+    weight_bytes = weight_bytes_per_token(model)  # before the engine packs the weights (same bytes, opaque tensors)
     engine = Engine(model, max_num_seqs=CONCURRENT)
     if rows & {"decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8"}:
         one = prompts[:1]
@@ -148,7 +149,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
             emit("decode_b1_fp32", NEW_TOKENS / our_time, NEW_TOKENS / their_time, "tok/s", name, identical=identical,
                  target_ratio=2.0, ours_cpu=round(NEW_TOKENS / our_cpu, 2), baseline_cpu=round(NEW_TOKENS / their_cpu, 2))
         if "roofline_b1_fp32" in rows:
-            (bandwidth, bandwidth_cpu), weight_bytes = read_bandwidth(), weight_bytes_per_token(model)
+            bandwidth, bandwidth_cpu = read_bandwidth()
             emit("roofline_b1_fp32", NEW_TOKENS / our_time, bandwidth / weight_bytes, "tok/s", name,
                  weight_bytes_per_token=weight_bytes, read_bandwidth_gbps=round(bandwidth / 1e9, 2), target_ratio=0.8,
                  fraction_cpu_time=round(NEW_TOKENS / our_cpu / (bandwidth_cpu / weight_bytes), 3),
@@ -158,7 +159,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
                 continue
             variant = build_model(config, seed=0, dtype=torch.bfloat16).eval() if scheme == "bf16" else (
                 quantize_model(build_model(config, seed=0).eval(), "int8"))
-            weight_bytes = weight_bytes_per_token(variant)  # before the engine packs bf16 weights (same bytes)
+            variant_bytes = weight_bytes_per_token(variant)  # before the engine packs bf16 weights (same bytes)
             variant_engine = Engine(variant, max_num_seqs=CONCURRENT)
             (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, _) = alternate(
                 [lambda e=variant_engine: ours(e, one), lambda: theirs(one)], repeats)
@@ -166,8 +167,8 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
             emit(row, NEW_TOKENS / variant_time, NEW_TOKENS / their_time, "tok/s", name,
                  target_ratio=3.5 if scheme == "bf16" else 5.0, token_agreement_with_fp32=round(agreement, 3),
                  ours_cpu=round(NEW_TOKENS / variant_cpu, 2), baseline_cpu=round(NEW_TOKENS / their_cpu, 2),
-                 weight_bytes_per_token=weight_bytes,
-                 roofline_fraction=round(NEW_TOKENS / variant_time / (read_bandwidth()[0] / weight_bytes), 3))
+                 weight_bytes_per_token=variant_bytes,
+                 roofline_fraction=round(NEW_TOKENS / variant_time / (read_bandwidth()[0] / variant_bytes), 3))
     if "decode_b16" in rows:
         (our_time, our_cpu, our_tokens), (their_time, their_cpu, their_tokens) = alternate(
             [lambda: ours(engine, prompts), lambda: theirs(prompts)], repeats)
