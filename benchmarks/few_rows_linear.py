@@ -7,7 +7,9 @@ matrix-vector path for one row. Shapes: the `small` preset's (output head 32000 
 2816 x 512, down 512 x 1408, an expert's 512 x 512 and 512 x 256). Each shape is replicated until
 the copies exceed the last-level cache, and each timing cycles through all copies, so every matmul
 reads its weight from memory as it does while decoding. The two sides alternate; medians of
-`--repeats`. Outputs are asserted equal (to fp32 rounding). One JSON line per (shape, rows).
+`--repeats`. Outputs are asserted equal (to fp32 rounding). One JSON line per (shape, rows); `packed`
+is the same matmul with the weight in oneDNN's blocked layout (`nanoseek.infer.packing`, what the
+engine runs for fp32 models from 16M parameters), `packed_ratio` its speedup over F.linear.
 
     python benchmarks/few_rows_linear.py [--rows 1 2 4 16 64 128] [--threads N] [--repeats 15]
 """
@@ -22,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanoseek.infer.packing import pack_weight, packed_linear
 from nanoseek.model.layers import linear
 
 SHAPES = {"head": (32000, 512), "gate_up": (2816, 512), "down": (512, 1408), "expert_gate_up": (512, 512),
@@ -51,17 +54,22 @@ def main() -> None:
             out_features, in_features = SHAPES[name]
             copies = max(2, COPIES_BYTES // (out_features * in_features * 4))
             weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
+            packed = [pack_weight(weight) for weight in weights]
             for rows in args.rows:
                 x = torch.randn(rows, in_features, generator=generator)
                 torch.testing.assert_close(linear(x, weights[0]), F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)
-                ours, theirs = [], []
+                torch.testing.assert_close(packed_linear(x, packed[0]), F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)
+                ours, theirs, oned = [], [], []
                 for _ in range(args.repeats):
                     ours.append(seconds_per_matmul(linear, x, weights))
                     theirs.append(seconds_per_matmul(F.linear, x, weights))
+                    oned.append(seconds_per_matmul(packed_linear, x, packed))
                 ours_us, theirs_us = statistics.median(ours) * 1e6, statistics.median(theirs) * 1e6
+                packed_us = statistics.median(oned) * 1e6
                 print(json.dumps({
                     "bench": "few_rows_linear", "ours": round(ours_us, 1), "baseline": round(theirs_us, 1),
                     "ratio": round(theirs_us / ours_us, 2), "unit": "us/matmul (median)", "baseline_name": "F.linear",
+                    "packed": round(packed_us, 1), "packed_ratio": round(theirs_us / packed_us, 2),
                     "config": {"shape": name, "out_features": out_features, "in_features": in_features, "rows": rows,
                                "weight_copies": copies},
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
