@@ -3,10 +3,11 @@
 PyTorch's CPU matmul reads a plain [out, in] weight poorly when only a few rows multiply it (every
 decode step), and MKL's fp32 GEMM runs at a fraction of the core's rate for 8-64 rows. oneDNN's
 linear primitive with the weight reordered once into its blocked layout is faster at every row count
-from 1 to 64. Measured on a 2-core AVX512-bf16 EPYC, weights read from memory: fp32 with 2 threads,
-the 32000-row output head 1.79 -> 1.59 ms at one row, 6.9 -> 2.1 ms at 16 rows, 15.8 -> 5.4 ms at 64
-(one thread: 2.7 -> 1.8, 10.4 -> 3.8 ms); decoding `qwen2-small` in fp32 1.25x faster at batch 1
-and 1.9x with 16 requests. bf16: the head at batch 1 5.6 -> 1.9 ms, a 512 x 512 expert 122 -> 87 us
+from 1 to 64. Measured on a 2-core AVX512-bf16 EPYC, weights read from memory, against the unpacked
+few-row path (`nanoseek.model.layers.linear`): fp32 with 2 threads, the 32000-row output head 1.79 ->
+1.59 ms at one row, 6.9 -> 2.1 ms at 16 rows, 15.8 -> 5.4 ms at 64 (one thread: 2.7 -> 1.8 and
+10.4 -> 3.8 ms; `benchmarks/few_rows_linear.py` prints F.linear, `linear` and packed side by side);
+decoding `qwen2-small` in fp32 1.25x faster at batch 1 and 1.9x with 16 requests. bf16: the head at batch 1 5.6 -> 1.9 ms, a 512 x 512 expert 122 -> 87 us
 (one thread), bit-identical results; fp32 results differ from F.linear's in summation order only.
 
 `pack_model(model)` swaps, in place, every plain linear layer for a `PackedLinear` and every routed
@@ -142,16 +143,15 @@ def packed_while(model: CausalLM) -> Iterator[None]:
     try:
         yield
     finally:
-        with torch.no_grad():
-            for parent, child, original, _ in replaced:
-                setattr(parent, child, original)
-            for owner, values in settings:
-                owner.__dict__.update(values)
+        for parent, child, original in replaced:
+            setattr(parent, child, original)
+        for owner, values in settings:
+            owner.__dict__.update(values)
 
 
 @torch.no_grad()
 def _pack(model: CausalLM) -> tuple[list, list]:
-    """Pack in place; returns (parent, name, original, packed) per replaced module and (object, its
+    """Pack in place; returns (parent, name, original module) per replaced module and (object, its
     previous attribute values) per changed fused projection or attention layer, to undo it."""
     if not packing_supported(model):
         return [], []
@@ -168,7 +168,7 @@ def _pack(model: CausalLM) -> tuple[list, list]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
-        replaced.append((parent, child, module, new))
+        replaced.append((parent, child, module))
     settings = []
     for module in model.modules():
         fused = getattr(module, "fused", None)

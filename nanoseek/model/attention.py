@@ -90,7 +90,7 @@ def _attend_eager(query, key, value, scale, mask) -> torch.Tensor:
 def absorbed_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype inference-only absorbed attention computes in (`frozen_absorbed`): fp32 for bf16/fp16
     on CPU, where each small batched matmul of a decode step costs 2-3x fp32's (oneDNN's per-call
-    overhead: 17-40 vs 6-20 us with a 130-token cache; `small` in bf16 decodes 1.10x faster); the
+    overhead: 17-40 vs 6-20 us with a 130-token cache; `small` in bf16 decodes 1.14x faster); the
     weights' dtype elsewhere."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
