@@ -149,3 +149,17 @@ def test_small_fp32_matrices_and_models_stay_plain(monkeypatch):
     bf16 = bf16_model("qwen2")
     pack_model(bf16)
     assert isinstance(bf16.model.layers[0].self_attn.o_proj, PackedLinear)
+
+
+@requires_fp32_packing
+def test_packed_fp32_model_runs_under_bf16_autocast_and_packed_while_stands_aside():
+    """bf16 activations from autocast reach fp32-packed weights as fp32 (cast back after); GRPO's
+    rollouts under autocast keep the trainer's arithmetic, so packed_while packs nothing there."""
+    model, packed = peaky_model("qwen2"), peaky_model("qwen2")
+    pack_model(packed)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, logits = model(ids).logits, packed(ids).logits
+        with packed_while(model):
+            assert is_plain_linear(model.lm_head)
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=0.1 * expected.float().abs().max().item())

@@ -68,7 +68,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) with the weight packed by `pack_weight`."""
+    """F.linear(x, weight, bias) with the weight packed by `pack_weight`; in x's dtype. Activations of
+    another dtype (bf16 from autocast around an fp32 model) are computed in the weight's dtype."""
+    if x.dtype != packed.dtype:
+        bias = None if bias is None else bias.to(packed.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -138,7 +142,11 @@ def pack_model(model: CausalLM) -> int:
 def packed_while(model: CausalLM) -> Iterator[None]:
     """Pack `model` for the block and put every original module, buffer and setting back after it: how
     a model that keeps training decodes with packed weights (GRPO's rollouts). The packed copies are
-    made from the weights as they are on entry, a copy of every packed weight each time."""
+    made from the weights as they are on entry, a copy of every packed weight each time. A no-op under
+    CPU autocast: packed kernels ignore it, and rollouts must run the arithmetic the trainer runs."""
+    if torch.is_autocast_enabled("cpu"):
+        yield
+        return
     replaced, settings = _pack(model)
     try:
         yield
