@@ -56,7 +56,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.fp8 import dequantize_blocks, quantize_blocks
 from nanoseek.io import atomic_directory
-from nanoseek.model.layers import FusedProjection
+from nanoseek.model.layers import FusedProjection, concatenate_rows
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, restore_fp32_state
 
@@ -135,13 +135,9 @@ def fuse_int8(linears: list[QuantizedLinear]) -> FusedProjection:
     float layers): weights, scales and biases move into one buffer each and every layer's buffers
     become views of their rows, so names, shapes and values are kept."""
     sizes = [layer.weight.shape[0] for layer in linears]
-    weight = torch.cat([layer.weight for layer in linears])
-    scale = torch.cat([layer.weight_scale for layer in linears])
-    bias = None if linears[0].bias is None else torch.cat([layer.bias for layer in linears])
-    biases = [None] * len(linears) if bias is None else bias.split(sizes)
-    for layer, rows, scales, part in zip(linears, weight.split(sizes), scale.split(sizes), biases, strict=True):
-        layer.weight, layer.weight_scale, layer.bias = rows, scales, part
-    fused = FusedProjection(weight, bias, sizes, linears, names=("weight", "weight_scale", "bias"))
+    names = ("weight", "weight_scale", "bias")
+    weight, scale, bias = (concatenate_rows(linears, name, sizes) for name in names)
+    fused = FusedProjection(weight, bias, sizes, linears, names)
     fused.linear = lambda x, q, bias: int8_linear(x, q, scale, bias)
     return fused
 

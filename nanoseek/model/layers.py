@@ -29,7 +29,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     from 16 to 128 rows in isolation (0.86-1.16x), and 0-4% faster for 32-64-row decode steps in the
     engine than with the limit at 16; with one thread 1.1-3x faster for 1 to 4 rows, 0.57-1.24x at
     8. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have packed
-    kernels).
+    kernels); the engine packs the fp32 weights of models from 16M parameters for oneDNN
+    (`nanoseek.infer.packing`), so this serves smaller models and engines that share a trainer's model.
     """
     if (  # training and GPUs leave here, after two cheap checks
         torch.is_grad_enabled() or x.device.type != "cpu"
@@ -101,18 +102,8 @@ class FusedProjection:
     @classmethod
     @torch.no_grad()
     def fuse(cls, linears: list[nn.Linear]) -> FusedProjection:
-        first = linears[0].weight
         sizes = [linear.out_features for linear in linears]
-        weight = torch.empty(sum(sizes), first.shape[1], dtype=first.dtype, device=first.device)
-        has_bias = linears[0].bias is not None
-        bias = torch.empty(sum(sizes), dtype=first.dtype, device=first.device) if has_bias else None
-        for linear, rows in zip(linears, weight.split(sizes), strict=True):
-            rows.copy_(linear.weight)
-            linear.weight.data = rows
-        if bias is not None:
-            for linear, part in zip(linears, bias.split(sizes), strict=True):
-                part.copy_(linear.bias)
-                linear.bias.data = part
+        weight, bias = (concatenate_rows(linears, name, sizes) for name in ("weight", "bias"))
         return cls(weight, bias, sizes, linears)
 
     def _pointers(self) -> list[int]:
@@ -126,6 +117,18 @@ class FusedProjection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs side by side [..., sum(sizes)] (split by the caller)."""
         return self.linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def concatenate_rows(layers: list[nn.Module], name: str, sizes: list[int]) -> torch.Tensor | None:
+    """Move tensor `name` of every layer (`sizes` rows each) into one buffer, row-wise, and make each
+    layer's tensor a view of its rows (same object, new storage); None if the layers have none."""
+    if getattr(layers[0], name) is None:
+        return None
+    buffer = torch.cat([getattr(layer, name) for layer in layers])
+    for layer, rows in zip(layers, buffer.split(sizes), strict=True):
+        getattr(layer, name).data = rows
+    return buffer
 
 
 def fusable(linears: list[nn.Linear]) -> bool:
