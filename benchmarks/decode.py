@@ -11,6 +11,10 @@ Rows (per config):
   decode_b1_fp32        batch-1 tokens/s, fp32 both sides; identical tokens asserted
   roofline_b1_fp32      ours against the memory-bandwidth bound: (bytes of weights a decoded token
                         reads) / (read bandwidth: sum over a 256 MiB tensor); ratio = fraction reached
+  matmul_floor_b1_fp32  a decode step of ours against the same step's matrix products replayed alone
+                        (recorded at the dispatcher: the same kernels on the same packed weights, in
+                        order); ratio = the share of the step spent in them, the bound on what removing
+                        everything else (norms, RoPE, cache, attention, sampling, Python) could buy
   decode_b1_bf16        our bf16 weights (oneDNN-packed by the engine) against transformers' fp32
                         (notes: roofline fraction)
   decode_b1_int8        our int8 weight-only (bf16 activations) against transformers' fp32
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoseek import ModelConfig
 from nanoseek.infer import Engine, SamplingParams
@@ -111,6 +116,49 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
+MATRIX_PRODUCTS = {
+    torch.ops.mkldnn._linear_pointwise.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten._weight_int8pack_mm.default,
+}
+
+
+class MatrixProductRecorder(TorchDispatchMode):
+    """Keeps (op, args, kwargs) of every matrix product dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATRIX_PRODUCTS:
+            self.calls.append((func, args, kwargs or {}))
+        return func(*args, **kwargs or {})
+
+
+def matmul_floor(engine: Engine, prompt: list[int], repeats: int) -> tuple[float, float, int]:
+    """(median seconds of a batch-1 decode step, median seconds of that step's matrix products replayed
+    alone, how many there are). The products of the first decode step are recorded, then replayed in
+    order; every weight is read from memory again, as in a step (they do not fit in the caches)."""
+    handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    engine.step()  # the prefill
+    recorder = MatrixProductRecorder()
+    with recorder:
+        engine.step()
+    steps = []
+    while not handle.finished:
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    replays = []
+    with torch.inference_mode():
+        for _ in range(max(repeats, 1) * 10):
+            start = time.perf_counter()
+            for func, args, kwargs in recorder.calls:
+                func(*args, **kwargs)
+            replays.append(time.perf_counter() - start)
+    return statistics.median(steps), statistics.median(replays), len(recorder.calls)
+
+
 def random_prompts(config: ModelConfig, count: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(2, config.vocab_size, (count, PROMPT_TOKENS), generator=generator).tolist()
@@ -139,6 +187,11 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
 
     weight_bytes = weight_bytes_per_token(model)  # before the engine packs the weights (same bytes, opaque tensors)
     engine = Engine(model, max_num_seqs=CONCURRENT)
+    if "matmul_floor_b1_fp32" in rows:
+        step, products, count = matmul_floor(engine, prompts[0], repeats)
+        emit("matmul_floor_b1_fp32", 1 / step, 1 / products, "steps/s", name, matrix_products_per_step=count,
+             step_ms=round(step * 1e3, 3), products_ms=round(products * 1e3, 3),
+             products_roofline_fraction=round(weight_bytes / products / read_bandwidth()[0], 3))
     if rows & {"decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8"}:
         one = prompts[:1]
         (our_time, our_cpu, our_tokens), (their_time, their_cpu, their_tokens) = alternate(
@@ -276,8 +329,8 @@ def bench_mtp(layers: int, repeats: int, steps: int, seconds: float, draft_count
 
 
 def main() -> None:
-    all_rows = ["decode_b1_fp32", "roofline_b1_fp32", "decode_b1_bf16", "decode_b1_int8", "decode_b16",
-                "decode_b16_bf16", "kv_bytes_per_token", "mtp_speculative_b1"]
+    all_rows = ["decode_b1_fp32", "roofline_b1_fp32", "matmul_floor_b1_fp32", "decode_b1_bf16", "decode_b1_int8",
+                "decode_b16", "decode_b16_bf16", "kv_bytes_per_token", "mtp_speculative_b1"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["small", "qwen2-small"])
     parser.add_argument("--rows", nargs="+", default=all_rows, choices=all_rows)
