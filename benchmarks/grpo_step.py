@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--problems", type=int, default=256, help="prompt pool")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating ours/TRL runs per reward setting")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating ours/TRL runs per reward setting")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import trl
