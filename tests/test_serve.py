@@ -247,6 +247,19 @@ def test_metrics_record_latencies_and_outcomes(client, server):
         assert f"nanoseek:{name}" in text
 
 
+def test_a_repeated_conversation_is_served_from_the_prefix_cache(client, server):
+    messages = [{"role": "system", "content": "You are a careful assistant who answers with one number. " * 4},
+                *HELLO]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    hits = metric(server, "nanoseek:prefix_cache_hits_total", model_name="tiny")
+    queries = metric(server, "nanoseek:prefix_cache_queries_total", model_name="tiny")
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    prompt = reply.usage.prompt_tokens
+    assert metric(server, "nanoseek:prefix_cache_queries_total", model_name="tiny") == queries + prompt
+    assert metric(server, "nanoseek:prefix_cache_hits_total", model_name="tiny") - hits >= prompt - 16
+    assert again.choices[0].message.content == reply.choices[0].message.content
+
+
 # ----- cancellation --------------------------------------------------------------------------------
 def wait_until_idle(server, model: str, timeout: float = 5.0) -> float:
     start = time.monotonic()

@@ -14,6 +14,13 @@ Block 0 is never handed out: padding tokens of a ragged batch write there, and r
 a short sequence read from there. Those reads are always masked out, and the block only ever holds
 finite values, so they cannot turn into NaN.
 
+Prefix caching (vLLM's automatic prefix caching): a full block is registered under a key that hashes
+every token from position 0 to its end (a sha256 chain over the blocks), so equal keys mean equal
+keys/values. A registered block whose last user releases it is not freed but kept, evictable, in LRU
+order; allocation takes never-registered blocks first, then evicts the least recently released
+cached block. A new sequence whose first blocks' keys are registered reuses those blocks and
+computes only the rest (`match_prefix`). `reset_prefix_cache` forgets every key (weights changed).
+
 The model sees the cache through the `update(layer_index, positions, kv_length, *entries)` contract of
 `nanoseek.model.attention`: before each forward the engine calls `bind` with the write slot of every
 input token and the read slots of every row, then `update` scatters the new entries and gathers
@@ -22,7 +29,10 @@ input token and the read slots of every row, then `update` scatters the new entr
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
+from collections import OrderedDict
 
 import torch
 
@@ -30,6 +40,12 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.cache import cache_entry_shapes
 
 NULL_BLOCK = 0
+ROOT_KEY = b""  # the parent key of a sequence's first block
+
+
+def block_key(parent: bytes, tokens: list[int]) -> bytes:
+    """The prefix-cache key of a full block: sha256 of the parent block's key and this block's token ids."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 class OutOfBlocks(Exception):
@@ -61,6 +77,11 @@ class PagedKVCache:
         ]
         self.refcounts = [0] * num_blocks
         self.free_blocks = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low ids first
+        # prefix caching: key -> block, block -> key, and the unreferenced cached blocks (oldest first)
+        self.cached: dict[bytes, int] = {}
+        self.block_keys: dict[int, bytes] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.epoch = 0  # incremented by reset_prefix_cache: sequences admitted before it register nothing
         self.write_slots: torch.Tensor | None = None
         self.read_slots: torch.Tensor | None = None
         self._read_flat: tuple[int, torch.Tensor] | None = None
@@ -77,7 +98,8 @@ class PagedKVCache:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Blocks an allocation can take: never-registered ones plus evictable cached ones."""
+        return len(self.free_blocks) + len(self.evictable)
 
     @property
     def usage(self) -> float:
@@ -89,19 +111,65 @@ class PagedKVCache:
 
     # ----- allocation ---------------------------------------------------------------------------
     def allocate(self) -> int:
-        if not self.free_blocks:
+        if self.free_blocks:
+            block = self.free_blocks.pop()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)  # the least recently released cached block
+            del self.cached[self.block_keys.pop(block)]
+        else:
             raise OutOfBlocks
-        block = self.free_blocks.pop()
         self.refcounts[block] = 1
         return block
 
     def release(self, table: list[int]) -> None:
-        """Drop one reference to each block of `table` (and empty it); unreferenced blocks are free again."""
+        """Drop one reference to each block of `table` (and empty it); unreferenced blocks are free again
+        (registered ones stay cached, evictable)."""
         for block in table:
             self.refcounts[block] -= 1
             if self.refcounts[block] == 0:
-                self.free_blocks.append(block)
+                if block in self.block_keys:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
         table.clear()
+
+    # ----- prefix caching -----------------------------------------------------------------------
+    def register(self, block: int, key: bytes) -> None:
+        """Offer a full, computed block under `key`; ignored if the key or the block is already registered
+        (then this block is freed as usual when released)."""
+        if key not in self.cached and block not in self.block_keys:
+            self.cached[key] = block
+            self.block_keys[block] = key
+
+    def match_prefix(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of leading `keys` (not claimed: see `claim`)."""
+        blocks = []
+        for key in keys:
+            block = self.cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def blocks_to_claim(self, blocks: list[int]) -> int:
+        """How many of `blocks` are evictable (claiming them takes them out of the free count)."""
+        return sum(1 for block in blocks if self.refcounts[block] == 0)
+
+    def claim(self, blocks: list[int]) -> list[int]:
+        """Take a reference to each matched block (out of the evictable set); returns a new table."""
+        for block in blocks:
+            if self.refcounts[block] == 0:
+                del self.evictable[block]
+            self.refcounts[block] += 1
+        return list(blocks)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every key: evictable blocks become free, blocks in use are freed when released."""
+        self.free_blocks.extend(self.evictable)
+        self.evictable.clear()
+        self.cached.clear()
+        self.block_keys.clear()
+        self.epoch += 1
 
     def fork(self, table: list[int]) -> list[int]:
         """A new table sharing every block of `table` (copy-on-write)."""

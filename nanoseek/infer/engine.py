@@ -41,7 +41,7 @@ import torch
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
-from nanoseek.infer.cache import PagedKVCache
+from nanoseek.infer.cache import ROOT_KEY, PagedKVCache, block_key
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -84,6 +84,8 @@ class EngineStats:
     generation_tokens: int = 0
     preemptions: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # ...and found there (not computed again)
     spec_verify_steps: int = 0  # speculative forwards that tested at least one draft
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -291,6 +293,12 @@ class _Sequence:
         # main model's final hidden states of positions mtp_computed..num_computed-1.
         self.mtp_computed = 0
         self.pending_hidden: torch.Tensor | None = None
+        # prefix caching: the first `num_hashed` blocks of `table` are registered (or were offered) and
+        # `last_key` is the key of the last of them; `epoch` is the cache's at admission
+        self.num_hashed = 0
+        self.last_key = ROOT_KEY
+        self.epoch = -1
+        self.prefix_keys: tuple[int, list[bytes]] | None = None  # (token count, keys) of the last lookup
 
     @property
     def num_generated(self) -> int:
@@ -338,6 +346,11 @@ class Engine:
     fuse: fuse the projections that read the same input (`fuse_projections`, in place).
     pack_weights: swap fp32/bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
         in place, inference only: pass False for a model that keeps training; a no-op off CPU).
+    prefix_caching: reuse the cached keys/values of a prompt's leading full blocks computed for an
+        earlier request (`cache.py`): repeated system prompts, multi-turn chats, several requests for
+        one prompt. Off under speculative decoding. Cached blocks are forgotten when any weight or
+        buffer of the model changes (seen by tensor version counters), so a model that keeps training
+        is safe, though it gains nothing.
     """
 
     def __init__(
@@ -355,6 +368,7 @@ class Engine:
         absorb: bool | None = None,
         fuse: bool = True,
         pack_weights: bool = True,
+        prefix_caching: bool = True,
     ):
         config = model.config
         device = model.lm_head.weight.device
@@ -373,6 +387,9 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.absorb = absorb
         self.speculative = speculative and len(model.mtp) > 0
+        # The MTP depth's cache lags the main model's by a position, so reused blocks would lack it.
+        self.prefix_caching = prefix_caching and not self.speculative
+        self._weights_seen: list[tuple[int, int]] | None = None
         if num_speculative_tokens < 1:
             raise GenerationError("num_speculative_tokens must be >= 1")
         self.num_speculative_tokens = num_speculative_tokens
@@ -668,23 +685,74 @@ class Engine:
                 break
             if self._reserve(sequence, sequence.num_computed + count):
                 chunks[sequence] = count
+        if self._waiting and self.prefix_caching:
+            self._forget_prefixes_if_weights_changed()
         while self._waiting:
             sequence = self._waiting[0]
             if len(self._running) + sequence.group_size > self.max_num_seqs:
                 break
-            count = min(sequence.num_pending, budget)
+            keys = self._prefix_keys(sequence) if self.prefix_caching else []
+            matched = self.cache.match_prefix(keys)
+            cached = len(matched) * self.cache.block_size
+            count = min(len(sequence.token_ids) - cached, budget)
             if not fits(count):
                 break
-            needed = self.cache.blocks_for(sequence.num_computed + count)
+            needed = self.cache.blocks_for(cached + count) - len(matched) + self.cache.blocks_to_claim(matched)
             if needed + len(self._running) > self.cache.num_free_blocks and self._running:
                 break
             if needed > self.cache.num_free_blocks:
                 break
             self._waiting.popleft()
             self._running.append(sequence)
-            self.cache.prepare_write(sequence.table, 0, sequence.num_computed + count)
+            if self.prefix_caching:
+                self._stats.prefix_cache_queries += len(sequence.token_ids)
+                self._stats.prefix_cache_hits += cached
+                sequence.table = self.cache.claim(matched)
+                sequence.num_computed = cached
+                sequence.num_hashed, sequence.last_key = len(matched), keys[len(matched) - 1] if matched else ROOT_KEY
+                sequence.epoch = self.cache.epoch
+            self.cache.prepare_write(sequence.table, cached, cached + count)
             chunks[sequence] = count
         return chunks
+
+    # ----- prefix caching --------------------------------------------------------------------------
+    def _prefix_keys(self, sequence: _Sequence) -> list[bytes]:
+        """Keys of the full blocks of `sequence`'s tokens that may be reused: all but the last token,
+        which must run through the model to give the next token's logits."""
+        size, tokens = self.cache.block_size, sequence.token_ids
+        if sequence.prefix_keys is not None and sequence.prefix_keys[0] == len(tokens):
+            return sequence.prefix_keys[1]  # a request waiting for room is looked up again every step
+        keys, key = [], ROOT_KEY
+        for start in range(0, (len(tokens) - 1) // size * size, size):
+            key = block_key(key, tokens[start : start + size])
+            keys.append(key)
+        sequence.prefix_keys = (len(tokens), keys)
+        return keys
+
+    def _register_full_blocks(self, sequence: _Sequence) -> None:
+        """Offer the blocks `sequence` has filled since the last call to the prefix cache."""
+        size = self.cache.block_size
+        if not self.prefix_caching or sequence.epoch != self.cache.epoch:
+            return
+        while sequence.num_hashed < sequence.num_computed // size:
+            index = sequence.num_hashed
+            sequence.last_key = block_key(sequence.last_key, sequence.token_ids[index * size : (index + 1) * size])
+            self.cache.register(sequence.table[index], sequence.last_key)
+            sequence.num_hashed += 1
+
+    def _forget_prefixes_if_weights_changed(self) -> None:
+        """Reset the prefix cache if any parameter or buffer of the model was replaced or changed in
+        place since the last admission (an optimizer step, `load_state_dict`): its keys/values are stale."""
+        seen = []
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+            try:
+                version = tensor._version
+            except RuntimeError:  # an inference tensor: no version counter, changes only inside inference mode
+                version = -1
+            seen.append((tensor.data_ptr(), version))
+        if self._weights_seen is not None and seen != self._weights_seen:
+            self.cache.reset_prefix_cache()
+        self._weights_seen = seen
 
     def _reserve(self, sequence: _Sequence, end: int, start: int | None = None) -> bool:
         """Make cache positions [start, end) writable for `sequence`, preempting younger sequences if needed.
@@ -723,7 +791,8 @@ class Engine:
         """Free a sequence's blocks and queue it first in line; it is recomputed from its tokens later."""
         self._running.remove(sequence)
         self.cache.release(sequence.table)
-        sequence.num_computed = sequence.mtp_computed = 0
+        sequence.num_computed = sequence.mtp_computed = sequence.num_hashed = 0
+        sequence.last_key = ROOT_KEY
         sequence.pending_hidden = None
         self._waiting.appendleft(sequence)
         self._stats.preemptions += 1
@@ -774,6 +843,7 @@ class Engine:
             count = chunks[sequence]
             self._stats.prompt_tokens += count
             sequence.num_computed += count
+            self._register_full_blocks(sequence)
             if self.speculative:
                 self._add_pending_hidden(sequence, output.hidden_states[row, width - count :])
         if self.speculative:
@@ -787,6 +857,7 @@ class Engine:
             for follower in leader.followers:
                 follower.table = self.cache.fork(leader.table)
                 follower.num_computed, follower.mtp_computed = leader.num_computed, leader.mtp_computed
+                follower.num_hashed, follower.last_key, follower.epoch = leader.num_hashed, leader.last_key, leader.epoch
                 follower.pending_hidden = leader.pending_hidden
                 self._running.append(follower)
             samplers += [leader, *leader.followers]
@@ -800,8 +871,11 @@ class Engine:
         if not sequences:
             return []
         output = self._forward(sequences, [[s.token_ids[-1]] for s in sequences], logits_to_keep=1)
+        size = self.cache.block_size
         for sequence in sequences:
             sequence.num_computed += 1
+            if sequence.num_computed % size == 0:
+                self._register_full_blocks(sequence)
         return self._sample_and_append(sequences, output.logits[:, -1])
 
     # ----- sampling and output ---------------------------------------------------------------------

@@ -75,6 +75,8 @@ class _EngineCollector:
         prompt = counter("prompt_tokens", "Prompt tokens prefilled (recomputation after preemption included).")
         generation = counter("generation_tokens", "Tokens generated.")
         preemptions = counter("num_preemptions", "Sequences preempted for lack of cache blocks.")
+        prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again).")
         drafts = counter("spec_decode_num_draft_tokens", "Speculative draft tokens proposed.")
         accepted = counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.")
         for deployment in self.deployments:
@@ -87,6 +89,9 @@ class _EngineCollector:
             prompt.add_metric(label, stats.prompt_tokens)
             generation.add_metric(label, stats.generation_tokens)
             preemptions.add_metric(label, stats.preemptions)
+            prefix_queries.add_metric(label, stats.prefix_cache_queries)
+            prefix_hits.add_metric(label, stats.prefix_cache_hits)
             drafts.add_metric(label, stats.spec_draft_tokens)
             accepted.add_metric(label, stats.spec_accepted_tokens)
-        return [running, waiting, in_flight, cache, acceptance, prompt, generation, preemptions, drafts, accepted]
+        return [running, waiting, in_flight, cache, acceptance, prompt, generation, preemptions, prefix_queries,
+                prefix_hits, drafts, accepted]
