@@ -11,6 +11,8 @@ batch within `max_prefill_tokens`) and one decode forward over every running seq
 or the pending token plus MTP drafts under speculative decoding). Admission takes waiting requests in
 order while the pool has blocks for their prompt; when decoding runs out of blocks the youngest
 sequence is preempted (its blocks freed) and later recomputed from its tokens, its random state kept.
+With prefix caching (the default) an admitted sequence first reuses the cached blocks of its longest
+registered prefix (cache.py) and computes only the rest.
 
 Three ways to drive it:
 * offline (GRPO, scripts): `generate(prompts, params, n)` steps the engine until its requests finish
