@@ -5,7 +5,9 @@ Configs: preset `small` (= ../shared/bench/small.json, DeepSeek-V3-shaped MoE wi
 greedy (EOS ignored). One JSON line per row: {"bench", "ours", "baseline", "ratio", "unit", "config",
 "threads", "notes"}. Ours and the baseline run alternately and the medians are reported: wall-clock
 rates in "ours"/"baseline", and on shared machines also the rates per second of process CPU time in
-"notes" (`ours_cpu`, `baseline_cpu`: what each side achieves while it actually runs).
+"notes" (`ours_cpu`, `baseline_cpu`: what each side achieves while it actually runs). Our engines
+run without prefix caching: the same prompts repeat across runs, and these rows measure decoding
+(`benchmarks/prefix_cache.py` measures the reuse).
 
 Rows (per config):
   decode_b1_fp32        batch-1 tokens/s, fp32 both sides; identical tokens asserted
@@ -138,24 +140,25 @@ class MatrixProductRecorder(TorchDispatchMode):
 def matmul_floor(engine: Engine, prompt: list[int], repeats: int) -> tuple[float, float, int]:
     """(median seconds of a batch-1 decode step, median seconds of that step's matrix products replayed
     alone, how many there are). The products of the first decode step are recorded, then replayed in
-    order; every weight is read from memory again, as in a step (they do not fit in the caches)."""
-    handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-    engine.step()  # the prefill
-    recorder = MatrixProductRecorder()
-    with recorder:
-        engine.step()
-    steps = []
-    while not handle.finished:
-        start = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - start)
-    replays = []
-    with torch.inference_mode():
-        for _ in range(max(repeats, 1) * 10):
+    order; every weight is read from memory again, as in a step (they do not fit in the caches).
+    Decoding and replaying alternate for `repeats` rounds (the load of a shared machine drifts)."""
+    recorder, steps, replays = MatrixProductRecorder(), [], []
+    for round_ in range(max(repeats, 1)):
+        handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+        engine.step()  # the prefill
+        if round_ == 0:
+            with recorder:
+                engine.step()
+        while not handle.finished:
             start = time.perf_counter()
-            for func, args, kwargs in recorder.calls:
-                func(*args, **kwargs)
-            replays.append(time.perf_counter() - start)
+            engine.step()
+            steps.append(time.perf_counter() - start)
+        with torch.inference_mode():
+            for _ in range(20):
+                start = time.perf_counter()
+                for func, args, kwargs in recorder.calls:
+                    func(*args, **kwargs)
+                replays.append(time.perf_counter() - start)
     return statistics.median(steps), statistics.median(replays), len(recorder.calls)
 
 
@@ -186,7 +189,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
         return [o.outputs[0].token_ids for o in engine.generate(batch, greedy)]
 
     weight_bytes = weight_bytes_per_token(model)  # before the engine packs the weights (same bytes, opaque tensors)
-    engine = Engine(model, max_num_seqs=CONCURRENT)
+    engine = Engine(model, max_num_seqs=CONCURRENT, prefix_caching=False)  # decode speed, not prompt reuse
     if "matmul_floor_b1_fp32" in rows:
         step, products, count = matmul_floor(engine, prompts[0], repeats)
         emit("matmul_floor_b1_fp32", 1 / step, 1 / products, "steps/s", name, matrix_products_per_step=count,
@@ -213,7 +216,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
             variant = build_model(config, seed=0, dtype=torch.bfloat16).eval() if scheme == "bf16" else (
                 quantize_model(build_model(config, seed=0).eval(), "int8"))
             variant_bytes = weight_bytes_per_token(variant)  # before the engine packs bf16 weights (same bytes)
-            variant_engine = Engine(variant, max_num_seqs=CONCURRENT)
+            variant_engine = Engine(variant, max_num_seqs=CONCURRENT, prefix_caching=False)
             (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, _) = alternate(
                 [lambda e=variant_engine: ours(e, one), lambda: theirs(one)], repeats)
             agreement = sum(a == b for a, b in zip(variant_tokens[0], our_tokens[0], strict=True)) / NEW_TOKENS
@@ -231,7 +234,8 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
         emit("decode_b16", total / our_time, total / their_time, "tok/s", name, identical=identical, target_ratio=4.0,
              requests=CONCURRENT, ours_cpu=round(total / our_cpu, 2), baseline_cpu=round(total / their_cpu, 2))
     if "decode_b16_bf16" in rows:
-        variant_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).eval(), max_num_seqs=CONCURRENT)
+        variant_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).eval(), max_num_seqs=CONCURRENT,
+                                prefix_caching=False)
         (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, their_tokens) = alternate(
             [lambda: ours(variant_engine, prompts), lambda: theirs(prompts)], repeats)
         total = CONCURRENT * NEW_TOKENS
@@ -306,7 +310,7 @@ def bench_mtp(layers: int, repeats: int, steps: int, seconds: float, draft_count
     prompts = [tokenizer.encode(p.prompt + "\n", add_special_tokens=True)
                for p in make_mixed_problems("test", 8, seed=7)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    plain = Engine(model, tokenizer)
+    plain = Engine(model, tokenizer, prefix_caching=False)  # like the speculative engines, which have none
     speculative = [Engine(model, tokenizer, speculative=True, num_speculative_tokens=k) for k in draft_counts]
 
     def run(engine: Engine):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
 
-from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import BeamSearchParams, Engine, SamplingParams
 from nanoseek.infer.cache import ROOT_KEY, PagedKVCache, block_key
 from nanoseek.model.cache import cache_bytes_per_token
 
@@ -139,3 +139,18 @@ def test_random_traffic_on_a_small_pool_matches_a_cold_engine(model):
         assert_pool_consistent(engine.cache)
     assert engine.stats.prefix_cache_hits > 0 and engine.stats.preemptions > 0
     assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
+
+
+def test_beam_search_shares_the_prefix_cache_with_requests(model):
+    prompt = list(range(3, 30))
+    beams = BeamSearchParams(num_beams=3, max_tokens=6, ignore_eos=True)
+    cold = Engine(model, block_size=BLOCK, prefix_caching=False).beam_search(prompt, beams)
+    engine = Engine(model, block_size=BLOCK)
+    decode(engine, [prompt])
+    warm = engine.beam_search(prompt, beams)
+    assert engine.stats.prefix_cache_hits == 24
+    assert [o.token_ids for o in warm.outputs] == [o.token_ids for o in cold.outputs]
+    other = prompt[:-1] + [5, 6, 7, 8, 9]  # 31 tokens: the beam search's 6 full prompt blocks, then new ones
+    engine.beam_search(other, beams)
+    assert engine.stats.prefix_cache_hits == 24 + 24
+    assert_pool_consistent(engine.cache)

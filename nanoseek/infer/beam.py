@@ -2,7 +2,8 @@
 
 A separate decoding mode (not mixed into continuous batching): the engine runs it between steps on
 its own cache pool. Beams share the prompt's cache blocks and fork each other copy-on-write, so a
-step copies at most one partial block per beam.
+step copies at most one partial block per beam. With prefix caching the prompt starts from its
+cached blocks and offers its full blocks to later requests, like any request.
 
 Each step expands every beam by every token, keeps the 2 * num_beams best (beam log-probability +
 token log-probability), moves those ending in a stop token to the finished hypotheses (only when
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoseek.errors import GenerationError
-from nanoseek.infer.cache import OutOfBlocks
+from nanoseek.infer.cache import OutOfBlocks, chain_keys
 from nanoseek.infer.outputs import FINISH_LENGTH, FINISH_STOP, CompletionOutput, RequestOutput
 
 if TYPE_CHECKING:
@@ -86,11 +87,21 @@ def beam_search(engine: Engine, prompt, params: BeamSearchParams) -> RequestOutp
 
     root = _Beam(list(prompt_ids), [], 0)
     beams = [root]
+    size, keys = cache.block_size, []
+    if engine.prefix_caching:  # reuse the prompt's cached blocks, as a request would
+        engine._forget_prefixes_if_weights_changed()
+        keys = chain_keys(prompt_ids, size, length // size)
+        root.table = cache.claim(cache.match_prefix(keys[: (length - 1) // size]))
+        root.num_computed = len(root.table) * size
+        engine._stats.prefix_cache_queries += length
+        engine._stats.prefix_cache_hits += root.num_computed
     try:
-        cache.prepare_write(root.table, 0, length)
+        cache.prepare_write(root.table, root.num_computed, length)
         with torch.inference_mode():
-            logits = engine._forward([root], [prompt_ids], logits_to_keep=1).logits[:, -1]
+            logits = engine._forward([root], [prompt_ids[root.num_computed :]], logits_to_keep=1).logits[:, -1]
             root.num_computed = length
+            for index, key in enumerate(keys):  # offer the prompt's full blocks for later requests
+                cache.register(root.table[index], key)
             for step in range(max_tokens):
                 logprobs = logits.float().log_softmax(dim=-1)
                 totals = torch.tensor([b.logprob for b in beams], device=logprobs.device)[:, None] + logprobs

@@ -48,6 +48,15 @@ def block_key(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
+def chain_keys(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
+    """The keys of the first `num_blocks` full blocks of `tokens`."""
+    keys, key = [], ROOT_KEY
+    for start in range(0, num_blocks * block_size, block_size):
+        key = block_key(key, tokens[start : start + block_size])
+        keys.append(key)
+    return keys
+
+
 class OutOfBlocks(Exception):
     """The pool has no free block left (the engine preempts a sequence and retries)."""
 

@@ -43,7 +43,7 @@ import torch
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
-from nanoseek.infer.cache import ROOT_KEY, PagedKVCache, block_key
+from nanoseek.infer.cache import ROOT_KEY, PagedKVCache, block_key, chain_keys
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -721,15 +721,10 @@ class Engine:
     def _prefix_keys(self, sequence: _Sequence) -> list[bytes]:
         """Keys of the full blocks of `sequence`'s tokens that may be reused: all but the last token,
         which must run through the model to give the next token's logits."""
-        size, tokens = self.cache.block_size, sequence.token_ids
-        if sequence.prefix_keys is not None and sequence.prefix_keys[0] == len(tokens):
-            return sequence.prefix_keys[1]  # a request waiting for room is looked up again every step
-        keys, key = [], ROOT_KEY
-        for start in range(0, (len(tokens) - 1) // size * size, size):
-            key = block_key(key, tokens[start : start + size])
-            keys.append(key)
-        sequence.prefix_keys = (len(tokens), keys)
-        return keys
+        tokens = sequence.token_ids
+        if sequence.prefix_keys is None or sequence.prefix_keys[0] != len(tokens):  # else looked up last step
+            sequence.prefix_keys = (len(tokens), chain_keys(tokens, self.cache.block_size, (len(tokens) - 1) // self.cache.block_size))
+        return sequence.prefix_keys[1]
 
     def _register_full_blocks(self, sequence: _Sequence) -> None:
         """Offer the blocks `sequence` has filled since the last call to the prefix cache."""
