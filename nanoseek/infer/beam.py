@@ -91,10 +91,8 @@ def beam_search(engine: Engine, prompt, params: BeamSearchParams) -> RequestOutp
     if engine.prefix_caching:  # reuse the prompt's cached blocks, as a request would
         engine._forget_prefixes_if_weights_changed()
         keys = chain_keys(prompt_ids, size, length // size)
-        root.table = cache.claim(cache.match_prefix(keys[: (length - 1) // size]))
+        root.table = engine._claim_prefix(cache.match_prefix(keys[: (length - 1) // size]), length)
         root.num_computed = len(root.table) * size
-        engine._stats.prefix_cache_queries += length
-        engine._stats.prefix_cache_hits += root.num_computed
     try:
         cache.prepare_write(root.table, root.num_computed, length)
         with torch.inference_mode():

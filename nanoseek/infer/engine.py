@@ -707,9 +707,7 @@ class Engine:
             self._waiting.popleft()
             self._running.append(sequence)
             if self.prefix_caching:
-                self._stats.prefix_cache_queries += len(sequence.token_ids)
-                self._stats.prefix_cache_hits += cached
-                sequence.table = self.cache.claim(matched)
+                sequence.table = self._claim_prefix(matched, len(sequence.token_ids))
                 sequence.num_computed = cached
                 sequence.num_hashed, sequence.last_key = len(matched), keys[len(matched) - 1] if matched else ROOT_KEY
                 sequence.epoch = self.cache.epoch
@@ -725,6 +723,12 @@ class Engine:
         if sequence.prefix_keys is None or sequence.prefix_keys[0] != len(tokens):  # else looked up last step
             sequence.prefix_keys = (len(tokens), chain_keys(tokens, self.cache.block_size, (len(tokens) - 1) // self.cache.block_size))
         return sequence.prefix_keys[1]
+
+    def _claim_prefix(self, matched: list[int], num_tokens: int) -> list[int]:
+        """Take the `matched` cached blocks for a new table, counting a lookup of `num_tokens` tokens."""
+        self._stats.prefix_cache_queries += num_tokens
+        self._stats.prefix_cache_hits += len(matched) * self.cache.block_size
+        return self.cache.claim(matched)
 
     def _register_full_blocks(self, sequence: _Sequence) -> None:
         """Offer the blocks `sequence` has filled since the last call to the prefix cache."""
