@@ -89,13 +89,36 @@ def test_changed_weights_forget_every_cached_prefix():
     assert engine.stats.prefix_cache_hits == 24
 
 
-def test_speculative_decoding_does_not_cache_prefixes():
-    model = peaky_model("v3")
-    engine = Engine(model, block_size=BLOCK, speculative=True)
-    assert not engine.prefix_caching
+def test_speculative_decoding_reuses_prefixes_with_their_mtp_entries():
+    """The reused blocks carry the MTP depth's cache too; the last reused position is computed again
+    (its MTP entry depends on the token after it), so drafts and output match a cold engine's."""
+    model = peaky_model("v3", logit_scale=4.0)
     prompt = list(range(3, 30))
-    assert decode(engine, [prompt]) == decode(engine, [prompt])
-    assert engine.stats.prefix_cache_hits == 0
+    cold = Engine(model, block_size=BLOCK, speculative=True, prefix_caching=False)
+    engine = Engine(model, block_size=BLOCK, speculative=True)
+    expected = decode(cold, [prompt])[0]
+    first = decode(engine, [prompt])[0]
+    second = decode(engine, [prompt])[0]
+    assert engine.stats.prefix_cache_hits == 23
+    assert first.token_ids == second.token_ids == expected.token_ids
+    assert second.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    assert engine.stats.spec_draft_tokens == 2 * cold.stats.spec_draft_tokens
+    assert engine.stats.spec_accepted_tokens == 2 * cold.stats.spec_accepted_tokens
+    # a prompt that leaves the cached one right after a block boundary: the MTP entry at the
+    # boundary must be recomputed for the new next token
+    other = prompt[:24] + [60, 61, 62]
+    entries = []
+    for each in (engine, cold):
+        handle = each.submit(other, GREEDY)
+        each.step()  # the prefill, and the MTP depth over every position but the last
+        sequence = each._running[0]
+        slots = [sequence.table[p // BLOCK] * BLOCK + p % BLOCK for p in range(sequence.mtp_computed)]
+        entries.append([buffer[slots] for buffer in each.cache.layers[model.config.num_hidden_layers]])
+        handle.cancel()
+    assert engine.stats.prefix_cache_hits == 23 + 23
+    for warm_entry, cold_entry in zip(*entries, strict=True):
+        torch.testing.assert_close(warm_entry, cold_entry, atol=1e-5, rtol=1e-5)
+    assert_pool_consistent(engine.cache)
 
 
 def test_a_full_pool_evicts_the_least_recently_released_cached_block():
@@ -119,12 +142,21 @@ def test_a_full_pool_evicts_the_least_recently_released_cached_block():
 
 def test_random_traffic_on_a_small_pool_matches_a_cold_engine(model):
     """Shared system prompts, follow-ups, n > 1, cancellations and preemptions in a pool that must evict."""
+    random_traffic(model, speculative=False)
+
+
+def test_random_speculative_traffic_matches_a_cold_engine():
+    random_traffic(peaky_model("v3", logit_scale=4.0), speculative=True)
+
+
+def random_traffic(model, speculative: bool) -> None:
     rng = random.Random(0)
     systems = [[rng.randrange(3, 90) for _ in range(rng.randrange(5, 14))] for _ in range(3)]
     prompts = [rng.choice(systems) + [rng.randrange(3, 90) for _ in range(rng.randrange(1, 7))] for _ in range(12)]
-    bytes_per_token = cache_bytes_per_token(model.config, torch.float32)
-    engine = Engine(model, block_size=BLOCK, cache_memory=48 * bytes_per_token, max_num_seqs=4)
-    cold = Engine(model, block_size=BLOCK, prefix_caching=False)
+    bytes_per_token = cache_bytes_per_token(model.config, torch.float32, include_mtp=speculative)
+    pool = 36 if speculative else 48  # tokens: small enough to preempt (drafts take room too)
+    engine = Engine(model, block_size=BLOCK, cache_memory=pool * bytes_per_token, max_num_seqs=4, speculative=speculative)
+    cold = Engine(model, block_size=BLOCK, prefix_caching=False, speculative=speculative)
     for round_ in range(3):
         batch = rng.sample(prompts, 4)
         params = SamplingParams(temperature=0, max_tokens=rng.randrange(3, 9), ignore_eos=True)

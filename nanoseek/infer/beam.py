@@ -88,18 +88,20 @@ def beam_search(engine: Engine, prompt, params: BeamSearchParams) -> RequestOutp
     root = _Beam(list(prompt_ids), [], 0)
     beams = [root]
     size, keys = cache.block_size, []
-    if engine.prefix_caching:  # reuse the prompt's cached blocks, as a request would
+    if engine.prefix_caching:  # start from the prompt's cached blocks, as a request would
         engine._forget_prefixes_if_weights_changed()
         keys = chain_keys(prompt_ids, size, length // size)
-        root.table = engine._claim_prefix(cache.match_prefix(keys[: (length - 1) // size]), length)
+        matched = cache.match_prefix(keys[: (length - 1) // size])
+        root.table = engine._claim_prefix(matched, length, len(matched) * size)
         root.num_computed = len(root.table) * size
     try:
         cache.prepare_write(root.table, root.num_computed, length)
         with torch.inference_mode():
             logits = engine._forward([root], [prompt_ids[root.num_computed :]], logits_to_keep=1).logits[:, -1]
             root.num_computed = length
-            for index, key in enumerate(keys):  # offer the prompt's full blocks for later requests
-                cache.register(root.table[index], key)
+            if not engine.speculative:  # offer the prompt's full blocks (beams fill no MTP cache for them)
+                for index, key in enumerate(keys):
+                    cache.register(root.table[index], key)
             for step in range(max_tokens):
                 logprobs = logits.float().log_softmax(dim=-1)
                 totals = torch.tensor([b.logprob for b in beams], device=logprobs.device)[:, None] + logprobs

@@ -19,7 +19,8 @@ every token from position 0 to its end (a sha256 chain over the blocks), so equa
 keys/values. A registered block whose last user releases it is not freed but kept, evictable, in LRU
 order; allocation takes never-registered blocks first, then evicts the least recently released
 cached block. A new sequence whose first blocks' keys are registered reuses those blocks and
-computes only the rest (`match_prefix`). `reset_prefix_cache` forgets every key (weights changed).
+computes only the rest (`match_prefix`). Registered blocks never change: a write into one copies it
+first, as for a shared block. `reset_prefix_cache` forgets every key (weights changed).
 
 The model sees the cache through the `update(layer_index, positions, kv_length, *entries)` contract of
 `nanoseek.model.attention`: before each forward the engine calls `bind` with the write slot of every
@@ -134,13 +135,20 @@ class PagedKVCache:
         """Drop one reference to each block of `table` (and empty it); unreferenced blocks are free again
         (registered ones stay cached, evictable)."""
         for block in table:
-            self.refcounts[block] -= 1
-            if self.refcounts[block] == 0:
-                if block in self.block_keys:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+            self._unref(block)
         table.clear()
+
+    def _unref(self, block: int) -> None:
+        self.refcounts[block] -= 1
+        if self.refcounts[block] == 0:
+            if block in self.block_keys:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
+
+    def _shared(self, block: int) -> bool:
+        """Not writable in place: another table uses it, or it is registered (cached blocks never change)."""
+        return self.refcounts[block] > 1 or block in self.block_keys
 
     # ----- prefix caching -----------------------------------------------------------------------
     def register(self, block: int, key: bytes) -> None:
@@ -190,29 +198,30 @@ class PagedKVCache:
         """Free blocks a write of positions [start, end) needs: new blocks plus copies of shared ones."""
         needed = max(0, self.blocks_for(end) - len(table))
         first, last = start // self.block_size, min(len(table), self.blocks_for(end))
-        return needed + sum(1 for i in range(first, last) if self.refcounts[table[i]] > 1)
+        return needed + sum(1 for i in range(first, last) if self._shared(table[i]))
 
     def writable(self, table: list[int], start: int, end: int) -> bool:
         """True when positions [start, end) lie in blocks `table` already owns alone (nothing to prepare)."""
-        size, refcounts = self.block_size, self.refcounts
+        size, refcounts, registered = self.block_size, self.refcounts, self.block_keys
         first, last = start // size, (end - 1) // size
         if last >= len(table):
             return False
         if first == last:  # one decoded token
-            return refcounts[table[first]] == 1
-        return all(refcounts[table[i]] == 1 for i in range(first, last + 1))
+            return refcounts[table[first]] == 1 and table[first] not in registered
+        return all(refcounts[table[i]] == 1 and table[i] not in registered for i in range(first, last + 1))
 
     def prepare_write(self, table: list[int], start: int, end: int) -> None:
-        """Make positions [start, end) writable in `table`: grow it, un-share blocks it will write into.
+        """Make positions [start, end) writable in `table`: grow it, copy the shared or registered blocks
+        it will write into.
 
         Raises `OutOfBlocks` (leaving the table valid) when the pool runs dry.
         """
         for index in range(start // self.block_size, min(len(table), self.blocks_for(end))):
             block = table[index]
-            if self.refcounts[block] > 1:
-                copy = self.allocate()
+            if self._shared(block):
+                copy = self.allocate()  # never `block` itself: it is referenced, so not evictable
                 self._copy_block(block, copy)
-                self.refcounts[block] -= 1
+                self._unref(block)
                 table[index] = copy
         while len(table) < self.blocks_for(end):
             table.append(self.allocate())

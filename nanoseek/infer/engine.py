@@ -350,9 +350,10 @@ class Engine:
         in place, inference only: pass False for a model that keeps training; a no-op off CPU).
     prefix_caching: reuse the cached keys/values of a prompt's leading full blocks computed for an
         earlier request (`cache.py`): repeated system prompts, multi-turn chats, several requests for
-        one prompt. Off under speculative decoding. Cached blocks are forgotten when any weight or
-        buffer of the model changes (seen by tensor version counters), so a model that keeps training
-        is safe, though it gains nothing.
+        one prompt. Under speculative decoding the blocks carry the MTP depth's cache as well, and the
+        last reused position is computed again (its MTP entry depends on the token after it). Cached
+        blocks are forgotten when any weight or buffer of the model changes (seen by tensor version
+        counters), so a model that keeps training is safe, though it gains nothing.
     """
 
     def __init__(
@@ -389,8 +390,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.absorb = absorb
         self.speculative = speculative and len(model.mtp) > 0
-        # The MTP depth's cache lags the main model's by a position, so reused blocks would lack it.
-        self.prefix_caching = prefix_caching and not self.speculative
+        self.prefix_caching = prefix_caching
         self._weights_seen: list[tuple[int, int]] | None = None
         if num_speculative_tokens < 1:
             raise GenerationError("num_speculative_tokens must be >= 1")
@@ -695,11 +695,14 @@ class Engine:
                 break
             keys = self._prefix_keys(sequence) if self.prefix_caching else []
             matched = self.cache.match_prefix(keys)
-            cached = len(matched) * self.cache.block_size
-            count = min(len(sequence.token_ids) - cached, budget)
+            # Under speculative decoding the last reused position is computed again: the MTP depth's
+            # entry there depends on the next token, which the block's key does not cover (its copy is written).
+            reused = max(0, len(matched) * self.cache.block_size - self.speculative)
+            count = min(len(sequence.token_ids) - reused, budget)
             if not fits(count):
                 break
-            needed = self.cache.blocks_for(cached + count) - len(matched) + self.cache.blocks_to_claim(matched)
+            needed = (self.cache.blocks_for(reused + count) - len(matched) + self.cache.blocks_to_claim(matched)
+                      + (self.speculative and bool(matched)))
             if needed + len(self._running) > self.cache.num_free_blocks and self._running:
                 break
             if needed > self.cache.num_free_blocks:
@@ -707,11 +710,11 @@ class Engine:
             self._waiting.popleft()
             self._running.append(sequence)
             if self.prefix_caching:
-                sequence.table = self._claim_prefix(matched, len(sequence.token_ids))
-                sequence.num_computed = cached
+                sequence.table = self._claim_prefix(matched, len(sequence.token_ids), reused)
+                sequence.num_computed = sequence.mtp_computed = reused
                 sequence.num_hashed, sequence.last_key = len(matched), keys[len(matched) - 1] if matched else ROOT_KEY
                 sequence.epoch = self.cache.epoch
-            self.cache.prepare_write(sequence.table, cached, cached + count)
+            self.cache.prepare_write(sequence.table, reused, reused + count)
             chunks[sequence] = count
         return chunks
 
@@ -724,18 +727,21 @@ class Engine:
             sequence.prefix_keys = (len(tokens), chain_keys(tokens, self.cache.block_size, (len(tokens) - 1) // self.cache.block_size))
         return sequence.prefix_keys[1]
 
-    def _claim_prefix(self, matched: list[int], num_tokens: int) -> list[int]:
-        """Take the `matched` cached blocks for a new table, counting a lookup of `num_tokens` tokens."""
+    def _claim_prefix(self, matched: list[int], num_tokens: int, reused: int) -> list[int]:
+        """Take the `matched` cached blocks for a new table, counting a lookup of `num_tokens` tokens of
+        which `reused` are not computed again."""
         self._stats.prefix_cache_queries += num_tokens
-        self._stats.prefix_cache_hits += len(matched) * self.cache.block_size
+        self._stats.prefix_cache_hits += reused
         return self.cache.claim(matched)
 
     def _register_full_blocks(self, sequence: _Sequence) -> None:
-        """Offer the blocks `sequence` has filled since the last call to the prefix cache."""
+        """Offer the blocks `sequence` has filled since the last call to the prefix cache (under
+        speculative decoding, once the MTP depth's entries are in them too)."""
         size = self.cache.block_size
         if not self.prefix_caching or sequence.epoch != self.cache.epoch:
             return
-        while sequence.num_hashed < sequence.num_computed // size:
+        computed = min(sequence.num_computed, sequence.mtp_computed) if self.speculative else sequence.num_computed
+        while sequence.num_hashed < computed // size:
             index = sequence.num_hashed
             sequence.last_key = block_key(sequence.last_key, sequence.token_ids[index * size : (index + 1) * size])
             self.cache.register(sequence.table[index], sequence.last_key)
@@ -844,11 +850,12 @@ class Engine:
             count = chunks[sequence]
             self._stats.prompt_tokens += count
             sequence.num_computed += count
-            self._register_full_blocks(sequence)
             if self.speculative:
                 self._add_pending_hidden(sequence, output.hidden_states[row, width - count :])
         if self.speculative:
             self._mtp_catch_up(sequences, keep_last=True)
+        for sequence in sequences:
+            self._register_full_blocks(sequence)
         done = [row for row, s in enumerate(sequences) if s.num_pending == 0]
         if not done:
             return []
@@ -1051,6 +1058,7 @@ class Engine:
                 used = len(emitted)
                 chosen = torch.tensor(emitted, device=self.device)
                 entries = token_logprobs(logits[:used], probs[:used], chosen, [sequence.params] * used)
+            self._register_full_blocks(sequence)  # before `_append`, which may finish it and free its blocks
             event = self._append(sequence, emitted, entries)
             if event is not None:
                 events.append(event)
