@@ -310,8 +310,9 @@ def bench_mtp(layers: int, repeats: int, steps: int, seconds: float, draft_count
     prompts = [tokenizer.encode(p.prompt + "\n", add_special_tokens=True)
                for p in make_mixed_problems("test", 8, seed=7)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    plain = Engine(model, tokenizer, prefix_caching=False)  # like the speculative engines, which have none
-    speculative = [Engine(model, tokenizer, speculative=True, num_speculative_tokens=k) for k in draft_counts]
+    plain = Engine(model, tokenizer, prefix_caching=False)  # the prompts repeat: measure decoding, not reuse
+    speculative = [Engine(model, tokenizer, speculative=True, num_speculative_tokens=k, prefix_caching=False)
+                   for k in draft_counts]
 
     def run(engine: Engine):
         return [engine.generate(prompt, params)[0].outputs[0].token_ids for prompt in prompts]
