@@ -276,7 +276,8 @@ def test_more_completions_than_sequence_slots_is_rejected(mla_model):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("stop", 5), ("stop", ["a", 3]),
-     ("top_k", -1), ("logprobs", 21), ("seed", -1), ("repetition_penalty", 0.0), ("presence_penalty", 3.0)],
+     ("top_k", -1), ("logprobs", 21), ("seed", -1), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),
+     ("cache_salt", ""), ("cache_salt", 7)],
 )
 def test_invalid_sampling_parameters_are_rejected(field, value):
     with pytest.raises(GenerationError, match=field):

@@ -75,6 +75,17 @@ def test_the_next_chat_turn_reuses_the_previous_answer(model):
     assert warm.token_ids == cold.token_ids
 
 
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt(model):
+    prompt = list(range(3, 30))
+    engine = Engine(model, block_size=BLOCK)
+    salted = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, cache_salt=salt) for salt in ("a", "b")]
+    outputs = [decode(engine, [prompt], params)[0].token_ids for params in (GREEDY, *salted)]
+    assert engine.stats.prefix_cache_hits == 0  # no salt, salt a, salt b: three separate caches
+    assert decode(engine, [prompt], salted[1])[0].token_ids == outputs[2]
+    assert engine.stats.prefix_cache_hits == 24
+    assert outputs[1] == outputs[2] == outputs[0][:4]
+
+
 def test_changed_weights_forget_every_cached_prefix():
     model = peaky_model("qwen2", seed=3)
     prompt = list(range(3, 30))

@@ -258,6 +258,10 @@ def test_a_repeated_conversation_is_served_from_the_prefix_cache(client, server)
     assert metric(server, "nanoseek:prefix_cache_queries_total", model_name="tiny") == queries + prompt
     assert metric(server, "nanoseek:prefix_cache_hits_total", model_name="tiny") - hits >= prompt - 16
     assert again.choices[0].message.content == reply.choices[0].message.content
+    hits = metric(server, "nanoseek:prefix_cache_hits_total", model_name="tiny")
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                   extra_body={"cache_salt": "tenant-b"})
+    assert metric(server, "nanoseek:prefix_cache_hits_total", model_name="tiny") == hits  # another tenant's cache
 
 
 # ----- cancellation --------------------------------------------------------------------------------

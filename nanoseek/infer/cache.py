@@ -49,9 +49,14 @@ def block_key(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
-def chain_keys(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
-    """The keys of the first `num_blocks` full blocks of `tokens`."""
-    keys, key = [], ROOT_KEY
+def salted_root(salt: str | None) -> bytes:
+    """The parent key of a sequence's first block: `ROOT_KEY`, or one of its own per cache salt."""
+    return ROOT_KEY if salt is None else hashlib.sha256(b"cache_salt:" + salt.encode()).digest()
+
+
+def chain_keys(tokens: list[int], block_size: int, num_blocks: int, root: bytes = ROOT_KEY) -> list[bytes]:
+    """The keys of the first `num_blocks` full blocks of `tokens`, chained from `root`."""
+    keys, key = [], root
     for start in range(0, num_blocks * block_size, block_size):
         key = block_key(key, tokens[start : start + block_size])
         keys.append(key)

@@ -43,7 +43,7 @@ import torch
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
-from nanoseek.infer.cache import ROOT_KEY, PagedKVCache, block_key, chain_keys
+from nanoseek.infer.cache import PagedKVCache, block_key, chain_keys, salted_root
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -298,7 +298,8 @@ class _Sequence:
         # prefix caching: the first `num_hashed` blocks of `table` are registered (or were offered) and
         # `last_key` is the key of the last of them; `epoch` is the cache's at admission
         self.num_hashed = 0
-        self.last_key = ROOT_KEY
+        self.root_key = salted_root(params.cache_salt)
+        self.last_key = self.root_key
         self.epoch = -1
         self.prefix_keys: tuple[int, list[bytes]] | None = None  # (token count, keys) of the last lookup
 
@@ -712,7 +713,7 @@ class Engine:
             if self.prefix_caching:
                 sequence.table = self._claim_prefix(matched, len(sequence.token_ids), reused)
                 sequence.num_computed = sequence.mtp_computed = reused
-                sequence.num_hashed, sequence.last_key = len(matched), keys[len(matched) - 1] if matched else ROOT_KEY
+                sequence.num_hashed, sequence.last_key = len(matched), keys[len(matched) - 1] if matched else sequence.root_key
                 sequence.epoch = self.cache.epoch
             self.cache.prepare_write(sequence.table, reused, reused + count)
             chunks[sequence] = count
@@ -724,7 +725,8 @@ class Engine:
         which must run through the model to give the next token's logits."""
         tokens = sequence.token_ids
         if sequence.prefix_keys is None or sequence.prefix_keys[0] != len(tokens):  # else looked up last step
-            sequence.prefix_keys = (len(tokens), chain_keys(tokens, self.cache.block_size, (len(tokens) - 1) // self.cache.block_size))
+            count = (len(tokens) - 1) // self.cache.block_size
+            sequence.prefix_keys = (len(tokens), chain_keys(tokens, self.cache.block_size, count, sequence.root_key))
         return sequence.prefix_keys[1]
 
     def _claim_prefix(self, matched: list[int], num_tokens: int, reused: int) -> list[int]:
@@ -799,7 +801,7 @@ class Engine:
         self._running.remove(sequence)
         self.cache.release(sequence.table)
         sequence.num_computed = sequence.mtp_computed = sequence.num_hashed = 0
-        sequence.last_key = ROOT_KEY
+        sequence.last_key = sequence.root_key
         sequence.pending_hidden = None
         self._waiting.appendleft(sequence)
         self._stats.preemptions += 1

@@ -42,6 +42,8 @@ class SamplingParams:
         distribution actually sampled from (after penalties, temperature and truncation).
     seed: makes the request's samples reproducible, independently of batch composition.
     skip_special_tokens: drop control tokens (BOS/EOS/...) from the text.
+    cache_salt: prefix caching reuses cached blocks only between requests with the same salt (vLLM's
+        `cache_salt`): give each tenant its own, so nobody can time the cache for another's prompts.
     """
 
     max_tokens: int | None = None
@@ -59,6 +61,7 @@ class SamplingParams:
     logprobs_mode: str = "raw"
     seed: int | None = None
     skip_special_tokens: bool = True
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +98,8 @@ class SamplingParams:
             problems.append("stop strings must not be empty")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             problems.append(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            problems.append(f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
         if problems:
             raise GenerationError("invalid sampling parameters: " + "; ".join(problems))
         self.stop = tuple(stop)

@@ -270,6 +270,7 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int |
         logprobs=logprobs,
         seed=body.seed,
         skip_special_tokens=body.skip_special_tokens,
+        cache_salt=body.cache_salt,
     )
 
 

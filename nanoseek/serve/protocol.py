@@ -52,6 +52,7 @@ class SamplingFields(Request):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1, description="Reuse prefix-cached blocks only with this salt.")
 
 
 class TextPart(Request):
