@@ -165,8 +165,9 @@ def random_traffic(model, speculative: bool) -> None:
     systems = [[rng.randrange(3, 90) for _ in range(rng.randrange(5, 14))] for _ in range(3)]
     prompts = [rng.choice(systems) + [rng.randrange(3, 90) for _ in range(rng.randrange(1, 7))] for _ in range(12)]
     bytes_per_token = cache_bytes_per_token(model.config, torch.float32, include_mtp=speculative)
-    pool = 36 if speculative else 48  # tokens: small enough to preempt (drafts take room too)
-    engine = Engine(model, block_size=BLOCK, cache_memory=pool * bytes_per_token, max_num_seqs=4, speculative=speculative)
+    pool = 32 if speculative else 48  # tokens: small enough to preempt (drafts take room too)
+    engine = Engine(model, block_size=BLOCK, cache_memory=pool * bytes_per_token, max_num_seqs=4, speculative=speculative,
+                    max_prefill_tokens=8)  # chunked prefills after partial hits too
     cold = Engine(model, block_size=BLOCK, prefix_caching=False, speculative=speculative)
     for round_ in range(3):
         batch = rng.sample(prompts, 4)
