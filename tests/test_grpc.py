@@ -89,6 +89,7 @@ def test_prompt_matches_the_http_completion_with_the_same_seed(server, stub):
     ({"model": "tiny", "chat": pb.Conversation(messages=[pb.ChatMessage(role="tool", content="x")])},
      grpc.StatusCode.INVALID_ARGUMENT, "role"),
     ({"model": "tiny", "prompt": "hi", "n": 99}, grpc.StatusCode.INVALID_ARGUMENT, "n=99"),
+    ({"model": "tiny", "prompt": "hi", "cache_salt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "cache_salt"),
 ])
 def test_errors_map_to_status_codes(stub, fields, code, message):
     with pytest.raises(grpc.RpcError) as error:

@@ -115,6 +115,7 @@ class GenerationService(nanoseek_pb2_grpc.GenerationServicer):
                 seed=request.seed if request.HasField("seed") else None,
                 logprobs=request.logprobs if request.HasField("logprobs") else None,
                 ignore_eos=request.ignore_eos,
+                cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
             )
             return start_generation(deployment, [ids], params, request.n or 1, request_id=f"grpc-{uuid.uuid4().hex}",
                                     metrics=state.metrics, moderator=state.moderator, started=started,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#nanoseek/serve/proto/nanoseek.proto\x12\x0bnanoseek.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43onversation\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.nanoseek.v1.ChatMessage\"\x8a\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.nanoseek.v1.ConversationH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x05\x88\x01\x01\x12\t\n\x01n\x18\x0f \x01(\r\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x15\n\x08thinking\x18\x12 \x01(\x08H\x07\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0b\n\t_thinking\"\x8e\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x03top\x18\x03 \x03(\x0b\x32\".nanoseek.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd1\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.nanoseek.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.nanoseek.v1.Usage\"\x13\n\x11ListModelsRequest\"O\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x10\n\x08thinking\x18\x04 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.nanoseek.v1.ModelInfo2\xa6\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.nanoseek.v1.GenerateRequest\x1a\x1d.nanoseek.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nanoseek.v1.ListModelsRequest\x1a\x1f.nanoseek.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#nanoseek/serve/proto/nanoseek.proto\x12\x0bnanoseek.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43onversation\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.nanoseek.v1.ChatMessage\"\xb2\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.nanoseek.v1.ConversationH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x05\x88\x01\x01\x12\t\n\x01n\x18\x0f \x01(\r\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x15\n\x08thinking\x18\x12 \x01(\x08H\x07\x88\x01\x01\x12\x17\n\ncache_salt\x18\x13 \x01(\tH\x08\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0b\n\t_thinkingB\r\n\x0b_cache_salt\"\x8e\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x03top\x18\x03 \x03(\x0b\x32\".nanoseek.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd1\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.nanoseek.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.nanoseek.v1.Usage\"\x13\n\x11ListModelsRequest\"O\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x10\n\x08thinking\x18\x04 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.nanoseek.v1.ModelInfo2\xa6\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.nanoseek.v1.GenerateRequest\x1a\x1d.nanoseek.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.nanoseek.v1.ListModelsRequest\x1a\x1f.nanoseek.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSATION']._serialized_start=98
   _globals['_CONVERSATION']._serialized_end=156
   _globals['_GENERATEREQUEST']._serialized_start=159
-  _globals['_GENERATEREQUEST']._serialized_end=681
-  _globals['_TOKENLOGPROB']._serialized_start=684
-  _globals['_TOKENLOGPROB']._serialized_end=826
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=784
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=826
-  _globals['_USAGE']._serialized_start=828
-  _globals['_USAGE']._serialized_end=907
-  _globals['_GENERATERESPONSE']._serialized_start=910
-  _globals['_GENERATERESPONSE']._serialized_end=1119
-  _globals['_LISTMODELSREQUEST']._serialized_start=1121
-  _globals['_LISTMODELSREQUEST']._serialized_end=1140
-  _globals['_MODELINFO']._serialized_start=1142
-  _globals['_MODELINFO']._serialized_end=1221
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1223
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1283
-  _globals['_GENERATION']._serialized_start=1286
-  _globals['_GENERATION']._serialized_end=1452
+  _globals['_GENERATEREQUEST']._serialized_end=721
+  _globals['_TOKENLOGPROB']._serialized_start=724
+  _globals['_TOKENLOGPROB']._serialized_end=866
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=824
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=866
+  _globals['_USAGE']._serialized_start=868
+  _globals['_USAGE']._serialized_end=947
+  _globals['_GENERATERESPONSE']._serialized_start=950
+  _globals['_GENERATERESPONSE']._serialized_end=1159
+  _globals['_LISTMODELSREQUEST']._serialized_start=1161
+  _globals['_LISTMODELSREQUEST']._serialized_end=1180
+  _globals['_MODELINFO']._serialized_start=1182
+  _globals['_MODELINFO']._serialized_end=1261
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1263
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1323
+  _globals['_GENERATION']._serialized_start=1326
+  _globals['_GENERATION']._serialized_end=1492
 # @@protoc_insertion_point(module_scope)
