@@ -98,6 +98,9 @@ def test_changed_weights_forget_every_cached_prefix():
     assert after.token_ids == decode(Engine(model, block_size=BLOCK, prefix_caching=False), [prompt])[0].token_ids
     decode(engine, [prompt])  # unchanged weights again: reused
     assert engine.stats.prefix_cache_hits == 24
+    engine.reset_prefix_cache()
+    decode(engine, [prompt])
+    assert engine.stats.prefix_cache_hits == 24 and engine.cache.num_free_blocks == engine.cache.num_blocks - 1
 
 
 def test_speculative_decoding_reuses_prefixes_with_their_mtp_entries():

@@ -502,6 +502,12 @@ class Engine:
                 top = [None] + [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
         return token_ids, [None, *chosen], top
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (vLLM's `reset_prefix_cache`). Not needed after a weight
+        update: changed weights are noticed and drop them (see `prefix_caching`)."""
+        with self._step_lock:
+            self.cache.reset_prefix_cache()
+
     def cancel(self, request_id: str) -> None:
         """Stop a request: its completions finish with reason "cancelled" and free their cache blocks.
 
