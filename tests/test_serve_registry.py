@@ -131,3 +131,13 @@ def test_speculative_settings_reach_the_engines_and_bad_ones_are_refused():
     args = build_parser("serve").parse_args(["serve", "--model", str(model_root() / "tiny"), "--num-speculative-tokens", "0"])
     with pytest.raises(NanoseekError, match="num-speculative-tokens must be >= 1"):
         config_from_args(args)
+
+
+@pytest.mark.parametrize("flags, caching", [([], True), (["--no-prefix-caching"], False)])
+def test_prefix_caching_flag_reaches_the_engines(flags, caching):
+    args = build_parser("serve").parse_args(["serve", "--model", str(model_root() / "tiny"), *flags])
+    engine = create_app(config_from_args(args)).state.server.manager._build("tiny", model_root() / "tiny", thinking=False).engine
+    try:
+        assert engine.prefix_caching is caching
+    finally:
+        engine.close()

@@ -607,6 +607,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     parser.add_argument("--num-speculative-tokens", type=int, default=1,
                         help="drafts per step with --speculative (beyond 1 the MTP layer drafts from its own output)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in full (default: reuse cached blocks of earlier prompts)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     parser.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS",
@@ -633,7 +635,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
     engine = EngineSettings(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, cache_memory=cache_memory,
                             speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                            device=args.device, dtype=args.dtype,
+                            prefix_caching=not args.no_prefix_caching, device=args.device, dtype=args.dtype,
                             max_queued_requests=args.max_queued_requests)
     return ServerConfig(models=models, model_roots=args.model_root, thinking=args.thinking, engine=engine,
                         idle_unload=args.idle_unload, api_keys=args.api_key, admin_api_keys=args.admin_api_key,

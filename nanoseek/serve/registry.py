@@ -44,6 +44,7 @@ class EngineSettings:
     cache_memory: int | None = None  # bytes
     speculative: bool = False
     num_speculative_tokens: int = 1
+    prefix_caching: bool = True
     device: str | None = None
     dtype: str | None = None
     max_queued_requests: int = 256  # sequences waiting beyond max_num_seqs before requests get a 503
@@ -240,7 +241,8 @@ class ModelManager:
         tokenizer = Tokenizer.from_pretrained(path)
         engine = Engine(model, tokenizer, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
                         cache_memory=settings.cache_memory, speculative=settings.speculative,
-                        num_speculative_tokens=settings.num_speculative_tokens).start()
+                        num_speculative_tokens=settings.num_speculative_tokens,
+                        prefix_caching=settings.prefix_caching).start()
         return Deployment(name, path, engine, tokenizer, thinking, settings.max_queued_requests)
 
     async def _retire(self, deployment: Deployment) -> None:
