@@ -36,6 +36,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
+# Every speed benchmark, one JSON line each (ours, baseline, ratio): `make bench`, or a few of them with
+# `make bench BENCHMARKS="decode rollout"`. grpo_learning.py and train_fp8_vs_bf16.py are learning
+# experiments (tens of minutes): run them directly.
+BENCHMARKS ?= few_rows_linear fp8_linear train_step train_throughput rollout grpo_step prefix_cache serve_load decode
+bench: $(STAMP)
+	set -e; for name in $(BENCHMARKS); do $(PY) benchmarks/$$name.py; done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nanoseek tests benchmarks
 
