@@ -89,9 +89,8 @@ def beam_search(engine: Engine, prompt, params: BeamSearchParams) -> RequestOutp
     beams = [root]
     size, keys = cache.block_size, []
     if engine.prefix_caching:  # start from the prompt's cached blocks, as a request would
-        engine._forget_prefixes_if_weights_changed()
         keys = chain_keys(prompt_ids, size, length // size)
-        matched = cache.match_prefix(keys[: (length - 1) // size])
+        matched = engine._match_prefix(keys[: (length - 1) // size])
         root.table = engine._claim_prefix(matched, length, len(matched) * size)
         root.num_computed = len(root.table) * size
     try:

@@ -353,8 +353,9 @@ class Engine:
         earlier request (`cache.py`): repeated system prompts, multi-turn chats, several requests for
         one prompt. Under speculative decoding the blocks carry the MTP depth's cache as well, and the
         last reused position is computed again (its MTP entry depends on the token after it). Cached
-        blocks are forgotten when any weight or buffer of the model changes (seen by tensor version
-        counters), so a model that keeps training is safe, though it gains nothing.
+        blocks are forgotten when any weight or buffer of the model has changed (seen by tensor version
+        counters, checked only when a lookup finds blocks to reuse), so a model that keeps training is
+        safe, though it gains nothing.
     """
 
     def __init__(
@@ -392,7 +393,6 @@ class Engine:
         self.absorb = absorb
         self.speculative = speculative and len(model.mtp) > 0
         self.prefix_caching = prefix_caching
-        self._weights_seen: list[tuple[int, int]] | None = None
         if num_speculative_tokens < 1:
             raise GenerationError("num_speculative_tokens must be >= 1")
         self.num_speculative_tokens = num_speculative_tokens
@@ -402,6 +402,7 @@ class Engine:
             cache_memory = max(cache_memory, (self.max_model_len + block_size) * bytes_per_token)
         num_blocks = 1 + cache_memory // (block_size * bytes_per_token)
         self.cache = PagedKVCache(config, num_blocks, block_size, self.dtype, self.device, include_mtp=self.speculative)
+        self._weights_seen = self._weights_signature()  # what every cached block was computed with
         eos = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
@@ -507,6 +508,7 @@ class Engine:
         update: changed weights are noticed and drop them (see `prefix_caching`)."""
         with self._step_lock:
             self.cache.reset_prefix_cache()
+            self._weights_seen = self._weights_signature()
 
     def cancel(self, request_id: str) -> None:
         """Stop a request: its completions finish with reason "cancelled" and free their cache blocks.
@@ -694,14 +696,12 @@ class Engine:
                 break
             if self._reserve(sequence, sequence.num_computed + count):
                 chunks[sequence] = count
-        if self._waiting and self.prefix_caching:
-            self._forget_prefixes_if_weights_changed()
         while self._waiting:
             sequence = self._waiting[0]
             if len(self._running) + sequence.group_size > self.max_num_seqs:
                 break
             keys = self._prefix_keys(sequence) if self.prefix_caching else []
-            matched = self.cache.match_prefix(keys)
+            matched = self._match_prefix(keys)
             # Under speculative decoding the last reused position is computed again: the MTP depth's
             # entry there depends on the next token, which the block's key does not cover (its copy is written).
             reused = max(0, len(matched) * self.cache.block_size - self.speculative)
@@ -755,9 +755,21 @@ class Engine:
             self.cache.register(sequence.table[index], sequence.last_key)
             sequence.num_hashed += 1
 
-    def _forget_prefixes_if_weights_changed(self) -> None:
-        """Reset the prefix cache if any parameter or buffer of the model was replaced or changed in
-        place since the last admission (an optimizer step, `load_state_dict`): its keys/values are stale."""
+    def _match_prefix(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest registered run of `keys`, checked before any reuse: if a
+        parameter or buffer of the model was replaced or changed in place since the cache last started
+        empty (an optimizer step, `load_state_dict`), every cached block is stale and is dropped.
+        Version counters only grow, so a changed model never looks unchanged."""
+        matched = self.cache.match_prefix(keys)
+        if matched:
+            seen = self._weights_signature()
+            if seen != self._weights_seen:
+                self.cache.reset_prefix_cache()
+                self._weights_seen, matched = seen, []
+        return matched
+
+    def _weights_signature(self) -> list[tuple[int, int]]:
+        """(storage address, version counter) of every parameter and buffer of the model."""
         seen = []
         for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
             try:
@@ -765,9 +777,7 @@ class Engine:
             except RuntimeError:  # an inference tensor: no version counter, changes only inside inference mode
                 version = -1
             seen.append((tensor.data_ptr(), version))
-        if self._weights_seen is not None and seen != self._weights_seen:
-            self.cache.reset_prefix_cache()
-        self._weights_seen = seen
+        return seen
 
     def _reserve(self, sequence: _Sequence, end: int, start: int | None = None) -> bool:
         """Make cache positions [start, end) writable for `sequence`, preempting younger sequences if needed.
