@@ -42,9 +42,11 @@ def bf16_model(name: str, dtype: torch.dtype = torch.bfloat16):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_packed_model_gives_the_same_logits_and_state_dict(name, fused, dtype):
+def test_packed_model_gives_the_same_logits_and_state_dict(name, fused, dtype, monkeypatch):
     """Packed alone, or as the engine prepares a model: projections fused, then packed. bf16 gives the
-    same bits; fp32 the same values up to summation order."""
+    same bits; fp32 the same values up to summation order. (Experts run one by one here, as in the
+    plain model; running them all at once is another summation, tested below.)"""
+    monkeypatch.setattr("nanoseek.infer.packing.DENSE_BUSY_FRACTION", float("inf"))
     model, packed = bf16_model(name, dtype), bf16_model(name, dtype)
     if fused:
         fuse_projections(packed)
@@ -85,6 +87,31 @@ def test_packed_absorbed_attention_computes_in_fp32():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_experts_run_all_at_once_only_when_most_are_busy(dtype):
+    """Many tokens over most experts take one pair of matmuls over all experts; it equals running each
+    token through its chosen experts (naive_forward), and a single token still takes its own experts."""
+    model = build_model(tiny_config("v3", n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1), seed=0).to(dtype)
+    experts = model.model.layers[1].mlp.experts
+    packed = PackedRoutedExperts(experts)
+    generator = torch.Generator().manual_seed(0)
+    tokens = 12
+    x = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=generator).to(dtype)
+    indices = torch.stack([torch.randperm(16, generator=generator)[:4] for _ in range(tokens)])
+    weights = torch.rand(tokens, 4, generator=generator)
+    assert packed.all_at_once_pays(indices) and packed.side_by_side is None
+    assert not packed.all_at_once_pays(indices[:1]) and not packed.all_at_once_pays(indices[:, :1] % 2)
+    with torch.no_grad():
+        expected = experts.naive_forward(x, weights, indices)
+        got = packed(x, weights, indices)
+        assert packed.side_by_side is not None  # packed on first use
+        one = packed(x[:1], weights[:1], indices[:1])
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * expected.abs().max().item())
+    torch.testing.assert_close(one, expected[:1], rtol=0, atol=tolerance * expected.abs().max().item())
+    assert "side_by_side" not in "".join(packed.state_dict())  # not state: the same weights, repacked
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_engine_packs_models_and_decodes_the_same_tokens(dtype):
