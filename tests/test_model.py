@@ -14,7 +14,7 @@ from nanoseek.model import IGNORE_INDEX, build_model, layers
 from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
-from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy
+from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy, linear_token_logprobs
 from nanoseek.model.layers import (
     FEW_ROWS,
     FEW_ROWS_ONE_THREAD,
@@ -392,6 +392,36 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, **tolerance)
 
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy", [True, False])
+def test_linear_token_logprobs_equal_log_softmax_then_gather(dtype, temperature, entropy):
+    """GRPO's fused head: per-token log-probs at a temperature (and the entropy) equal log_softmax of
+    the logits / T gathered at the targets, with the same gradients for any per-token upstream gradient."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(150, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(20000, 16, generator=generator, requires_grad=True)  # 150 rows: 12 chunks on CPU
+    targets = torch.randint(0, 20000, (150,), generator=generator)
+    upstream = torch.randn(150, generator=generator) * (2.0**12 if dtype == torch.float16 else 1.0)
+    results = []
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for fused in (True, False):
+            hidden.grad = weight.grad = None
+            if fused:
+                logprobs, values = linear_token_logprobs(hidden, weight, targets, temperature, entropy)
+                assert (values is not None) == entropy and logprobs.dtype == torch.float32
+            else:
+                all_logprobs = (torch.nn.functional.linear(hidden, weight).float() / temperature).log_softmax(dim=-1)
+                logprobs = all_logprobs.gather(1, targets[:, None]).squeeze(1)
+                values = -(all_logprobs.exp() * all_logprobs).sum(dim=-1).detach() if entropy else None
+            (upstream * logprobs).sum().backward()
+            results.append([logprobs, hidden.grad, weight.grad] + ([values] if entropy else []))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype else dict(rtol=1e-5, atol=1e-5)
+    for got, expected in zip(*results, strict=True):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got / scale, expected / scale, **tolerance)
 
 def test_model_losses_without_logits_equal_losses_from_logits():
     """Training (labels, no logits) runs the fused head: same LM and MTP losses and gradients."""

@@ -103,6 +103,77 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [tokens] (fp32) of `targets` under softmax(hidden @ weight.T / temperature), and the
+    entropy [tokens] (fp32, detached) of those distributions if asked: the values of
+    log_softmax(F.linear(hidden, weight).float() / temperature).gather(...), without the [tokens, vocab]
+    log-softmax, its exponentials and their gradients as separate tensors (GRPO's policy update).
+
+    hidden [tokens, dim], weight [vocab, dim], targets [tokens]. Rows are taken in cache-sized chunks;
+    when a gradient is needed, d logp / d logits = (onehot(target) - softmax) / temperature is computed
+    during the forward in place of the logits, and the backward pass is two matmuls with the upstream
+    per-token gradient applied to the [tokens, dim] operands. Matmul in the autocast dtype, softmax fp32.
+    """
+    dtype = compute_dtype(hidden)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logprobs, token_entropy = _LinearTokenLogprobs.apply(hidden, weight, targets, temperature, entropy, dtype, needs_grad)
+    return logprobs, token_entropy if entropy else None
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, dtype, needs_grad):
+        weight_in_dtype = weight.to(dtype)
+        logits = hidden.to(dtype) @ weight_in_dtype.t()
+        gradient = logits if dtype != torch.float16 or not needs_grad else torch.empty_like(logits, dtype=torch.float32)
+        tokens = logits.shape[0]
+        logprobs = torch.empty(tokens, dtype=torch.float32, device=logits.device)
+        token_entropy = torch.empty(tokens if with_entropy else 0, dtype=torch.float32, device=logits.device)
+        rows_per_chunk = max(1, cross_entropy_chunk_elements(logits.device) // logits.shape[1])
+        for start in range(0, tokens, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            chunk = logits[rows].float()  # a copy, or a view of fp32 logits
+            if temperature != 1.0:
+                chunk.div_(temperature)
+            chunk.sub_(chunk.amax(dim=-1, keepdim=True))  # shifted logits z
+            target_index = targets[rows, None]
+            target_logits = chunk.gather(1, target_index)
+            exponentials = chunk.exp() if with_entropy else chunk.exp_()
+            normalizer = exponentials.sum(dim=-1, keepdim=True)
+            log_normalizer = normalizer.log()
+            logprobs[rows] = (target_logits - log_normalizer).squeeze(1)
+            if with_entropy:  # H = log Z - sum(e^z z) / Z
+                weighted = torch.bmm(exponentials.unsqueeze(1), chunk.unsqueeze(2)).view(-1, 1)
+                token_entropy[rows] = (log_normalizer - weighted / normalizer).squeeze(1)
+            if needs_grad:
+                chunk_gradient = exponentials.mul_(-1 / temperature / normalizer)
+                chunk_gradient.scatter_add_(1, target_index, chunk_gradient.new_full(target_index.shape, 1 / temperature))
+                if chunk_gradient.data_ptr() != gradient[rows].data_ptr():
+                    gradient[rows] = chunk_gradient
+        ctx.mark_non_differentiable(token_entropy)
+        if needs_grad:
+            ctx.save_for_backward(hidden, weight_in_dtype, gradient)
+            ctx.weight_dtype = weight.dtype
+        return logprobs, token_entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, gradient = ctx.saved_tensors
+        row_scale = grad_logprobs.float()[:, None]
+        with torch.autocast(hidden.device.type, enabled=False):
+            if gradient.dtype == weight.dtype:  # scale the small operands, not [tokens, vocab]
+                hidden_scaled = (hidden.float() * row_scale).to(weight.dtype)
+                grad_hidden = ((gradient @ weight).float() * row_scale).to(hidden.dtype)
+            else:  # fp16: the fp32 gradient scaled (the loss scale), then cast, as autograd would
+                gradient, hidden_scaled = (gradient * row_scale).to(weight.dtype), hidden.to(weight.dtype)
+                grad_hidden = (gradient @ weight).to(hidden.dtype)
+            grad_weight = (gradient.t() @ hidden_scaled).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
 # ----- token <-> expert-slot permutation ----------------------------------------------------------
 def dispatch_slots(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
     """x [tokens, dim] -> [tokens * top_k, dim]: slot s holds token order[s] // top_k, where `order`

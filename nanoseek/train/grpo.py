@@ -58,6 +58,8 @@ from nanoseek.infer.engine import FINISH_LENGTH, Engine
 from nanoseek.infer.packing import packed_while
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import CausalLM
+from nanoseek.model.kernels import linear_token_logprobs
+from nanoseek.model.layers import is_plain_linear
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import parallel
 from nanoseek.train.rewards import RewardFunction, check_reward_columns, compute_rewards, resolve_reward
@@ -244,15 +246,21 @@ def completion_logprobs(
     output too (its router statistics drive the MoE bias update)."""
     mask = batch["completion_mask"]
     output = model(batch["input_ids"], logits_to_keep=1)
-    logits = model.lm_head(output.hidden_states[mask]).float() / temperature
-    logprobs_all = logits.log_softmax(dim=-1)
-    chosen = logprobs_all.gather(1, batch["targets"][mask][:, None]).squeeze(1)
+    hidden, targets, head = output.hidden_states[mask], batch["targets"][mask], model.lm_head
+    if is_plain_linear(head) and head.bias is None:  # fused with the head: no [tokens, vocab] log-softmax kept
+        chosen, values = linear_token_logprobs(hidden, head.weight, targets, temperature, entropy)
+    else:  # a quantized or otherwise replaced head
+        logits = head(hidden).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logprobs_all = logits.log_softmax(dim=-1)
+        chosen = logprobs_all.gather(1, targets[:, None]).squeeze(1)
+        values = None
+        if entropy:
+            with torch.no_grad():
+                values = -(logprobs_all.exp() * logprobs_all).sum(dim=-1)
     logprobs = torch.zeros(mask.shape, dtype=chosen.dtype, device=chosen.device).masked_scatter(mask, chosen)
-    token_entropy = None
-    if entropy:
-        with torch.no_grad():
-            values = -(logprobs_all.exp() * logprobs_all).sum(dim=-1)
-            token_entropy = torch.zeros_like(logprobs).masked_scatter(mask, values)
+    token_entropy = None if values is None else torch.zeros_like(logprobs).masked_scatter(mask, values)
     return logprobs, token_entropy, output
 
 
