@@ -13,6 +13,7 @@ from nanoseek.infer.engine import fuse_projections
 from nanoseek.infer.packing import (
     PackedLinear,
     PackedRoutedExperts,
+    all_at_once_threshold,
     pack_model,
     packed_while,
     packing_supported,
@@ -46,7 +47,7 @@ def test_packed_model_gives_the_same_logits_and_state_dict(name, fused, dtype, m
     """Packed alone, or as the engine prepares a model: projections fused, then packed. bf16 gives the
     same bits; fp32 the same values up to summation order. (Experts run one by one here, as in the
     plain model; running them all at once is another summation, tested below.)"""
-    monkeypatch.setattr("nanoseek.infer.packing.DENSE_BUSY_FRACTION", float("inf"))
+    monkeypatch.setattr(PackedRoutedExperts, "all_at_once_pays", lambda self, indices: False)
     model, packed = bf16_model(name, dtype), bf16_model(name, dtype)
     if fused:
         fuse_projections(packed)
@@ -89,10 +90,22 @@ def test_packed_absorbed_attention_computes_in_fp32():
 
 
 
+def test_experts_run_all_at_once_only_when_small_and_mostly_busy():
+    """The cost model: `small`'s 1.5 MB fp32 experts keep one call per chosen expert at batch 1 (4 of
+    32 busy) and run all at once with 16 requests (30 busy); V2-Lite's 17 MB bf16 experts never do
+    (its tokens choose 6 of 64 each: fewer busy experts than the threshold at any batch)."""
+    small = (512 * 512 + 512 * 256) * 4
+    assert all_at_once_threshold(small, 32, tokens=1) > 4
+    assert all_at_once_threshold(small, 32, tokens=16) <= 30
+    assert all_at_once_threshold(small, 32, tokens=64) > 32  # prefill chunks: grouped by expert
+    v2_lite = 3 * 2048 * 1408 * 2
+    assert all(all_at_once_threshold(v2_lite, 64, tokens) > min(64, 6 * tokens) for tokens in (1, 2, 16, 256))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packed_experts_run_all_at_once_only_when_most_are_busy(dtype):
-    """Many tokens over most experts take one pair of matmuls over all experts; it equals running each
-    token through its chosen experts (naive_forward), and a single token still takes its own experts."""
+def test_packed_experts_all_at_once_equal_each_token_through_its_experts(dtype, monkeypatch):
+    """Many tokens over most experts take one pair of matmuls over all experts: it equals running each
+    token through its chosen experts (naive_forward), as one call per expert does."""
     model = build_model(tiny_config("v3", n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1), seed=0).to(dtype)
     experts = model.model.layers[1].mlp.experts
     packed = PackedRoutedExperts(experts)
@@ -102,15 +115,15 @@ def test_packed_experts_run_all_at_once_only_when_most_are_busy(dtype):
     indices = torch.stack([torch.randperm(16, generator=generator)[:4] for _ in range(tokens)])
     weights = torch.rand(tokens, 4, generator=generator)
     assert packed.all_at_once_pays(indices) and packed.side_by_side is None
-    assert not packed.all_at_once_pays(indices[:1]) and not packed.all_at_once_pays(indices[:, :1] % 2)
     with torch.no_grad():
         expected = experts.naive_forward(x, weights, indices)
         got = packed(x, weights, indices)
         assert packed.side_by_side is not None  # packed on first use
-        one = packed(x[:1], weights[:1], indices[:1])
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * expected.abs().max().item())
-    torch.testing.assert_close(one, expected[:1], rtol=0, atol=tolerance * expected.abs().max().item())
+        monkeypatch.setattr(PackedRoutedExperts, "all_at_once_pays", lambda self, indices: False)
+        one_by_one = packed(x, weights, indices)
+    tolerance = (2e-2 if dtype == torch.bfloat16 else 1e-5) * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    torch.testing.assert_close(one_by_one, expected, rtol=0, atol=tolerance)
     assert "side_by_side" not in "".join(packed.state_dict())  # not state: the same weights, repacked
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -109,21 +109,32 @@ class PackedLinear(nn.Module):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
-# When most experts are busy, one matmul over all of them (the gate weights zero the unchosen ones) costs
-# less than one call per busy expert: it reads every expert once at the kernels' full rate instead of
-# paying a call's overhead per expert, but computes every expert for every token. Cost per MoE layer on
-# the 2-core EPYC (32 experts of 512 -> 256, ms): per expert ~0.07 fp32 / ~0.053 bf16; all at once
-# 0.95 (1 + tokens / 29) fp32 / 0.55 (1 + tokens / 22) bf16 (16 tokens, 30 busy: 2.19 -> 1.54 fp32,
-# 1.54 -> 0.82 bf16). So all at once when busy experts >= DENSE_BUSY_FRACTION * E * (1 + tokens / DENSE_TOKENS).
-DENSE_BUSY_FRACTION, DENSE_TOKENS = 0.4, 25
+# When most experts are busy, one matmul over all of them (the gate weights zero the unchosen ones) can
+# cost less than one call per busy expert: it reads every expert once at the GEMM's full rate instead of
+# paying a call's overhead per expert, but reads the idle ones too and computes every expert for every
+# token. Per expert, one by one costs the call overhead c plus the read time r (bytes / bandwidth); all
+# at once costs r (1 + tokens / DENSE_TOKENS) for all E experts. So all at once from
+# E r / (c + r) (1 + tokens / DENSE_TOKENS) busy experts: only small experts, where c is a large share,
+# get there. Measured per MoE layer on the 2-core EPYC (32 experts of 512 -> 256, 16 tokens, 30 busy):
+# one by one 2.19 ms fp32 / 1.54 ms bf16 (~38 us a call pair beyond the read), all at once 1.54 / 0.82;
+# all at once grows as 0.95 (1 + tokens / 29) fp32, 0.55 (1 + tokens / 22) bf16. V2-Lite's experts
+# (2048 -> 1408, 17 MB in bf16) never get there: at any batch the threshold exceeds the busy experts
+# its tokens can make (6 of 64 per token).
+EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS = 38e-6, 48e9, 25
+
+
+def all_at_once_threshold(expert_bytes: int, num_experts: int, tokens: int) -> float:
+    """Busy experts from which running all `num_experts` experts at once costs less (see above)."""
+    read = expert_bytes / READ_BYTES_PER_SECOND
+    return num_experts * read / (EXPERT_CALL_SECONDS + read) * (1 + tokens / DENSE_TOKENS)
 
 
 class PackedRoutedExperts(RoutedExperts):
     """`RoutedExperts` with every expert's two matrices packed; routing and token grouping are inherited.
 
-    Steps where most experts are busy (a decode batch of 16 requests on 32 experts) run every expert
-    in one pair of matmuls over all experts' matrices side by side, packed on first use (a second copy
-    of the experts: only models whose batches get there pay for it)."""
+    Steps where most experts are busy (a decode batch of 16 requests on `small`'s 32 experts) run
+    every expert in one pair of matmuls over all experts' matrices side by side, packed on first use (a
+    second copy of the experts: only models with small experts whose batches get there pay for it)."""
 
     def __init__(self, experts: RoutedExperts):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: it would allocate the float stacks
@@ -132,6 +143,7 @@ class PackedRoutedExperts(RoutedExperts):
         self.linear = packed_linear  # the inherited per-expert loop calls it with the packed weights
         self.packed_gate_up = [pack_weight(weight) for weight in experts.gate_up_proj.detach()]
         self.packed_down = [pack_weight(weight) for weight in experts.down_proj.detach()]
+        self.expert_bytes = sum(stack[0].numel() * stack.element_size() for stack in (experts.gate_up_proj, experts.down_proj))
         self.side_by_side: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def expert_weights(self):
@@ -144,8 +156,7 @@ class PackedRoutedExperts(RoutedExperts):
         return super().forward(x, weights, indices)
 
     def all_at_once_pays(self, indices: torch.Tensor) -> bool:
-        tokens = indices.shape[0]
-        needed = DENSE_BUSY_FRACTION * self.num_experts * (1 + tokens / DENSE_TOKENS)
+        needed = all_at_once_threshold(self.expert_bytes, self.num_experts, indices.shape[0])
         return indices.numel() >= needed and len(set(indices.flatten().tolist())) >= needed
 
     def all_experts_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
