@@ -161,6 +161,7 @@ def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
         expected = model(ids).logits
         with packed_while(model):
             assert isinstance(model.lm_head, PackedLinear) and attention.frozen_absorbed is not None
+            assert not model.model.layers[1].mlp.experts.all_at_once  # no second copy rebuilt every rollout
             torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-4)
     assert model.lm_head is head and attention.fused.weight is fused_weight and attention.frozen_absorbed is None
     with torch.no_grad():

@@ -136,7 +136,7 @@ class PackedRoutedExperts(RoutedExperts):
     every expert in one pair of matmuls over all experts' matrices side by side, packed on first use (a
     second copy of the experts: only models with small experts whose batches get there pay for it)."""
 
-    def __init__(self, experts: RoutedExperts):
+    def __init__(self, experts: RoutedExperts, all_at_once: bool = True):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: it would allocate the float stacks
         self.num_experts = experts.num_experts
         self.intermediate_size = experts.down_proj.shape[-1]
@@ -145,6 +145,7 @@ class PackedRoutedExperts(RoutedExperts):
         self.packed_down = [pack_weight(weight) for weight in experts.down_proj.detach()]
         self.expert_bytes = sum(stack[0].numel() * stack.element_size() for stack in (experts.gate_up_proj, experts.down_proj))
         self.side_by_side: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.all_at_once = all_at_once
 
     def expert_weights(self):
         _refuse_training(self)
@@ -156,6 +157,8 @@ class PackedRoutedExperts(RoutedExperts):
         return super().forward(x, weights, indices)
 
     def all_at_once_pays(self, indices: torch.Tensor) -> bool:
+        if not self.all_at_once:
+            return False
         needed = all_at_once_threshold(self.expert_bytes, self.num_experts, indices.shape[0])
         return indices.numel() >= needed and len(set(indices.flatten().tolist())) >= needed
 
@@ -200,7 +203,7 @@ def packed_while(model: CausalLM) -> Iterator[None]:
     if torch.is_autocast_enabled("cpu"):
         yield
         return
-    replaced, settings = _pack(model)
+    replaced, settings = _pack(model, all_at_once=False)  # a side-by-side copy would be rebuilt every rollout
     try:
         yield
     finally:
@@ -211,7 +214,7 @@ def packed_while(model: CausalLM) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _pack(model: CausalLM) -> tuple[list, list]:
+def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
     """Pack in place; returns (parent, name, original module) per replaced module and (object, its
     previous attribute values) per changed fused projection or attention layer, to undo it."""
     if not packing_supported(model):
@@ -221,7 +224,7 @@ def _pack(model: CausalLM) -> tuple[list, list]:
         if is_plain_linear(module) and not name.endswith("kv_b_proj") and worth_packing(module.weight.shape, module.weight.dtype):
             new: nn.Module = PackedLinear(module)
         elif type(module) is RoutedExperts and worth_packing(module.gate_up_proj.shape, module.gate_up_proj.dtype):
-            new = PackedRoutedExperts(module)
+            new = PackedRoutedExperts(module, all_at_once)
         else:
             continue
         for hooks in _HOOK_DICTS:
