@@ -13,6 +13,7 @@ from nanoseek.errors import GenerationError
 from nanoseek.infer import BeamSearchParams, Engine, SamplingParams
 from nanoseek.infer.engine import _TextTracker
 from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.moe import RoutedExperts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [11] * 13, [2]]
@@ -345,8 +346,11 @@ def test_background_thread_serves_asyncio_clients(mla_model):
     assert engine.cache.num_free_blocks == engine.cache.num_blocks - 1
 
 
-def test_moe_decode_reads_only_the_chosen_experts():
-    """Poisoning every expert no token chose leaves the output unchanged (they are never read)."""
+def test_moe_decode_reads_only_the_chosen_experts(monkeypatch):
+    """Poisoning every expert no token chose leaves the output unchanged (they are never read). Experts
+    as small as this model's run all at once when most are busy (next test); V2/V3-sized experts never
+    do (`all_at_once_threshold`), so this pins the path they take."""
+    monkeypatch.setattr(RoutedExperts, "all_at_once", False)
     model = peaky_model("v3")
     prompt = [5, 6, 7, 8]
     engine = Engine(model, pack_weights=False)  # the poison goes into the plain stacks below
@@ -369,6 +373,27 @@ def test_moe_decode_reads_only_the_chosen_experts():
     poisoned = engine.generate(prompt, GREEDY)[0].outputs[0]
     assert poisoned.token_ids == expected.token_ids
 
+
+
+def test_moe_decode_runs_small_experts_all_at_once_with_the_same_tokens(monkeypatch):
+    """Experts as small as this model's cost less all at once (one matmul over all of them, the gate
+    weights zeroing the unchosen) than one call per chosen expert: plain and speculative decoding take
+    that path and give the tokens of the one-by-one path."""
+    calls = []
+    all_experts_forward = RoutedExperts.all_experts_forward
+    monkeypatch.setattr(RoutedExperts, "all_experts_forward", lambda *args: calls.append(1) or all_experts_forward(*args))
+    prompts = [[5, 6, 7, 8], [9, 3], [4, 4, 4, 4, 4, 4]]
+    results = {}
+    for all_at_once in (True, False):
+        monkeypatch.setattr(RoutedExperts, "all_at_once", all_at_once)
+        for speculative in (False, True):
+            engine = Engine(peaky_model("v3"), pack_weights=False, speculative=speculative)
+            results[all_at_once, speculative] = [o.outputs[0].token_ids for o in engine.generate(prompts, GREEDY)]
+        if all_at_once:
+            assert calls
+            calls.clear()
+    assert not calls
+    assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
 
 # ----- beam search -------------------------------------------------------------------------------
 def test_one_beam_is_greedy_decoding():

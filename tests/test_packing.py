@@ -13,13 +13,13 @@ from nanoseek.infer.engine import fuse_projections
 from nanoseek.infer.packing import (
     PackedLinear,
     PackedRoutedExperts,
-    all_at_once_threshold,
     pack_model,
     packed_while,
     packing_supported,
 )
 from nanoseek.model import build_model
 from nanoseek.model.layers import is_plain_linear
+from nanoseek.model.moe import RoutedExperts, all_at_once_threshold
 
 requires_packing = pytest.mark.skipif(
     not packing_supported(build_model(tiny_config("qwen2"), seed=0, dtype=torch.bfloat16)),
@@ -47,7 +47,7 @@ def test_packed_model_gives_the_same_logits_and_state_dict(name, fused, dtype, m
     """Packed alone, or as the engine prepares a model: projections fused, then packed. bf16 gives the
     same bits; fp32 the same values up to summation order. (Experts run one by one here, as in the
     plain model; running them all at once is another summation, tested below.)"""
-    monkeypatch.setattr(PackedRoutedExperts, "all_at_once_pays", lambda self, indices: False)
+    monkeypatch.setattr(RoutedExperts, "all_at_once_pays", lambda self, indices: False)
     model, packed = bf16_model(name, dtype), bf16_model(name, dtype)
     if fused:
         fuse_projections(packed)

@@ -25,7 +25,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.errors import TrainingError
@@ -109,26 +108,6 @@ class PackedLinear(nn.Module):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
-# When most experts are busy, one matmul over all of them (the gate weights zero the unchosen ones) can
-# cost less than one call per busy expert: it reads every expert once at the GEMM's full rate instead of
-# paying a call's overhead per expert, but reads the idle ones too and computes every expert for every
-# token. Per expert, one by one costs the call overhead c plus the read time r (bytes / bandwidth); all
-# at once costs r (1 + tokens / DENSE_TOKENS) for all E experts. So all at once from
-# E r / (c + r) (1 + tokens / DENSE_TOKENS) busy experts: only small experts, where c is a large share,
-# get there. Measured per MoE layer on the 2-core EPYC (32 experts of 512 -> 256, 16 tokens, 30 busy):
-# one by one 2.19 ms fp32 / 1.54 ms bf16 (~38 us a call pair beyond the read), all at once 1.54 / 0.82;
-# all at once grows as 0.95 (1 + tokens / 29) fp32, 0.55 (1 + tokens / 22) bf16. V2-Lite's experts
-# (2048 -> 1408, 17 MB in bf16) never get there: at any batch the threshold exceeds the busy experts
-# its tokens can make (6 of 64 per token).
-EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS = 38e-6, 48e9, 25
-
-
-def all_at_once_threshold(expert_bytes: int, num_experts: int, tokens: int) -> float:
-    """Busy experts from which running all `num_experts` experts at once costs less (see above)."""
-    read = expert_bytes / READ_BYTES_PER_SECOND
-    return num_experts * read / (EXPERT_CALL_SECONDS + read) * (1 + tokens / DENSE_TOKENS)
-
-
 class PackedRoutedExperts(RoutedExperts):
     """`RoutedExperts` with every expert's two matrices packed; routing and token grouping are inherited.
 
@@ -143,7 +122,7 @@ class PackedRoutedExperts(RoutedExperts):
         self.linear = packed_linear  # the inherited per-expert loop calls it with the packed weights
         self.packed_gate_up = [pack_weight(weight) for weight in experts.gate_up_proj.detach()]
         self.packed_down = [pack_weight(weight) for weight in experts.down_proj.detach()]
-        self.expert_bytes = sum(stack[0].numel() * stack.element_size() for stack in (experts.gate_up_proj, experts.down_proj))
+        self.stored_expert_bytes = experts.expert_bytes()
         self.side_by_side: tuple[torch.Tensor, torch.Tensor] | None = None
         self.all_at_once = all_at_once
 
@@ -151,16 +130,14 @@ class PackedRoutedExperts(RoutedExperts):
         _refuse_training(self)
         return self.packed_gate_up, self.packed_down
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if self.all_at_once_pays(indices):
-            return self.all_experts_forward(x, weights, indices)
-        return super().forward(x, weights, indices)
+    def requires_grad(self) -> bool:
+        return False  # packed weights are never trained
 
-    def all_at_once_pays(self, indices: torch.Tensor) -> bool:
-        if not self.all_at_once:
-            return False
-        needed = all_at_once_threshold(self.expert_bytes, self.num_experts, indices.shape[0])
-        return indices.numel() >= needed and len(set(indices.flatten().tolist())) >= needed
+    def expert_bytes(self) -> int:
+        return self.stored_expert_bytes
+
+    def expert_dtype(self) -> torch.dtype:
+        return self.packed_down[0].dtype
 
     def all_experts_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Every expert on every token; the gate weights (zero for experts a token did not choose) scale
@@ -173,8 +150,7 @@ class PackedRoutedExperts(RoutedExperts):
         gate_up, down = self.side_by_side
         tokens, experts, hidden = x.shape[0], self.num_experts, self.intermediate_size
         projected = packed_linear(x.to(compute_dtype(x)), gate_up).view(tokens, experts, 2, hidden)
-        gates = projected.new_zeros(tokens, experts).scatter_(1, indices, weights.to(projected.dtype))
-        activations = F.silu(projected[:, :, 0]) * projected[:, :, 1] * gates.unsqueeze(-1)
+        activations = self.gated_activations(projected, weights, indices)
         return packed_linear(activations.view(tokens, experts * hidden), down)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -155,6 +155,8 @@ class _QuantizedStack:
 class QuantizedRoutedExperts(RoutedExperts):
     """`RoutedExperts` whose stacks are quantized; routing and token grouping are inherited."""
 
+    all_at_once = False  # one int8 matmul over all experts' down matrices cannot apply each expert's row scales
+
     def __init__(self, num_experts: int, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: it would allocate the float stacks
         self.num_experts = num_experts

@@ -90,6 +90,28 @@ class Router(nn.Module):
 # expert: a speculative verification of 2 tokens x 8 experts (V3) costs less than the grouping's ~15 ops.
 FEW_PAIRS = 16
 
+# When most experts are busy, one matmul over all of them (the gate weights zero the unchosen ones) can
+# cost less than one call per busy expert: it reads every expert once at the GEMM's full rate instead of
+# paying a call's overhead per expert, but reads the idle ones too and computes every expert for every
+# token. Per expert, one by one costs the call overhead c plus the read time r (bytes / bandwidth); all
+# at once costs r (1 + tokens / DENSE_TOKENS) for all E experts. So all at once from
+# E r / (c + r) (1 + tokens / DENSE_TOKENS) busy experts, and never beyond DENSE_MAX_TOKENS tokens: only
+# small experts get there. Measured per MoE layer on the 2-core EPYC: `small` (32 experts of 512 -> 256,
+# oneDNN-packed), 16 tokens, 30 busy: one by one 2.19 ms fp32 / 1.54 ms bf16 (~38 us a call pair beyond
+# the read), all at once 1.54 / 0.82, growing as 0.95 (1 + tokens / 29) fp32, 0.55 (1 + tokens / 22)
+# bf16; `nano` (8 experts of 128 -> 96, plain fp32): 1 token 106 -> 52 us, 2 tokens 124 -> 43 us,
+# 64 tokens 376 -> 277 us, 128 tokens 473 -> 1,212 us. V2-Lite's experts (2048 -> 1408, 17 MB in bf16)
+# never get there: at any batch the threshold exceeds the busy experts its tokens can make (6 of 64).
+EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS, DENSE_MAX_TOKENS = 38e-6, 48e9, 25, 32
+
+
+def all_at_once_threshold(expert_bytes: int, num_experts: int, tokens: int) -> float:
+    """Busy experts from which running all `num_experts` experts at once costs less (see above)."""
+    if tokens > DENSE_MAX_TOKENS:
+        return float("inf")
+    read = expert_bytes / READ_BYTES_PER_SECOND
+    return num_experts * read / (EXPERT_CALL_SECONDS + read) * (1 + tokens / DENSE_TOKENS)
+
 
 class RoutedExperts(nn.Module):
     """`n_routed_experts` SwiGLU experts stored as stacked weights [E, out, in].
@@ -109,17 +131,56 @@ class RoutedExperts(nn.Module):
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear
         self.scratch = ExpertScratch()  # CPU mixed-precision training buffers, not state
 
+    # Inference may run every expert at once when most are busy (`all_at_once_threshold`); quantized
+    # stacks cannot (their per-row scales differ between experts that share an output row).
+    all_at_once = True
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden] in the compute dtype."""
-        if indices.numel() <= FEW_PAIRS and not (
-            torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
-        ):
-            return self.few_tokens_forward(x, weights, indices)
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.requires_grad())):
+            if self.all_at_once_pays(indices):
+                return self.all_experts_forward(x, weights, indices)
+            if indices.numel() <= FEW_PAIRS:
+                return self.few_tokens_forward(x, weights, indices)
         flat_indices = indices.flatten()
         order = flat_indices.argsort(stable=True)
         counts = torch.bincount(flat_indices, minlength=self.num_experts).tolist()
         grouped_input = dispatch_slots(x.to(compute_dtype(x)), order, indices.shape[1])
         return combine_slots(self.grouped_forward(grouped_input, counts), weights, order)
+
+    def requires_grad(self) -> bool:
+        return self.gate_up_proj.requires_grad
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's two matrices."""
+        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+
+    def expert_dtype(self) -> torch.dtype:
+        return self.gate_up_proj.dtype
+
+    def all_at_once_pays(self, indices: torch.Tensor) -> bool:
+        """Whether this step runs every expert (CPU, fp32/bf16 only: the constants were measured on CPU,
+        and an idle fp16 expert could overflow to inf, which a zero gate weight turns into NaN)."""
+        if not self.all_at_once or indices.device.type != "cpu" or self.expert_dtype() == torch.float16:
+            return False
+        needed = all_at_once_threshold(self.expert_bytes(), self.num_experts, indices.shape[0])
+        return indices.numel() >= needed and len(set(indices.flatten().tolist())) >= needed
+
+    def all_experts_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token (inference, most experts busy): the gate/up matrices of all experts
+        as one matmul (a view of the stack), the gate weights (zero for experts a token did not choose)
+        scaling the activations, and one batched matmul over the down matrices, summed over experts."""
+        tokens, (experts, rows, dim) = x.shape[0], self.gate_up_proj.shape
+        x = x.to(compute_dtype(x))
+        projected = self.linear(x, self.gate_up_proj.view(experts * rows, dim)).view(tokens, experts, 2, rows // 2)
+        activations = self.gated_activations(projected, weights, indices)
+        return torch.bmm(activations.transpose(0, 1), self.down_proj.transpose(1, 2).to(activations.dtype)).sum(dim=0)
+
+    @staticmethod
+    def gated_activations(projected: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up * gate weight per (token, expert): projected [tokens, E, 2, I] -> [tokens, E, I]."""
+        gates = projected.new_zeros(projected.shape[:2]).scatter_(1, indices, weights.to(projected.dtype))
+        return F.silu(projected[:, :, 0]) * projected[:, :, 1] * gates.unsqueeze(-1)
 
     def few_tokens_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decoding a few tokens (batch-1 steps, speculative verification): each chosen expert runs once
