@@ -118,7 +118,9 @@ class RoutedExperts(nn.Module):
 
     Tokens are grouped by expert (one sort), each expert runs one matmul over all of its tokens,
     and results are scattered back weighted by the gate: no Python loop over tokens, and experts
-    no token chose are never read (decode touches only the chosen experts' weights).
+    no token chose are never read (decode touches only the chosen experts' weights). The exception,
+    at inference only: experts small enough that a call costs more than reading them run all at once
+    when most are busy (`all_at_once_threshold`); V2/V3-sized experts never do.
     """
 
     def __init__(self, config: ModelConfig):
