@@ -130,7 +130,7 @@ class PackedRoutedExperts(RoutedExperts):
         _refuse_training(self)
         return self.packed_gate_up, self.packed_down
 
-    def requires_grad(self) -> bool:
+    def weights_require_grad(self) -> bool:
         return False  # packed weights are never trained
 
     def expert_bytes(self) -> int:

@@ -99,8 +99,9 @@ FEW_PAIRS = 16
 # small experts get there. Measured per MoE layer on the 2-core EPYC: `small` (32 experts of 512 -> 256,
 # oneDNN-packed), 16 tokens, 30 busy: one by one 2.19 ms fp32 / 1.54 ms bf16 (~38 us a call pair beyond
 # the read), all at once 1.54 / 0.82, growing as 0.95 (1 + tokens / 29) fp32, 0.55 (1 + tokens / 22)
-# bf16; `nano` (8 experts of 128 -> 96, plain fp32): 1 token 106 -> 52 us, 2 tokens 124 -> 43 us,
-# 64 tokens 376 -> 277 us, 128 tokens 473 -> 1,212 us. V2-Lite's experts (2048 -> 1408, 17 MB in bf16)
+# bf16; `nano` (8 experts of 128 -> 96, plain fp32): 1 token in the engine 95 -> 87 us (2 busy), and
+# alone 2 tokens 124 -> 43 us, 64 tokens 376 -> 277 us, 128 tokens 473 -> 1,212 us (hence the token
+# cap); its speculative decoding gains most (a 2-token verify has up to 4 busy experts). V2-Lite's experts (2048 -> 1408, 17 MB in bf16)
 # never get there: at any batch the threshold exceeds the busy experts its tokens can make (6 of 64).
 EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS, DENSE_MAX_TOKENS = 38e-6, 48e9, 25, 32
 
@@ -123,6 +124,10 @@ class RoutedExperts(nn.Module):
     when most are busy (`all_at_once_threshold`); V2/V3-sized experts never do.
     """
 
+    # Inference may run every expert at once when most are busy (`all_at_once_threshold`); quantized
+    # stacks cannot (their per-row scales differ between experts that share an output row).
+    all_at_once = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         num_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -133,13 +138,9 @@ class RoutedExperts(nn.Module):
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear
         self.scratch = ExpertScratch()  # CPU mixed-precision training buffers, not state
 
-    # Inference may run every expert at once when most are busy (`all_at_once_threshold`); quantized
-    # stacks cannot (their per-row scales differ between experts that share an output row).
-    all_at_once = True
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], weights/indices [tokens, k] -> [tokens, hidden] in the compute dtype."""
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.requires_grad())):
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weights_require_grad())):
             if self.all_at_once_pays(indices):
                 return self.all_experts_forward(x, weights, indices)
             if indices.numel() <= FEW_PAIRS:
@@ -150,7 +151,7 @@ class RoutedExperts(nn.Module):
         grouped_input = dispatch_slots(x.to(compute_dtype(x)), order, indices.shape[1])
         return combine_slots(self.grouped_forward(grouped_input, counts), weights, order)
 
-    def requires_grad(self) -> bool:
+    def weights_require_grad(self) -> bool:
         return self.gate_up_proj.requires_grad
 
     def expert_bytes(self) -> int:
