@@ -101,8 +101,9 @@ FEW_PAIRS = 16
 # the read), all at once 1.54 / 0.82, growing as 0.95 (1 + tokens / 29) fp32, 0.55 (1 + tokens / 22)
 # bf16; `nano` (8 experts of 128 -> 96, plain fp32): 1 token in the engine 95 -> 87 us (2 busy), and
 # alone 2 tokens 124 -> 43 us, 64 tokens 376 -> 277 us, 128 tokens 473 -> 1,212 us (hence the token
-# cap); its speculative decoding gains most (a 2-token verify has up to 4 busy experts). V2-Lite's experts (2048 -> 1408, 17 MB in bf16)
-# never get there: at any batch the threshold exceeds the busy experts its tokens can make (6 of 64).
+# cap); its speculative decoding gains most (a 2-token verify has up to 4 busy experts). V2-Lite's
+# experts (2048 -> 1408, 17 MB in bf16) never get there: at any batch the threshold exceeds the busy
+# experts its tokens can make (6 of 64).
 EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS, DENSE_MAX_TOKENS = 38e-6, 48e9, 25, 32
 
 
