@@ -15,6 +15,7 @@ from nanoseek.infer.sampling import (
     SamplingParams,
     apply_penalties,
     draw,
+    greedy_tokens,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -119,3 +120,15 @@ def test_logprobs_raw_and_processed():
     fast = token_logprobs(LOGITS.repeat(2, 1), probs, torch.tensor([1, 0]), only)
     assert [entry[0] for entry in fast] == pytest.approx(probs.log()[[0, 1], [1, 0]].tolist(), abs=1e-6)
     assert fast[0][1] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_tokens_are_the_first_maximum_of_each_row(dtype):
+    """Greedy decoding widens logits to fp32 before the argmax (CPU's bf16 kernel is slower): the same
+    index as an argmax in the logits' own dtype, the first one on ties."""
+    logits = torch.randn(5, 3, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, 0, [7, 300, 999]] = 50.0  # a three-way tie
+    tokens = greedy_tokens(logits)
+    assert tokens == logits.argmax(dim=-1).tolist()
+    assert tokens[0][0] == 7
+

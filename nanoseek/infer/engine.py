@@ -61,6 +61,7 @@ from nanoseek.infer.sampling import (
     SamplingParams,
     draw,
     greedy_only,
+    greedy_tokens,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -909,7 +910,7 @@ class Engine:
         """Sample one token per sequence from `logits` [rows, vocab] and append it."""
         params = [s.params for s in sequences]
         if greedy_only(params):
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = greedy_tokens(logits)
             events = [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
             return [event for event in events if event is not None]
         probs = sampling_probs(logits, params, [s.penalties for s in sequences])
@@ -1033,7 +1034,7 @@ class Engine:
             for depth in range(k):
                 logits = self.model.lm_head(hidden).float()
                 if greedy:
-                    tokens = logits.argmax(dim=-1).tolist()
+                    tokens = greedy_tokens(logits)
                 else:
                     states = [self._penalties_after(s, drafts[s]) for s in drafters]
                     probs = sampling_probs(logits, [s.params for s in drafters], states)
@@ -1047,7 +1048,7 @@ class Engine:
                     hidden = self._mtp_forward(drafters, [[t] for t in tokens], starts, [h[None] for h in hidden])
         output = self._forward(sequences, [[s.token_ids[-1], *drafts[s]] for s in sequences], logits_to_keep=1 + k)
         width = output.logits.shape[1]
-        targets = output.logits.argmax(dim=-1).tolist() if greedy else None
+        targets = greedy_tokens(output.logits) if greedy else None
         events = []
         for row, sequence in enumerate(sequences):
             row_drafts = drafts[sequence]

@@ -302,6 +302,13 @@ def greedy_only(params: Sequence[SamplingParams]) -> bool:
     return all(p.greedy and not p.uses_penalties and p.logprobs is None for p in distinct(params))
 
 
+def greedy_tokens(logits: torch.Tensor) -> list:
+    """argmax over the last dim, as (nested) lists, taken in fp32: CPU's bf16 argmax kernel is ~5x slower
+    (a 32k vocabulary: 108 vs 22 us for one row, 861 vs 297 us for 16), and widening is exact, so the
+    chosen index (the first maximum on ties) is the same."""
+    return logits.float().argmax(dim=-1).tolist()
+
+
 def distinct(params: Sequence[SamplingParams]) -> list[SamplingParams]:
     """Each params object once: a decode batch holds many rows of few requests (the n completions of
     a request share one), so per-batch checks need not look at every row."""
