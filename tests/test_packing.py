@@ -102,6 +102,17 @@ def test_experts_run_all_at_once_only_when_small_and_mostly_busy():
     assert all(all_at_once_threshold(v2_lite, 64, tokens) > min(64, 6 * tokens) for tokens in (1, 2, 16, 256))
 
 
+
+def test_experts_run_one_by_one_under_autocast_and_in_fp16():
+    """Under autocast every call would convert all experts' weights, not only the chosen ones; an idle
+    fp16 expert could overflow to inf, which its zero gate weight turns into NaN."""
+    experts = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp.experts
+    indices = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    assert experts.all_at_once_pays(indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not experts.all_at_once_pays(indices)
+    assert not experts.half().all_at_once_pays(indices)
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_experts_all_at_once_equal_each_token_through_its_experts(dtype, monkeypatch):
     """Many tokens over most experts take one pair of matmuls over all experts: it equals running each

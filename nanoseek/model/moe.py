@@ -164,8 +164,11 @@ class RoutedExperts(nn.Module):
 
     def all_at_once_pays(self, indices: torch.Tensor) -> bool:
         """Whether this step runs every expert (CPU, fp32/bf16 only: the constants were measured on CPU,
-        and an idle fp16 expert could overflow to inf, which a zero gate weight turns into NaN)."""
-        if not self.all_at_once or indices.device.type != "cpu" or self.expert_dtype() == torch.float16:
+        and an idle fp16 expert could overflow to inf, which a zero gate weight turns into NaN; not under
+        autocast, which would convert every expert's weights at every call, not only the chosen ones)."""
+        device = indices.device.type
+        if (not self.all_at_once or device != "cpu" or torch.is_autocast_enabled(device)
+                or self.expert_dtype() == torch.float16):
             return False
         needed = all_at_once_threshold(self.expert_bytes(), self.num_experts, indices.shape[0])
         return indices.numel() >= needed and len(set(indices.flatten().tolist())) >= needed
