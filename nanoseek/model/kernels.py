@@ -1,10 +1,11 @@
 """Training kernels in plain PyTorch: custom autograd Functions for the two places where autograd's
 generic graph costs more than the math (measured on the `small` preset, see benchmarks/train_step.py).
 
-* `linear_cross_entropy`: output head + token cross-entropy. The plain graph materializes fp32
-  [tokens, vocab] logits, their log-softmax, a zero-filled fp32 gradient of the same size and casts
-  between them; here the logits are computed once in the matmul dtype and turned, a few rows at a
-  time while they are still in cache, into the loss and dloss/dlogits. Backward is the two matmuls.
+* `linear_token_logprobs` (and `linear_cross_entropy` on top of it): output head + per-token
+  log-probs. The plain graph materializes fp32 [tokens, vocab] logits, their log-softmax, a
+  zero-filled fp32 gradient of the same size and casts between them; here the logits are computed
+  once in the matmul dtype and turned, a few rows at a time while they are still in cache, into the
+  log-probs and dlogp/dlogits. Backward is the two matmuls.
 * `grouped_swiglu`: the routed experts' SwiGLU over tokens already grouped by expert. Autograd over
   per-expert weight slices stacks the expert gradients into a fresh [E, ...] tensor and casts every
   slice under autocast; here each expert's gradient is written straight into one buffer and the
@@ -47,60 +48,13 @@ def linear_cross_entropy(
     """Mean cross-entropy of `hidden @ weight.T` against `labels` over positions whose label is not
     `ignore_index`, equal to F.cross_entropy(F.linear(hidden, weight).float(), labels).
 
-    hidden [..., dim], weight [vocab, dim], labels [...] (same leading shape). The matmul runs in the
-    autocast dtype when autocast is on, the softmax always in fp32. When a gradient is needed,
-    dloss/dlogits is computed during the forward (it needs the same softmax) and kept in place of
-    the logits, so the backward pass is only the two matmuls.
+    hidden [..., dim], weight [vocab, dim], labels [...] (same leading shape): minus the mean of
+    `linear_token_logprobs` over the counted positions, so the [tokens, vocab] logits exist once and
+    the backward pass is only the two matmuls.
     """
-    dtype = compute_dtype(hidden)
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, dtype, needs_grad)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, dtype, needs_grad):
-        weight_in_dtype = weight.to(dtype)
-        logits = hidden.to(dtype) @ weight_in_dtype.t()
-        # fp16 would flush small probabilities to zero before the loss scale reaches them: keep fp32.
-        gradient = logits if dtype != torch.float16 or not needs_grad else torch.empty_like(logits, dtype=torch.float32)
-        valid = labels != ignore_index
-        count = valid.sum()
-        targets = labels.masked_fill(~valid, 0)[:, None]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows_per_chunk = max(1, cross_entropy_chunk_elements(logits.device) // logits.shape[1])
-        for start in range(0, logits.shape[0], rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            chunk = logits[rows].float()  # a copy, or a view of fp32 logits
-            shift = chunk.amax(dim=-1, keepdim=True)
-            target_logits = chunk.gather(1, targets[rows])
-            exponentials = chunk.sub_(shift).exp_()  # one exp pass serves the loss and its gradient
-            normalizer = exponentials.sum(dim=-1, keepdim=True)
-            total += ((normalizer.log() + shift - target_logits).squeeze(1) * valid[rows]).sum()
-            if needs_grad:  # d mean_loss / d logits = (softmax - onehot(target)) / count on valid rows
-                weight_of_row = (valid[rows] / count)[:, None]
-                chunk_gradient = exponentials.mul_(weight_of_row / normalizer)
-                chunk_gradient.scatter_add_(1, targets[rows], -weight_of_row)
-                if logits.dtype != torch.float32:  # else the chunk is a view of the logits
-                    gradient[rows] = chunk_gradient
-        if needs_grad:
-            ctx.save_for_backward(hidden, weight_in_dtype, gradient)
-            ctx.weight_dtype = weight.dtype
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, grad_logits = ctx.saved_tensors
-        with torch.autocast(hidden.device.type, enabled=False):
-            # The upstream scalar multiplies the small [tokens, dim] operands in fp32, not [tokens, vocab].
-            if grad_logits.dtype == weight.dtype:
-                hidden_scaled, output_scale = (hidden * grad_loss).to(weight.dtype), grad_loss
-            else:  # fp16: scale (the loss scale) in fp32, then cast, as autograd would
-                grad_logits, hidden_scaled, output_scale = (grad_logits * grad_loss).to(weight.dtype), hidden.to(weight.dtype), 1
-            grad_hidden = ((grad_logits @ weight).float() * output_scale).to(hidden.dtype)
-            grad_weight = (grad_logits.t() @ hidden_scaled).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+    valid = (labels != ignore_index).flatten()
+    logprobs, _ = linear_token_logprobs(hidden.flatten(0, -2), weight, labels.flatten().masked_fill(~valid, 0))
+    return -(logprobs * valid).sum() / valid.sum()
 
 
 def linear_token_logprobs(
