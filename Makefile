@@ -19,6 +19,7 @@ $(RUNTIME_STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
+	$(PY) -c "from nanoseek.model import cpu_ops; cpu_ops.load()"  # build the fused CPU kernels once
 	touch $(RUNTIME_STAMP)
 
 $(STAMP): $(RUNTIME_STAMP)

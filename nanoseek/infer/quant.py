@@ -56,7 +56,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.fp8 import dequantize_blocks, quantize_blocks
 from nanoseek.io import atomic_directory
-from nanoseek.model.layers import FusedProjection, concatenate_rows
+from nanoseek.model.layers import FusedProjection, concatenate_rows, silu_and_mul
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM, restore_fp32_state
 
@@ -170,8 +170,7 @@ class QuantizedRoutedExperts(RoutedExperts):
         return _QuantizedStack(self.gate_up_proj, self.gate_up_scale), _QuantizedStack(self.down_proj, self.down_scale)
 
     def expert_forward(self, x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> torch.Tensor:
-        gate, up = gate_up.linear(x).chunk(2, dim=-1)
-        return down.linear(F.silu(gate) * up)
+        return down.linear(silu_and_mul(gate_up.linear(x)))
 
 
 # ----- quantizing a model in memory ----------------------------------------------------------------

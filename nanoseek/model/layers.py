@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
+from nanoseek.model import cpu_ops
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread
@@ -70,6 +71,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # few ops: decode runs 30+ norms a token
+        if x.dtype == self.weight.dtype and (kernels := cpu_ops.for_inference(x)) is not None:
+            return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -142,6 +145,14 @@ def fusable(linears: list[nn.Linear]) -> bool:
     )
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] on the last dimension: one fused kernel at CPU inference."""
+    if (kernels := cpu_ops.for_inference(gate_up)) is not None:
+        return kernels.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """The feed-forward block of every model here: down(silu(gate(x)) * up(x))."""
 
@@ -154,9 +165,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused.usable:
-            gate, up = self.fused(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            return self.down_proj(silu_and_mul(self.fused(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
     def fusable_projections(self) -> list[nn.Linear]:

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import cpu_ops
 from nanoseek.model.kernels import ExpertScratch, combine_slots, compute_dtype, dispatch_slots, grouped_swiglu
-from nanoseek.model.layers import SwiGLU, linear
+from nanoseek.model.layers import SwiGLU, linear, silu_and_mul
 
 
 @dataclass
@@ -66,6 +67,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (weights [tokens, k] fp32, indices [tokens, k], scores [tokens, E] fp32)."""
         logits = F.linear(x.float(), self.weight.float())
+        if (kernels := cpu_ops.for_inference(logits)) is not None:  # the ~20 ops below as one
+            weights, indices, scores = kernels.route(
+                logits, self.e_score_correction_bias if self.topk_method == "noaux_tc" else None,
+                self.scoring_func == "sigmoid", self.n_group, self.topk_group, self.topk_method == "noaux_tc",
+                self.top_k, self.norm_topk_prob, self.routed_scaling_factor,
+            )
+            return weights, indices, scores
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach()
         if self.topk_method == "noaux_tc":
@@ -242,8 +250,7 @@ class RoutedExperts(nn.Module):
 
     def expert_forward(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """One SwiGLU expert: gate_up [2I, D] (gate rows first), down [D, I]."""
-        gate, up = self.linear(x, gate_up).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, down)
+        return self.linear(silu_and_mul(self.linear(x, gate_up)), down)
 
     def naive_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Executable specification: every token through each of its experts one at a time."""

@@ -1,0 +1,77 @@
+"""Fused CPU kernels for inference, in C++ (`csrc/cpu_ops.cpp`), built once on first use.
+
+Batch-1 decoding on CPU is bound by op count more than by arithmetic: an RMSNorm in bf16 is four
+ATen ops (cast up, norm, cast down, scale), each paying dispatch and allocation with caches cold
+from streaming the weights. These kernels do such chains in one call (the idea of vLLM's and
+SGLang's CPU kernels, written here for our layouts): RMSNorm, SiLU-and-multiply and MoE routing.
+
+They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
+rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the
+specification (tests/test_cpu_ops.py compares the two). Set `NANOSEEK_CPU_KERNELS=0` to turn them
+off. The first use compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 30
+seconds, cached under TORCH_EXTENSIONS_DIR); if that fails, one warning is printed and the PyTorch
+code runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_module: ModuleType | None = None
+_state = "unloaded"  # "unloaded" -> "loaded" | "off"
+
+
+def enabled() -> bool:
+    """Whether the kernels are wanted: not turned off by NANOSEEK_CPU_KERNELS=0 or `set_enabled(False)`."""
+    return _state != "off" and os.environ.get("NANOSEEK_CPU_KERNELS", "1") != "0"
+
+
+def set_enabled(value: bool) -> None:
+    """Turn the kernels on or off for this process (tests and A/B benchmarks)."""
+    global _state
+    _state = ("loaded" if _module is not None else "unloaded") if value else "off"
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, building them on first call; None when off or when the build fails."""
+    global _module, _state
+    if _state == "loaded" or _state == "off":
+        return _module if _state == "loaded" else None
+    if not enabled():
+        return None
+    # Say why the first call pauses, but only if it does (a cached build loads in well under a second).
+    notice = threading.Timer(1.0, lambda: print("nanoseek: building the fused CPU kernels (once, ~30 s)...",
+                                                file=sys.stderr, flush=True))
+    notice.start()
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        scripts = str(Path(sys.executable).parent)  # the `ninja` wheel's binary, when the venv is not activated
+        if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+        _module = build("nanoseek_cpu_ops", [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        _state = "loaded"
+    except Exception as error:  # no compiler, no ninja, read-only cache...: the PyTorch code still runs
+        warnings.warn(f"nanoseek: fused CPU kernels unavailable ({type(error).__name__}: {str(error)[:200]}); "
+                      "using PyTorch ops (set NANOSEEK_CPU_KERNELS=0 to skip the build)", stacklevel=2)
+        _state = "off"
+    finally:
+        notice.cancel()
+    return _module if _state == "loaded" else None
+
+
+def for_inference(tensor: torch.Tensor) -> ModuleType | None:
+    """The kernels if `tensor` may take them: CPU, no gradient being recorded, kernels available."""
+    if _state == "off" or torch.is_grad_enabled() or tensor.device.type != "cpu":
+        return None
+    return _module if _state == "loaded" else load()

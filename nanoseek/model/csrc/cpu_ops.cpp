@@ -1,0 +1,172 @@
+// Fused CPU kernels for inference: each replaces a chain of small ATen ops whose per-op dispatch and
+// allocation cost dominates batch-1 decoding on CPU. Semantics (including where results are rounded to
+// the input dtype) follow the PyTorch code they replace in nanoseek/model; tests/test_cpu_ops.py pins
+// each kernel against it. Built on first use by nanoseek/model/cpu_ops.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Rows per task: below ~32k elements a second thread costs more than it saves.
+int64_t grain_rows(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elements, 1)); }
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* y, int64_t rows, int64_t dim, float eps) {
+  at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* in = x + r * dim;
+      T* out = y + r * dim;
+      float sum = 0.f;
+      for (int64_t i = 0; i < dim; ++i) {
+        row[i] = static_cast<float>(in[i]);
+        sum += row[i] * row[i];
+      }
+      const float inverse = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+      for (int64_t i = 0; i < dim; ++i) {
+        if constexpr (std::is_same_v<T, float>) {
+          out[i] = weight[i] * (row[i] * inverse);
+        } else {  // normalized in fp32, rounded to T, then multiplied by the weight in T (HF's order)
+          out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(row[i] * inverse)));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
+  at::parallel_for(0, rows, grain_rows(2 * half), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = x + r * 2 * half;
+      const T* up = gate + half;
+      T* out = y + r * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        const T activated = static_cast<T>(g / (1.f + std::exp(-g)));  // F.silu, rounded to T
+        out[i] = static_cast<T>(static_cast<float>(activated) * static_cast<float>(up[i]));
+      }
+    }
+  });
+}
+
+// Indices of the k largest values of `values` (n of them), largest first; ties go to the lower index.
+void top_indices(const float* values, int64_t n, int64_t k, int64_t* out, std::vector<int64_t>& order) {
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    return values[a] > values[b] || (values[a] == values[b] && a < b);
+  });
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  TORCH_CHECK(weight.numel() == x.size(-1), "rms_norm: weight must have x's last dimension");
+  const auto input = x.contiguous();
+  const auto w = weight.contiguous();
+  auto y = torch::empty_like(input);
+  const int64_t dim = input.size(-1);
+  const int64_t rows = dim == 0 ? 0 : input.numel() / dim;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(input.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, dim,
+                            static_cast<float>(eps));
+  });
+  return y;
+}
+
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  TORCH_CHECK(x.size(-1) % 2 == 0, "silu_and_mul: the last dimension must be even (gate | up)");
+  const auto input = x.contiguous();
+  const int64_t half = input.size(-1) / 2;
+  auto sizes = input.sizes().vec();
+  sizes.back() = half;
+  auto y = torch::empty(sizes, input.options());
+  const int64_t rows = half == 0 ? 0 : input.numel() / (2 * half);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_rows<scalar_t>(input.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, half);
+  });
+  return y;
+}
+
+// DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
+// optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
+// biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
+// Returns (weights [tokens, k] fp32, indices [tokens, k] int64, scores [tokens, experts] fp32).
+std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optional<torch::Tensor>& bias, bool sigmoid,
+                                 int64_t n_group, int64_t topk_group, bool group_top2, int64_t top_k, bool normalize,
+                                 double scaling) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "route: logits must be fp32 [tokens, experts]");
+  const auto input = logits.contiguous();
+  const int64_t tokens = input.size(0), experts = input.size(1);
+  TORCH_CHECK(experts % n_group == 0 && top_k <= experts && topk_group <= n_group, "route: bad group/top-k sizes");
+  const float* bias_data = nullptr;
+  torch::Tensor bias_contiguous;
+  if (bias.has_value()) {
+    bias_contiguous = bias->to(at::kFloat).contiguous();
+    bias_data = bias_contiguous.data_ptr<float>();
+  }
+  auto scores = torch::empty_like(input);
+  auto weights = torch::empty({tokens, top_k}, input.options());
+  auto indices = torch::empty({tokens, top_k}, input.options().dtype(at::kLong));
+  const float* in = input.data_ptr<float>();
+  float* score = scores.data_ptr<float>();
+  float* weight = weights.data_ptr<float>();
+  int64_t* index = indices.data_ptr<int64_t>();
+  const int64_t group_size = experts / n_group;
+  const bool grouped = n_group > 1 && topk_group < n_group;
+  at::parallel_for(0, tokens, grain_rows(experts * 8), [&](int64_t begin, int64_t end) {
+    std::vector<float> choice(experts), group_scores(n_group);
+    std::vector<int64_t> order, kept(topk_group);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = in + t * experts;
+      float* s = score + t * experts;
+      if (sigmoid) {
+        for (int64_t e = 0; e < experts; ++e) s[e] = 1.f / (1.f + std::exp(-row[e]));
+      } else {
+        float peak = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t e = 0; e < experts; ++e) peak = std::max(peak, row[e]);
+        for (int64_t e = 0; e < experts; ++e) total += (s[e] = std::exp(row[e] - peak));
+        for (int64_t e = 0; e < experts; ++e) s[e] /= total;
+      }
+      for (int64_t e = 0; e < experts; ++e) choice[e] = bias_data ? s[e] + bias_data[e] : s[e];
+      if (grouped) {
+        for (int64_t g = 0; g < n_group; ++g) {
+          const float* members = choice.data() + g * group_size;
+          float first = -std::numeric_limits<float>::infinity(), second = first;
+          for (int64_t i = 0; i < group_size; ++i) {
+            if (members[i] > first) { second = first; first = members[i]; }
+            else if (members[i] > second) { second = members[i]; }
+          }
+          group_scores[g] = group_top2 ? first + (group_size > 1 ? second : 0.f) : first;
+        }
+        top_indices(group_scores.data(), n_group, topk_group, kept.data(), order);
+        std::vector<bool> keep(n_group, false);
+        for (int64_t g : kept) keep[g] = true;
+        for (int64_t e = 0; e < experts; ++e)
+          if (!keep[e / group_size]) choice[e] = -std::numeric_limits<float>::infinity();
+      }
+      int64_t* chosen = index + t * top_k;
+      top_indices(choice.data(), experts, top_k, chosen, order);
+      float* w = weight + t * top_k;
+      float total = 0.f;
+      for (int64_t j = 0; j < top_k; ++j) total += (w[j] = s[chosen[j]]);
+      const float divisor = normalize && top_k > 1 ? total + 1e-20f : 1.f;
+      for (int64_t j = 0; j < top_k; ++j) w[j] = w[j] / divisor * static_cast<float>(scaling);
+    }
+  });
+  return {weights, indices, scores};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
+  m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
+}

@@ -1,0 +1,145 @@
+"""The fused CPU inference kernels (nanoseek/model/cpu_ops.py) against the PyTorch code they replace."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
+from model_configs import PARITY_CONFIGS, tiny_config
+
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.model import build_model, cpu_ops
+from nanoseek.model.layers import RMSNorm, silu_and_mul
+from nanoseek.model.moe import Router
+
+TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_ops.load()
+    if module is None:
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    return module
+
+
+@contextlib.contextmanager
+def pytorch_ops():
+    """Run the PyTorch code the kernels replace."""
+    cpu_ops.set_enabled(False)
+    try:
+        yield
+    finally:
+        cpu_ops.set_enabled(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_equals_pytorch(kernels, dtype):
+    norm = RMSNorm(96).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=generator) + 0.5)
+        x = (torch.randn(3, 5, 2 * 96, generator=generator) * 4).to(dtype)[..., ::2]  # strided input
+        fused = norm(x)
+        with pytorch_ops():
+            expected = norm(x)
+    assert fused.dtype == dtype and fused.shape == (3, 5, 96)
+    torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
+    if dtype != torch.float32:  # normalized in fp32, rounded, then scaled: at most one rounding step apart
+        mismatch = (fused != expected).float().mean().item()
+        assert mismatch < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_silu_and_mul_equals_pytorch(kernels, dtype):
+    gate_up = (torch.randn(4, 3, 2 * 40, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    with torch.no_grad():
+        fused = silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert fused.shape == (4, 3, 40)
+    torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])
+def test_routing_equals_pytorch(kernels, name):
+    """Same experts in the same order (the order sets the summation order), same weights and scores:
+    noaux_tc with bias and groups, softmax with group-limited and plain greedy, norm_topk_prob on/off."""
+    router = Router(tiny_config(name))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        router.weight.normal_(generator=generator)
+        router.e_score_correction_bias.normal_(0, 0.1, generator=generator)
+        x = torch.randn(37, router.weight.shape[1], generator=generator)
+        weights, indices, scores = router(x)
+        with pytorch_ops():
+            expected_weights, expected_indices, expected_scores = router(x)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_stay_out_of_autograd(kernels):
+    """With gradients recorded the PyTorch code runs (no kernel has a backward), so training is unchanged."""
+    norm = RMSNorm(16)
+    x = torch.randn(2, 16, requires_grad=True)
+    assert cpu_ops.for_inference(x) is None
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    with torch.no_grad():
+        assert cpu_ops.for_inference(x) is kernels
+    with torch.no_grad(), pytorch_ops():
+        assert cpu_ops.for_inference(x) is None
+
+
+@pytest.mark.parametrize("name", ["v3", "v2-lite-greedy", "qwen2", "llama3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_forward_and_greedy_decoding_agree(kernels, name, dtype):
+    """A whole forward with and without the kernels; fp32 greedy decoding gives the same tokens."""
+    model = peaky_model(name).to(dtype)
+    ids = torch.randint(3, PARITY_CONFIGS[name]["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = model(ids).logits
+        with pytorch_ops():
+            expected = model(ids).logits
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.25)
+    if dtype == torch.float32:
+        greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        prompt = ids[0].tolist()
+        fused_tokens = Engine(model, max_num_seqs=2).generate([prompt], greedy)[0].outputs[0].token_ids
+        with pytorch_ops():
+            expected_tokens = Engine(model, max_num_seqs=2).generate([prompt], greedy)[0].outputs[0].token_ids
+        assert fused_tokens == expected_tokens
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
+    """No compiler: one warning, then the PyTorch code, and no second build attempt."""
+    monkeypatch.setattr(cpu_ops, "_module", None)
+    monkeypatch.setattr(cpu_ops, "_state", "unloaded")
+    attempts = []
+
+    def failing_build(*args, **kwargs):
+        attempts.append(args)
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", failing_build)
+    model = build_model(tiny_config("qwen2"), seed=0).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad(), pytest.warns(UserWarning, match="fused CPU kernels unavailable.*Ninja is required"):
+        first = model(ids).logits
+    with torch.no_grad():
+        second = model(ids).logits
+    assert len(attempts) == 1 and torch.equal(first, second)
+    assert cpu_ops.for_inference(ids) is None
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "_module", None)
+    monkeypatch.setattr(cpu_ops, "_state", "unloaded")
+    monkeypatch.setenv("NANOSEEK_CPU_KERNELS", "0")
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: pytest.fail("must not build"))
+    with torch.no_grad():
+        assert cpu_ops.for_inference(torch.zeros(1)) is None
