@@ -12,7 +12,7 @@ from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import build_model, cpu_ops
-from nanoseek.model.layers import RMSNorm, silu_and_mul
+from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import Router
 
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
@@ -62,6 +62,25 @@ def test_silu_and_mul_equals_pytorch(kernels, dtype):
     expected = F.silu(gate) * up
     assert fused.shape == (4, 3, 40)
     torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("rope", [apply_rope_interleaved, apply_rope_half])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_pytorch(kernels, rope, dtype):
+    """Per-head queries (a strided slice, as MLA's q_pe is) and MLA's shared key [b, s, dim]; angles
+    of shortened sequences (MTP's `narrow`) are strided too."""
+    generator = torch.Generator().manual_seed(4)
+    angles = torch.rand(2, 9, 8, generator=generator) * 6
+    angles = RotaryAngles(angles.cos() * 1.1, angles.sin() * 1.1).narrow(7)
+    queries = torch.randn(2, 7, 3, 24, generator=generator).to(dtype)[..., 8:]
+    shared_key = torch.randn(2, 7, 16, generator=generator).to(dtype)
+    for x in (queries, shared_key) if rope is apply_rope_interleaved else (queries,):
+        with torch.no_grad():
+            fused = rope(x, angles)
+            with pytorch_ops():
+                expected = rope(x, angles)
+        assert fused.shape == x.shape and fused.dtype == dtype
+        torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])

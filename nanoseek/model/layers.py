@@ -296,6 +296,8 @@ def apply_rope_interleaved(x: torch.Tensor, angles: RotaryAngles) -> torch.Tenso
 
     `x` is [batch, seq, heads, dim] or [batch, seq, dim] (the shared k_pe).
     """
+    if (kernels := cpu_ops.for_inference(x)) is not None:
+        return kernels.rope(x, angles.cos, angles.sin, True)
     rotation = angles.complex_rotation
     if x.dim() == 4:
         rotation = rotation[:, :, None]
@@ -313,6 +315,8 @@ def apply_rope_half(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     `x` is [batch, seq, heads, dim]: (first, second) -> (first cos - second sin, second cos + first sin),
     computed as x [cos | cos] + [second | first] [-sin | sin] in three ops.
     """
+    if (kernels := cpu_ops.for_inference(x)) is not None:
+        return kernels.rope(x, angles.cos, angles.sin, False)
     cos, signed_sin = angles.half_layout
     x32 = x.float()
     first, second = x32.chunk(2, dim=-1)

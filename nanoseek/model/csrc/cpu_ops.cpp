@@ -55,6 +55,30 @@ void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
   });
 }
 
+// Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
+// [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
+// the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
+template <typename T>
+void rope_rows(const T* x, const float* cos, const float* sin, T* y, int64_t batch, int64_t seq, int64_t heads,
+               int64_t dim, const int64_t* x_strides, int64_t angle_batch_stride, bool interleaved) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, batch * seq * heads, grain_rows(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (seq * heads), s = row / heads % seq, h = row % heads;
+      const T* in = x + b * x_strides[0] + s * x_strides[1] + h * x_strides[2];
+      const float* c = cos + b * angle_batch_stride + s * half;
+      const float* n = sin + b * angle_batch_stride + s * half;
+      T* out = y + row * dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t first = interleaved ? 2 * i : i, second = interleaved ? 2 * i + 1 : i + half;
+        const float a = static_cast<float>(in[first]), b2 = static_cast<float>(in[second]);
+        out[first] = static_cast<T>(a * c[i] - b2 * n[i]);
+        out[second] = static_cast<T>(b2 * c[i] + a * n[i]);
+      }
+    }
+  });
+}
+
 // Indices of the k largest values of `values` (n of them), largest first; ties go to the lower index.
 void top_indices(const float* values, int64_t n, int64_t k, int64_t* out, std::vector<int64_t>& order) {
   order.resize(n);
@@ -94,6 +118,25 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
     silu_and_mul_rows<scalar_t>(input.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, half);
   });
   return y;
+}
+
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "rope: x must be [batch, seq, (heads,) dim]");
+  auto rows = x.dim() == 3 ? x.unsqueeze(2) : x;
+  if (rows.stride(3) != 1) rows = rows.contiguous();
+  const int64_t batch = rows.size(0), seq = rows.size(1), heads = rows.size(2), dim = rows.size(3);
+  TORCH_CHECK(dim % 2 == 0 && cos.dim() == 3 && cos.size(1) == seq && cos.size(2) == dim / 2 &&
+                  (cos.size(0) == batch || cos.size(0) == 1) && sin.sizes() == cos.sizes(),
+              "rope: cos/sin must be [batch or 1, seq, dim / 2]");
+  const auto c = cos.to(at::kFloat).contiguous(), n = sin.to(at::kFloat).contiguous();
+  auto y = torch::empty({batch, seq, heads, dim}, rows.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t strides[3] = {rows.stride(0), rows.stride(1), rows.stride(2)};
+  const int64_t angle_batch_stride = c.size(0) == 1 ? 0 : seq * (dim / 2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "rope", [&] {
+    rope_rows<scalar_t>(rows.data_ptr<scalar_t>(), c.data_ptr<float>(), n.data_ptr<float>(), y.data_ptr<scalar_t>(),
+                        batch, seq, heads, dim, strides, angle_batch_stride, interleaved);
+  });
+  return y.view(x.sizes());
 }
 
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
@@ -168,5 +211,6 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
 }
