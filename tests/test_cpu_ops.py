@@ -83,6 +83,30 @@ def test_rope_equals_pytorch(kernels, rope, dtype):
         torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries):
+    """The fused absorbed attention of a decode (1 query) or verify step (3) against the batched
+    matmuls, over a ragged batch (the shorter row's padding keys masked) with the latent a strided view
+    of a cache buffer; weights frozen in fp32 as the engine keeps them."""
+    attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn.to(dtype)
+    attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
+    generator = torch.Generator().manual_seed(5)
+    heads, keys = attention.num_heads, 11
+    q_nope = torch.randn(2, queries, heads, attention.qk_nope_head_dim, generator=generator).to(dtype)
+    q_pe = torch.randn(2, queries, heads, attention.qk_rope_head_dim, generator=generator).to(dtype)
+    entries = torch.randn(2, keys, attention.kv_lora_rank + attention.qk_rope_head_dim, generator=generator).to(dtype)
+    latent, k_pe = entries.split([attention.kv_lora_rank, attention.qk_rope_head_dim], dim=-1)
+    positions = torch.tensor([[keys - queries + i for i in range(queries)], [6 - queries + i for i in range(queries)]])
+    mask = (torch.arange(keys)[None, None, :] <= positions[:, :, None])[:, None]
+    with torch.no_grad():
+        fused = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+        with pytorch_ops():
+            expected = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+    assert fused.shape == expected.shape == (2, queries, heads, attention.v_head_dim) and fused.dtype == dtype
+    torch.testing.assert_close(fused, expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
+
+
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])
 def test_routing_equals_pytorch(kernels, name):
     """Same experts in the same order (the order sets the summation order), same weights and scores:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import cpu_ops
 from nanoseek.model.layers import (
     FusedProjection,
     Linear,
@@ -38,6 +39,9 @@ class KVCache(Protocol):
 
 # Largest [batch, heads, queries, keys] score tensor the eager path materializes (fp32: 256 MB).
 EAGER_ATTENTION_MAX_SCORES = 1 << 26
+# Absorbed attention takes the fused CPU kernel up to this many queries per row (decode and
+# speculative verification); beyond, the batched matmuls' GEMM efficiency wins.
+FUSED_MLA_MAX_QUERIES = 8
 
 
 def _attend(
@@ -202,6 +206,11 @@ class MultiHeadLatentAttention(nn.Module):
         weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
         dtype = q_nope.dtype
+        if (
+            self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32 and mask is not None
+            and q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES and latent.dtype == dtype and (kernels := cpu_ops.for_inference(q_nope)) is not None
+        ):
+            return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, mask, *self.frozen_absorbed, self.softmax_scale)
         compute = dtype if self.frozen_absorbed is None else self.frozen_absorbed[0].dtype
         if compute != dtype:
             q_nope, q_pe, latent, k_pe = (t.to(compute) for t in (q_nope, q_pe, latent, k_pe))

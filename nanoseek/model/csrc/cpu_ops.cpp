@@ -55,6 +55,75 @@ void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
   });
 }
 
+// a . b with 16 independent partial sums, a loop shape the compiler turns into vector code.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float partial[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) partial[k] += a[i + k] * b[i + k];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int k = 0; k < 16; ++k) sum += partial[k];
+  return sum;
+}
+
+// out += a * x over n values.
+inline void axpy(float a, const float* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += a * x[i];
+}
+
+template <typename T>
+void to_float(const T* in, int64_t stride, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < cols; ++i) out[r * cols + i] = static_cast<float>(in[r * stride + i]);
+}
+
+// MLA's absorbed attention for the few queries of a decode or verify step, in fp32: per head,
+// q_latent = q_nope W_UK; score_t = scale (q_latent . c_t + q_pe . k_pe_t), masked; softmax;
+// out = (sum_t p_t c_t) W_UV. Each cached latent row is converted once and read for every head.
+template <typename T>
+void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
+                     const torch::Tensor& k_pe, const torch::Tensor& mask, const float* w_uk, const float* w_uv_t,
+                     float scale, torch::Tensor& out) {
+  const int64_t batch = q_nope.size(0), seq = q_nope.size(1), heads = q_nope.size(2), nope = q_nope.size(3);
+  const int64_t rope = q_pe.size(3), keys = latent.size(1), rank = latent.size(2), value_dim = out.size(3);
+  std::vector<float> cached(keys * rank), cached_pe(keys * rope), query(heads * (nope + rope)),
+      q_latent(heads * rank), scores(keys), mixed(heads * rank);
+  const bool* allowed = mask.data_ptr<bool>();
+  for (int64_t b = 0; b < batch; ++b) {
+    to_float(latent.data_ptr<T>() + b * latent.stride(0), latent.stride(1), keys, rank, cached.data());
+    to_float(k_pe.data_ptr<T>() + b * k_pe.stride(0), k_pe.stride(1), keys, rope, cached_pe.data());
+    for (int64_t s = 0; s < seq; ++s) {
+      to_float(q_nope.data_ptr<T>() + b * q_nope.stride(0) + s * q_nope.stride(1), q_nope.stride(2), heads, nope,
+               query.data());
+      float* pe = query.data() + heads * nope;
+      to_float(q_pe.data_ptr<T>() + b * q_pe.stride(0) + s * q_pe.stride(1), q_pe.stride(2), heads, rope, pe);
+      std::fill(q_latent.begin(), q_latent.end(), 0.f);
+      std::fill(mixed.begin(), mixed.end(), 0.f);
+      const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
+      for (int64_t h = 0; h < heads; ++h) {
+        float* ql = q_latent.data() + h * rank;
+        for (int64_t n = 0; n < nope; ++n) axpy(query[h * nope + n], w_uk + (h * nope + n) * rank, ql, rank);
+        float peak = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < keys; ++t) {
+          if (!row_mask[t * mask.stride(3)]) { scores[t] = -std::numeric_limits<float>::infinity(); continue; }
+          scores[t] = scale * (dot(ql, cached.data() + t * rank, rank) + dot(pe + h * rope, cached_pe.data() + t * rope, rope));
+          peak = std::max(peak, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < keys; ++t) total += (scores[t] = std::exp(scores[t] - peak));
+        float* mix = mixed.data() + h * rank;
+        for (int64_t t = 0; t < keys; ++t)
+          if (scores[t] != 0.f) axpy(scores[t] / total, cached.data() + t * rank, mix, rank);
+        std::vector<float> head_out(value_dim, 0.f);
+        for (int64_t r = 0; r < rank; ++r) axpy(mix[r], w_uv_t + (h * rank + r) * value_dim, head_out.data(), value_dim);
+        T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
+        for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
+      }
+    }
+  }
+}
+
 // Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
 // [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
 // the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
@@ -139,6 +208,26 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return y.view(x.sizes());
 }
 
+torch::Tensor mla_decode_attention(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
+                                   const torch::Tensor& k_pe, const torch::Tensor& mask, const torch::Tensor& w_uk,
+                                   const torch::Tensor& w_uv_t, double scale) {
+  TORCH_CHECK(q_nope.dim() == 4 && q_pe.dim() == 4 && latent.dim() == 3 && k_pe.dim() == 3 && mask.dim() == 4,
+              "mla_decode_attention: q [b, s, h, d], latent/k_pe [b, t, d], mask [b, 1, s, t]");
+  TORCH_CHECK(q_nope.scalar_type() == q_pe.scalar_type() && latent.scalar_type() == q_nope.scalar_type() &&
+                  k_pe.scalar_type() == q_nope.scalar_type(), "mla_decode_attention: inputs must share a dtype");
+  TORCH_CHECK(w_uk.scalar_type() == at::kFloat && w_uv_t.scalar_type() == at::kFloat && w_uk.is_contiguous() &&
+                  w_uv_t.is_contiguous(), "mla_decode_attention: absorbed weights must be contiguous fp32");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mla_decode_attention: mask must be bool");
+  for (const auto* t : {&q_nope, &q_pe, &latent, &k_pe})
+    TORCH_CHECK(t->stride(-1) == 1, "mla_decode_attention: last dimensions must be contiguous");
+  auto out = torch::empty({q_nope.size(0), q_nope.size(1), q_nope.size(2), w_uv_t.size(2)}, q_nope.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_decode_attention", [&] {
+    mla_decode_rows<scalar_t>(q_nope, q_pe, latent, k_pe, mask, w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(),
+                              static_cast<float>(scale), out);
+  });
+  return out;
+}
+
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
 // optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
 // biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
@@ -211,6 +300,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("mla_decode_attention", &mla_decode_attention, "MLA absorbed attention for a few queries");
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
 }
