@@ -61,9 +61,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     for (int k = 0; k < 16; ++k) partial[k] += a[i + k] * b[i + k];
-  float sum = 0.f;
+  for (int width = 8; width >= 1; width /= 2)  // a tree, not a chain of 16 dependent adds
+    for (int k = 0; k < width; ++k) partial[k] += partial[k + width];
+  float sum = partial[0];
   for (; i < n; ++i) sum += a[i] * b[i];
-  for (int k = 0; k < 16; ++k) sum += partial[k];
   return sum;
 }
 
