@@ -11,6 +11,7 @@ from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fi
 from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8
 from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import Router
@@ -105,6 +106,21 @@ def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries):
             expected = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
     assert fused.shape == expected.shape == (2, queries, heads, attention.v_head_dim) and fused.dtype == dtype
     torch.testing.assert_close(fused, expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_is_the_same_ops_in_one_call(kernels, dtype, with_bias):
+    generator = torch.Generator().manual_seed(6)
+    q, scale = quantize_int8(torch.randn(40, 32, generator=generator))
+    scale = scale.to(INT8_KERNEL_DTYPE)
+    bias = torch.randn(40, generator=generator) if with_bias else None
+    x = torch.randn(2, 3, 32, generator=generator).to(dtype)
+    with torch.no_grad():
+        fused = int8_linear(x, q, scale, bias)
+        with pytorch_ops():
+            expected = int8_linear(x, q, scale, bias)
+    assert fused.dtype == expected.dtype and torch.equal(fused, expected)
 
 
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])

@@ -229,6 +229,17 @@ torch::Tensor mla_decode_attention(const torch::Tensor& q_nope, const torch::Ten
   return out;
 }
 
+// nanoseek.infer.quant.int8_linear's packed-kernel path as one call (the same ATen ops, minus the
+// Python dispatch of each): x [..., in] @ (q * scale)^T computed in scale's dtype, returned in x's.
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias) {
+  auto rows = x.reshape({-1, x.size(-1)}).to(scale.scalar_type()).contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = q.size(0);
+  auto out = at::_weight_int8pack_mm(rows, q, scale).view(sizes).to(x.scalar_type());
+  return bias.has_value() ? out + bias->to(out.scalar_type()) : out;
+}
+
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
 // optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
 // biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
@@ -301,6 +312,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("int8_linear", &int8_linear, "int8 weight-only linear (packed kernel) with its casts");
   m.def("mla_decode_attention", &mla_decode_attention, "MLA absorbed attention for a few queries");
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
