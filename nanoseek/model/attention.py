@@ -40,8 +40,9 @@ class KVCache(Protocol):
 # Largest [batch, heads, queries, keys] score tensor the eager path materializes (fp32: 256 MB).
 EAGER_ATTENTION_MAX_SCORES = 1 << 26
 # Absorbed attention takes the fused CPU kernel (one thread) up to this many queries in a batch
-# (batch-1 decode and speculative verification); beyond, the batched matmuls' GEMM efficiency and
-# threads win (16 requests: 20.3 vs 21.3 ms a step for `small` with the kernel).
+# (batch-1 decode and speculative verification); beyond, the batched matmuls' GEMM efficiency wins
+# (16 requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
+# spread over both threads by OpenMP).
 FUSED_MLA_MAX_QUERIES = 4
 
 

@@ -3,7 +3,10 @@
 Batch-1 decoding on CPU is bound by op count more than by arithmetic: an RMSNorm in bf16 is four
 ATen ops (cast up, norm, cast down, scale), each paying dispatch and allocation with caches cold
 from streaming the weights. These kernels do such chains in one call (the idea of vLLM's and
-SGLang's CPU kernels, written here for our layouts): RMSNorm, SiLU-and-multiply and MoE routing.
+SGLang's CPU kernels, written here for our layouts): RMSNorm, SiLU-and-multiply, rotary embedding,
+MoE routing, MLA's absorbed attention for the few queries of a decode step, and the int8 linear's
+casts around its matmul. They run on the calling thread (no OpenMP of their own), which is why the
+attention kernel is kept to small batches.
 
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the

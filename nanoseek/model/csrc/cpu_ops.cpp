@@ -1,9 +1,9 @@
 // Fused CPU kernels for inference: each replaces a chain of small ATen ops whose per-op dispatch and
 // allocation cost dominates batch-1 decoding on CPU. Semantics (including where results are rounded to
 // the input dtype) follow the PyTorch code they replace in nanoseek/model; tests/test_cpu_ops.py pins
-// each kernel against it. Built on first use by nanoseek/model/cpu_ops.py.
+// each kernel against it. Built on first use by nanoseek/model/cpu_ops.py. Every kernel runs on the
+// calling thread: a decode step's few rows cost less than a parallel region.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,47 +12,40 @@
 
 namespace {
 
-// Rows per task: below ~32k elements a second thread costs more than it saves.
-int64_t grain_rows(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elements, 1)); }
-
 template <typename T>
 void rms_norm_rows(const T* x, const T* weight, T* y, int64_t rows, int64_t dim, float eps) {
-  at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(dim);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* in = x + r * dim;
-      T* out = y + r * dim;
-      float sum = 0.f;
-      for (int64_t i = 0; i < dim; ++i) {
-        row[i] = static_cast<float>(in[i]);
-        sum += row[i] * row[i];
-      }
-      const float inverse = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
-      for (int64_t i = 0; i < dim; ++i) {
-        if constexpr (std::is_same_v<T, float>) {
-          out[i] = weight[i] * (row[i] * inverse);
-        } else {  // normalized in fp32, rounded to T, then multiplied by the weight in T (HF's order)
-          out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(row[i] * inverse)));
-        }
+  std::vector<float> row(dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = x + r * dim;
+    T* out = y + r * dim;
+    float sum = 0.f;
+    for (int64_t i = 0; i < dim; ++i) {
+      row[i] = static_cast<float>(in[i]);
+      sum += row[i] * row[i];
+    }
+    const float inverse = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[i] = weight[i] * (row[i] * inverse);
+      } else {  // normalized in fp32, rounded to T, then multiplied by the weight in T (HF's order)
+        out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(row[i] * inverse)));
       }
     }
-  });
+  }
 }
 
 template <typename T>
 void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
-  at::parallel_for(0, rows, grain_rows(2 * half), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = x + r * 2 * half;
-      const T* up = gate + half;
-      T* out = y + r * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float g = static_cast<float>(gate[i]);
-        const T activated = static_cast<T>(g / (1.f + std::exp(-g)));  // F.silu, rounded to T
-        out[i] = static_cast<T>(static_cast<float>(activated) * static_cast<float>(up[i]));
-      }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = x + r * 2 * half;
+    const T* up = gate + half;
+    T* out = y + r * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      const T activated = static_cast<T>(g / (1.f + std::exp(-g)));  // F.silu, rounded to T
+      out[i] = static_cast<T>(static_cast<float>(activated) * static_cast<float>(up[i]));
     }
-  });
+  }
 }
 
 // a . b with 16 independent partial sums, a loop shape the compiler turns into vector code.
@@ -132,21 +125,19 @@ template <typename T>
 void rope_rows(const T* x, const float* cos, const float* sin, T* y, int64_t batch, int64_t seq, int64_t heads,
                int64_t dim, const int64_t* x_strides, int64_t angle_batch_stride, bool interleaved) {
   const int64_t half = dim / 2;
-  at::parallel_for(0, batch * seq * heads, grain_rows(dim), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (seq * heads), s = row / heads % seq, h = row % heads;
-      const T* in = x + b * x_strides[0] + s * x_strides[1] + h * x_strides[2];
-      const float* c = cos + b * angle_batch_stride + s * half;
-      const float* n = sin + b * angle_batch_stride + s * half;
-      T* out = y + row * dim;
-      for (int64_t i = 0; i < half; ++i) {
-        const int64_t first = interleaved ? 2 * i : i, second = interleaved ? 2 * i + 1 : i + half;
-        const float a = static_cast<float>(in[first]), b2 = static_cast<float>(in[second]);
-        out[first] = static_cast<T>(a * c[i] - b2 * n[i]);
-        out[second] = static_cast<T>(b2 * c[i] + a * n[i]);
-      }
+  for (int64_t row = 0; row < batch * seq * heads; ++row) {
+    const int64_t b = row / (seq * heads), s = row / heads % seq, h = row % heads;
+    const T* in = x + b * x_strides[0] + s * x_strides[1] + h * x_strides[2];
+    const float* c = cos + b * angle_batch_stride + s * half;
+    const float* n = sin + b * angle_batch_stride + s * half;
+    T* out = y + row * dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t first = interleaved ? 2 * i : i, second = interleaved ? 2 * i + 1 : i + half;
+      const float a = static_cast<float>(in[first]), b2 = static_cast<float>(in[second]);
+      out[first] = static_cast<T>(a * c[i] - b2 * n[i]);
+      out[second] = static_cast<T>(b2 * c[i] + a * n[i]);
     }
-  });
+  }
 }
 
 // Indices of the k largest values of `values` (n of them), largest first; ties go to the lower index.
@@ -266,46 +257,44 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
   int64_t* index = indices.data_ptr<int64_t>();
   const int64_t group_size = experts / n_group;
   const bool grouped = n_group > 1 && topk_group < n_group;
-  at::parallel_for(0, tokens, grain_rows(experts * 8), [&](int64_t begin, int64_t end) {
-    std::vector<float> choice(experts), group_scores(n_group);
-    std::vector<int64_t> order, kept(topk_group);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = in + t * experts;
-      float* s = score + t * experts;
-      if (sigmoid) {
-        for (int64_t e = 0; e < experts; ++e) s[e] = 1.f / (1.f + std::exp(-row[e]));
-      } else {
-        float peak = -std::numeric_limits<float>::infinity(), total = 0.f;
-        for (int64_t e = 0; e < experts; ++e) peak = std::max(peak, row[e]);
-        for (int64_t e = 0; e < experts; ++e) total += (s[e] = std::exp(row[e] - peak));
-        for (int64_t e = 0; e < experts; ++e) s[e] /= total;
-      }
-      for (int64_t e = 0; e < experts; ++e) choice[e] = bias_data ? s[e] + bias_data[e] : s[e];
-      if (grouped) {
-        for (int64_t g = 0; g < n_group; ++g) {
-          const float* members = choice.data() + g * group_size;
-          float first = -std::numeric_limits<float>::infinity(), second = first;
-          for (int64_t i = 0; i < group_size; ++i) {
-            if (members[i] > first) { second = first; first = members[i]; }
-            else if (members[i] > second) { second = members[i]; }
-          }
-          group_scores[g] = group_top2 ? first + (group_size > 1 ? second : 0.f) : first;
-        }
-        top_indices(group_scores.data(), n_group, topk_group, kept.data(), order);
-        std::vector<bool> keep(n_group, false);
-        for (int64_t g : kept) keep[g] = true;
-        for (int64_t e = 0; e < experts; ++e)
-          if (!keep[e / group_size]) choice[e] = -std::numeric_limits<float>::infinity();
-      }
-      int64_t* chosen = index + t * top_k;
-      top_indices(choice.data(), experts, top_k, chosen, order);
-      float* w = weight + t * top_k;
-      float total = 0.f;
-      for (int64_t j = 0; j < top_k; ++j) total += (w[j] = s[chosen[j]]);
-      const float divisor = normalize && top_k > 1 ? total + 1e-20f : 1.f;
-      for (int64_t j = 0; j < top_k; ++j) w[j] = w[j] / divisor * static_cast<float>(scaling);
+  std::vector<float> choice(experts), group_scores(n_group);
+  std::vector<int64_t> order, kept(topk_group);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = in + t * experts;
+    float* s = score + t * experts;
+    if (sigmoid) {
+      for (int64_t e = 0; e < experts; ++e) s[e] = 1.f / (1.f + std::exp(-row[e]));
+    } else {
+      float peak = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t e = 0; e < experts; ++e) peak = std::max(peak, row[e]);
+      for (int64_t e = 0; e < experts; ++e) total += (s[e] = std::exp(row[e] - peak));
+      for (int64_t e = 0; e < experts; ++e) s[e] /= total;
     }
-  });
+    for (int64_t e = 0; e < experts; ++e) choice[e] = bias_data ? s[e] + bias_data[e] : s[e];
+    if (grouped) {
+      for (int64_t g = 0; g < n_group; ++g) {
+        const float* members = choice.data() + g * group_size;
+        float first = -std::numeric_limits<float>::infinity(), second = first;
+        for (int64_t i = 0; i < group_size; ++i) {
+          if (members[i] > first) { second = first; first = members[i]; }
+          else if (members[i] > second) { second = members[i]; }
+        }
+        group_scores[g] = group_top2 ? first + (group_size > 1 ? second : 0.f) : first;
+      }
+      top_indices(group_scores.data(), n_group, topk_group, kept.data(), order);
+      std::vector<bool> keep(n_group, false);
+      for (int64_t g : kept) keep[g] = true;
+      for (int64_t e = 0; e < experts; ++e)
+        if (!keep[e / group_size]) choice[e] = -std::numeric_limits<float>::infinity();
+    }
+    int64_t* chosen = index + t * top_k;
+    top_indices(choice.data(), experts, top_k, chosen, order);
+    float* w = weight + t * top_k;
+    float total = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) total += (w[j] = s[chosen[j]]);
+    const float divisor = normalize && top_k > 1 ? total + 1e-20f : 1.f;
+    for (int64_t j = 0; j < top_k; ++j) w[j] = w[j] / divisor * static_cast<float>(scaling);
+  }
   return {weights, indices, scores};
 }
 
