@@ -208,9 +208,11 @@ class MultiHeadLatentAttention(nn.Module):
         weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
         dtype = q_nope.dtype
+        few_queries = q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES
+        frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
         if (
-            self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32 and mask is not None
-            and q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES and latent.dtype == dtype and (kernels := cpu_ops.for_inference(q_nope)) is not None
+            few_queries and frozen_fp32 and mask is not None and latent.dtype == dtype
+            and (kernels := cpu_ops.for_inference(q_nope)) is not None
         ):
             return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, mask, *self.frozen_absorbed, self.softmax_scale)
         compute = dtype if self.frozen_absorbed is None else self.frozen_absorbed[0].dtype

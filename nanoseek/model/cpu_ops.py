@@ -11,9 +11,9 @@ attention kernel is kept to small batches.
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the
 specification (tests/test_cpu_ops.py compares the two). Set `NANOSEEK_CPU_KERNELS=0` to turn them
-off. The first use compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 30
-seconds, cached under TORCH_EXTENSIONS_DIR); if that fails, one warning is printed and the PyTorch
-code runs instead.
+off. The first use compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 25
+seconds; `make` does it while setting up), cached under TORCH_EXTENSIONS_DIR; if that fails, one
+warning is printed and the PyTorch code runs instead.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def load() -> ModuleType | None:
     if _state == "loaded" or _state == "off":
         return _module if _state == "loaded" else None
     if not enabled():
+        _state = "off"  # NANOSEEK_CPU_KERNELS=0: decided once, not looked up at every op
         return None
     # Say why the first call pauses, but only if it does (a cached build loads in well under a second).
-    notice = threading.Timer(1.0, lambda: print("nanoseek: building the fused CPU kernels (once, ~30 s)...",
+    notice = threading.Timer(1.0, lambda: print("nanoseek: building the fused CPU kernels (once, ~25 s)...",
                                                 file=sys.stderr, flush=True))
     notice.start()
     try:
