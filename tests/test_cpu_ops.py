@@ -123,6 +123,36 @@ def test_int8_linear_is_the_same_ops_in_one_call(kernels, dtype, with_bias):
     assert fused.dtype == expected.dtype and torch.equal(fused, expected)
 
 
+def test_mla_decoding_reads_the_paged_pool(kernels, monkeypatch):
+    """Decode steps read the latent cache where it lies in the engine's block pool (the kernel gets
+    the pool and the read slots, no gathered copy), with the tokens and log-probs of the PyTorch code.
+    Blocks of 4 tokens, so every sequence spans several non-adjacent blocks."""
+    model = peaky_model("v3")
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
+    calls = []
+    fused = kernels.mla_decode_attention
+    monkeypatch.setattr(kernels, "mla_decode_attention", lambda *args: calls.append(args[4] is not None) or fused(*args))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+
+    def decode():
+        outputs = Engine(model, max_num_seqs=2, block_size=4).generate(prompts, params)
+        return [o.outputs[0] for o in outputs]
+
+    got = decode()
+    with pytorch_ops():
+        expected = decode()
+    assert calls and all(calls)  # every kernel call read the pool
+    for out, reference in zip(got, expected, strict=True):
+        assert out.token_ids == reference.token_ids
+        assert out.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+        for step, reference_step in zip(out.top_logprobs, reference.top_logprobs, strict=True):
+            assert step.keys() == reference_step.keys()
+            assert list(step.values()) == pytest.approx(list(reference_step.values()), abs=1e-4)
+
+
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])
 def test_routing_equals_pytorch(kernels, name):
     """Same experts in the same order (the order sets the summation order), same weights and scores:

@@ -25,7 +25,8 @@ first, as for a shared block. `reset_prefix_cache` forgets every key (weights ch
 The model sees the cache through the `update(layer_index, positions, kv_length, *entries)` contract of
 `nanoseek.model.attention`: before each forward the engine calls `bind` with the write slot of every
 input token and the read slots of every row, then `update` scatters the new entries and gathers
-[batch, kv_length, ...] views in position order.
+[batch, kv_length, ...] views in position order. MLA's fused CPU decode kernel skips the gather:
+`write` stores the entries and hands it the pool, which it reads through `read_slots`.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class PagedKVCache:
             raise ValueError("a paged cache needs at least 2 blocks (block 0 is reserved)")
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         num_layers = config.num_hidden_layers + (config.num_mtp_layers if include_mtp else 0)
         slots = num_blocks * block_size
@@ -267,9 +269,15 @@ class PagedKVCache:
         if self._read_flat is None or self._read_flat[0] != kv_length:
             self._read_flat = (kv_length, self.read_slots[:, :kv_length].flatten())
         read = self._read_flat[1]
+        return tuple(
+            buffer.index_select(0, read).view(batch, kv_length, *buffer.shape[1:])
+            for buffer in self.write(layer_index, *entries)
+        )
+
+    def write(self, layer_index: int, *entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store `entries` [batch, seq, ...] at the bound write slots and return the layer's pool
+        buffers [slots, ...], for kernels that read them through `read_slots` rather than a gathered copy."""
         stored = self.layers[layer_index]
-        out = []
         for buffer, entry in zip(stored, entries, strict=True):
             buffer.index_copy_(0, self.write_slots, entry.flatten(0, 1).to(buffer.dtype))
-            out.append(buffer.index_select(0, read).view(batch, kv_length, *buffer.shape[1:]))
-        return tuple(out)
+        return stored

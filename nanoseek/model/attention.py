@@ -183,6 +183,9 @@ class MultiHeadLatentAttention(nn.Module):
             first, compressed = (projection(x) for projection in self.fusable_projections())
         q_nope, q_pe = self.project_query(first, angles)
         latent, k_pe = self.compress_kv(compressed, angles)
+        if cache is not None and absorb is not False:
+            if (out := self.attend_from_pool(q_nope, q_pe, latent, k_pe, cache, mask)) is not None:
+                return self.o_proj(out.flatten(2))
         if cache is not None:
             latent, k_pe = cache.update(self.layer_index, positions, mask.shape[-1], latent, k_pe)
         if absorb is None:
@@ -208,13 +211,8 @@ class MultiHeadLatentAttention(nn.Module):
         weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
         dtype = q_nope.dtype
-        few_queries = q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES
-        frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
-        if (
-            few_queries and frozen_fp32 and mask is not None and latent.dtype == dtype
-            and (kernels := cpu_ops.for_inference(q_nope)) is not None
-        ):
-            return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, mask, *self.frozen_absorbed, self.softmax_scale)
+        if latent.dtype == dtype and (kernels := self.decode_kernels(q_nope, mask)) is not None:
+            return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, None, mask, *self.frozen_absorbed, self.softmax_scale)
         compute = dtype if self.frozen_absorbed is None else self.frozen_absorbed[0].dtype
         if compute != dtype:
             q_nope, q_pe, latent, k_pe = (t.to(compute) for t in (q_nope, q_pe, latent, k_pe))
@@ -235,6 +233,24 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = out_latent.view(batch, heads, seq, -1).transpose(0, 1).reshape(heads, batch * seq, -1)
         out = torch.bmm(out_latent, w_uv_t.to(out_latent.dtype))  # [h, b*s, v]
         return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3).to(dtype)
+
+    def decode_kernels(self, q_nope: torch.Tensor, mask: torch.Tensor | None):
+        """The fused CPU kernels when the absorbed attention of these queries may take them: a decode
+        or verify step (few queries), weights frozen in fp32, no gradient; else None."""
+        few_queries = q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES
+        frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
+        return cpu_ops.for_inference(q_nope) if few_queries and frozen_fp32 and mask is not None else None
+
+    def attend_from_pool(self, q_nope, q_pe, latent, k_pe, cache, mask) -> torch.Tensor | None:
+        """`attend_absorbed` by the fused CPU kernel reading the latent cache where it lies in a paged
+        cache's pool: no gathered copy of every cached row per layer per step, which grows with the
+        context. [b, s, h, v], or None (nothing stored) where it does not apply."""
+        if not hasattr(cache, "write") or cache.dtype != q_nope.dtype or (kernels := self.decode_kernels(q_nope, mask)) is None:
+            return None
+        latent_pool, pe_pool = cache.write(self.layer_index, latent, k_pe)
+        return kernels.mla_decode_attention(
+            q_nope, q_pe, latent_pool, pe_pool, cache.read_slots, mask, *self.frozen_absorbed, self.softmax_scale
+        )
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [h, nope, r], W_UV transposed [h, r, v]) from kv_b_proj in `dtype`.

@@ -75,18 +75,30 @@ void to_float(const T* in, int64_t stride, int64_t rows, int64_t cols, float* ou
 // MLA's absorbed attention for the few queries of a decode or verify step, in fp32: per head,
 // q_latent = q_nope W_UK; score_t = scale (q_latent . c_t + q_pe . k_pe_t), masked; softmax;
 // out = (sum_t p_t c_t) W_UV. Each cached latent row is converted once and read for every head.
+// The cache comes gathered (latent [b, t, rank], k_pe [b, t, rope]) or as the paged pool itself
+// (latent [slots, rank], k_pe [slots, rope]) with `slots` [b, >= t] mapping each row's positions, so
+// the kernel reads each cached row where it lies instead of from a gathered copy.
 template <typename T>
 void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
-                     const torch::Tensor& k_pe, const torch::Tensor& mask, const float* w_uk, const float* w_uv_t,
-                     float scale, torch::Tensor& out) {
+                     const torch::Tensor& k_pe, const c10::optional<torch::Tensor>& slots, const torch::Tensor& mask,
+                     const float* w_uk, const float* w_uv_t, float scale, torch::Tensor& out) {
   const int64_t batch = q_nope.size(0), seq = q_nope.size(1), heads = q_nope.size(2), nope = q_nope.size(3);
-  const int64_t rope = q_pe.size(3), keys = latent.size(1), rank = latent.size(2), value_dim = out.size(3);
+  const int64_t rope = q_pe.size(3), keys = mask.size(3), rank = latent.size(-1), value_dim = out.size(3);
+  const bool paged = slots.has_value();
+  const int64_t* slot = paged ? slots->data_ptr<int64_t>() : nullptr;
+  const int64_t slot_row = paged ? slots->stride(0) : 0;
+  // Where row t of batch b lies in a [b, t, d] tensor or in the pool.
+  auto row_of = [&](const torch::Tensor& cached, int64_t b, int64_t t) {
+    return cached.data_ptr<T>() + (paged ? slot[b * slot_row + t] * cached.stride(0) : b * cached.stride(0) + t * cached.stride(1));
+  };
   std::vector<float> cached(keys * rank), cached_pe(keys * rope), query(heads * (nope + rope)),
       q_latent(heads * rank), scores(keys), mixed(heads * rank);
   const bool* allowed = mask.data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
-    to_float(latent.data_ptr<T>() + b * latent.stride(0), latent.stride(1), keys, rank, cached.data());
-    to_float(k_pe.data_ptr<T>() + b * k_pe.stride(0), k_pe.stride(1), keys, rope, cached_pe.data());
+    for (int64_t t = 0; t < keys; ++t) {
+      to_float(row_of(latent, b, t), 0, 1, rank, cached.data() + t * rank);
+      to_float(row_of(k_pe, b, t), 0, 1, rope, cached_pe.data() + t * rope);
+    }
     for (int64_t s = 0; s < seq; ++s) {
       to_float(q_nope.data_ptr<T>() + b * q_nope.stride(0) + s * q_nope.stride(1), q_nope.stride(2), heads, nope,
                query.data());
@@ -201,10 +213,19 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 }
 
 torch::Tensor mla_decode_attention(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
-                                   const torch::Tensor& k_pe, const torch::Tensor& mask, const torch::Tensor& w_uk,
-                                   const torch::Tensor& w_uv_t, double scale) {
-  TORCH_CHECK(q_nope.dim() == 4 && q_pe.dim() == 4 && latent.dim() == 3 && k_pe.dim() == 3 && mask.dim() == 4,
-              "mla_decode_attention: q [b, s, h, d], latent/k_pe [b, t, d], mask [b, 1, s, t]");
+                                   const torch::Tensor& k_pe, const c10::optional<torch::Tensor>& slots,
+                                   const torch::Tensor& mask, const torch::Tensor& w_uk, const torch::Tensor& w_uv_t,
+                                   double scale) {
+  const int64_t cache_dims = slots.has_value() ? 2 : 3;
+  TORCH_CHECK(q_nope.dim() == 4 && q_pe.dim() == 4 && latent.dim() == cache_dims && k_pe.dim() == cache_dims &&
+                  mask.dim() == 4 && mask.size(0) == q_nope.size(0) && mask.size(2) == q_nope.size(1),
+              "mla_decode_attention: q [b, s, h, d], latent/k_pe [b, t, d] (or pool [slots, d] with slots [b, t]), "
+              "mask [b, 1, s, t]");
+  TORCH_CHECK(slots.has_value() ? slots->scalar_type() == at::kLong && slots->dim() == 2 &&
+                                      slots->size(0) == q_nope.size(0) && slots->size(1) >= mask.size(3) &&
+                                      slots->stride(1) == 1
+                                : latent.size(1) == mask.size(3) && k_pe.size(1) == mask.size(3),
+              "mla_decode_attention: the cache must cover the mask's keys");
   TORCH_CHECK(q_nope.scalar_type() == q_pe.scalar_type() && latent.scalar_type() == q_nope.scalar_type() &&
                   k_pe.scalar_type() == q_nope.scalar_type(), "mla_decode_attention: inputs must share a dtype");
   TORCH_CHECK(w_uk.scalar_type() == at::kFloat && w_uv_t.scalar_type() == at::kFloat && w_uk.is_contiguous() &&
@@ -214,7 +235,7 @@ torch::Tensor mla_decode_attention(const torch::Tensor& q_nope, const torch::Ten
     TORCH_CHECK(t->stride(-1) == 1, "mla_decode_attention: last dimensions must be contiguous");
   auto out = torch::empty({q_nope.size(0), q_nope.size(1), q_nope.size(2), w_uv_t.size(2)}, q_nope.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_decode_attention", [&] {
-    mla_decode_rows<scalar_t>(q_nope, q_pe, latent, k_pe, mask, w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(),
+    mla_decode_rows<scalar_t>(q_nope, q_pe, latent, k_pe, slots, mask, w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(),
                               static_cast<float>(scale), out);
   });
   return out;
