@@ -92,7 +92,7 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
     return cached.data_ptr<T>() + (paged ? slot[b * slot_row + t] * cached.stride(0) : b * cached.stride(0) + t * cached.stride(1));
   };
   std::vector<float> cached(keys * rank), cached_pe(keys * rope), query(heads * (nope + rope)),
-      q_latent(heads * rank), scores(keys), mixed(heads * rank);
+      q_latent(heads * rank), scores(keys), mixed(heads * rank), head_out(value_dim);
   const bool* allowed = mask.data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < keys; ++t) {
@@ -121,7 +121,7 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
         float* mix = mixed.data() + h * rank;
         for (int64_t t = 0; t < keys; ++t)
           if (scores[t] != 0.f) axpy(scores[t] / total, cached.data() + t * rank, mix, rank);
-        std::vector<float> head_out(value_dim, 0.f);
+        std::fill(head_out.begin(), head_out.end(), 0.f);
         for (int64_t r = 0; r < rank; ++r) axpy(mix[r], w_uv_t + (h * rank + r) * value_dim, head_out.data(), value_dim);
         T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
         for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
