@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -34,6 +35,21 @@ void rms_norm_rows(const T* x, const T* weight, T* y, int64_t rows, int64_t dim,
   }
 }
 
+// e^x to ~2 ulp in a form the compiler vectorizes (std::exp is a scalar libm call per element):
+// x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), e^r by its degree-6 Taylor polynomial
+// (truncation ~1e-7), times 2^n built in the exponent bits. 0 below -87 (where fp32 underflows).
+inline float vector_exp(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  const float p =
+      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.f : p * scale;
+}
+
 template <typename T>
 void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -42,7 +58,7 @@ void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
     T* out = y + r * half;
     for (int64_t i = 0; i < half; ++i) {
       const float g = static_cast<float>(gate[i]);
-      const T activated = static_cast<T>(g / (1.f + std::exp(-g)));  // F.silu, rounded to T
+      const T activated = static_cast<T>(g / (1.f + vector_exp(-g)));  // F.silu, rounded to T
       out[i] = static_cast<T>(static_cast<float>(activated) * static_cast<float>(up[i]));
     }
   }
@@ -117,7 +133,7 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
           peak = std::max(peak, scores[t]);
         }
         float total = 0.f;
-        for (int64_t t = 0; t < keys; ++t) total += (scores[t] = std::exp(scores[t] - peak));
+        for (int64_t t = 0; t < keys; ++t) total += (scores[t] = vector_exp(scores[t] - peak));
         float* mix = mixed.data() + h * rank;
         for (int64_t t = 0; t < keys; ++t)
           if (scores[t] != 0.f) axpy(scores[t] / total, cached.data() + t * rank, mix, rank);
