@@ -241,3 +241,15 @@ def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: pytest.fail("must not build"))
     with torch.no_grad():
         assert cpu_ops.for_inference(torch.zeros(1)) is None
+
+
+def test_a_build_is_kept_per_cpu_and_torch_version(monkeypatch):
+    """torch's extension cache is keyed by sources and flags only: our name adds the CPU (the build is
+    -march=native) and torch's version, so a shared cache or a torch upgrade never loads a stale build."""
+    name, flags = cpu_ops.build_name_and_flags()
+    assert "-ffp-contract=off" in flags
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert cpu_ops.build_name_and_flags()[0] != name
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_ops, "_cpu_flags", lambda: "flags : another cpu")
+    assert cpu_ops.build_name_and_flags()[0] != name

@@ -79,13 +79,14 @@ def load() -> ModuleType | None:
 
 def build_name_and_flags() -> tuple[str, list[str]]:
     """The extension's name and compiler flags. On x86-64 it is compiled for this CPU's vector units
-    (`-march=native`), so the name carries a fingerprint of the CPU: a cache directory shared between
-    different machines keeps one build per CPU instead of running code built for another. No FMA
-    contraction, so fused kernels round like the PyTorch ops they replace."""
+    (`-march=native`), so the name carries a fingerprint of the CPU and of torch's version: a cache
+    directory shared between machines, or kept across a torch upgrade (torch's own cache key covers
+    only the sources and flags), gets a build of its own instead of loading one made for another CPU
+    or another libtorch. No FMA contraction, so fused kernels round like the PyTorch ops they replace."""
     flags = ["-O3", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
-    fingerprint = platform.machine() + platform.processor() + _cpu_flags()
+    fingerprint = platform.machine() + platform.processor() + _cpu_flags() + torch.__version__
     return f"nanoseek_cpu_ops_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}", flags
 
 
