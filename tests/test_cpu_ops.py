@@ -253,3 +253,18 @@ def test_a_build_is_kept_per_cpu_and_torch_version(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(cpu_ops, "_cpu_flags", lambda: "flags : another cpu")
     assert cpu_ops.build_name_and_flags()[0] != name
+
+
+def test_long_caches_keep_the_batched_matmuls(kernels):
+    """The fused MLA kernel is for decode steps over caches of modest length; beyond FUSED_MLA_MAX_KEYS
+    positions (or with many queries) the batched matmuls are faster and run instead."""
+    from nanoseek.model.attention import FUSED_MLA_MAX_KEYS, FUSED_MLA_MAX_QUERIES
+
+    attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
+    attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
+    q_nope = torch.zeros(1, 1, attention.num_heads, attention.qk_nope_head_dim)
+    with torch.no_grad():
+        assert attention.decode_kernels(q_nope, torch.ones(1, 1, 1, FUSED_MLA_MAX_KEYS, dtype=torch.bool)) is kernels
+        assert attention.decode_kernels(q_nope, torch.ones(1, 1, 1, FUSED_MLA_MAX_KEYS + 1, dtype=torch.bool)) is None
+        many = torch.zeros(FUSED_MLA_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)
+        assert attention.decode_kernels(many, torch.ones(FUSED_MLA_MAX_QUERIES + 1, 1, 1, 8, dtype=torch.bool)) is None

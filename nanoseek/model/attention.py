@@ -44,6 +44,10 @@ EAGER_ATTENTION_MAX_SCORES = 1 << 26
 # (16 requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
 # spread over both threads by OpenMP).
 FUSED_MLA_MAX_QUERIES = 4
+# ...and up to this many cached positions: its per-(head, key) dot products lose to the batched
+# matmuls' GEMMs over long caches (`small`, batch 1: 1.02x with 192-320 keys, 0.99x with 384-512,
+# 0.89x fp32 and 0.92x bf16 with 1,024-1,152).
+FUSED_MLA_MAX_KEYS = 320
 
 
 def _attend(
@@ -236,10 +240,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     def decode_kernels(self, q_nope: torch.Tensor, mask: torch.Tensor | None):
         """The fused CPU kernels when the absorbed attention of these queries may take them: a decode
-        or verify step (few queries), weights frozen in fp32, no gradient; else None."""
+        or verify step (few queries) over a cache of modest length, weights frozen in fp32, no
+        gradient; else None."""
+        if mask is None or mask.shape[-1] > FUSED_MLA_MAX_KEYS:
+            return None
         few_queries = q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES
         frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
-        return cpu_ops.for_inference(q_nope) if few_queries and frozen_fp32 and mask is not None else None
+        return cpu_ops.for_inference(q_nope) if few_queries and frozen_fp32 else None
 
     def attend_from_pool(self, q_nope, q_pe, latent, k_pe, cache, mask) -> torch.Tensor | None:
         """`attend_absorbed` by the fused CPU kernel reading the latent cache where it lies in a paged
