@@ -48,6 +48,10 @@ def test_bad_parameters_are_400_with_the_field_named(http):
     assert_error(response, 400, "invalid_request_error", None, "stop strings must not be empty")
     response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "n": 3})
     assert_error(response, 400, "invalid_request_error", "n", "n=3 is more than the 2 sequences")
+    # More prompts x n than the model ever holds at once (2 running + 0 queued): a 503 would ask for
+    # a retry that can never succeed (found by the schemathesis test).
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 1})
+    assert_error(response, 400, "invalid_request_error", "prompt", "3 prompt(s) x n=1 is 3 sequences, more than the 2")
 
 
 @pytest.mark.parametrize("stream", [False, True])
