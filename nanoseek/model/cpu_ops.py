@@ -35,11 +35,6 @@ _module: ModuleType | None = None
 _state = "unloaded"  # "unloaded" -> "loaded" | "off"
 
 
-def enabled() -> bool:
-    """Whether the kernels are wanted: not turned off by NANOSEEK_CPU_KERNELS=0 or `set_enabled(False)`."""
-    return _state != "off" and os.environ.get("NANOSEEK_CPU_KERNELS", "1") != "0"
-
-
 def set_enabled(value: bool) -> None:
     """Turn the kernels on or off for this process (tests and A/B benchmarks)."""
     global _state
@@ -51,8 +46,8 @@ def load() -> ModuleType | None:
     global _module, _state
     if _state == "loaded" or _state == "off":
         return _module if _state == "loaded" else None
-    if not enabled():
-        _state = "off"  # NANOSEEK_CPU_KERNELS=0: decided once, not looked up at every op
+    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0":
+        _state = "off"  # decided once, not looked up at every op
         return None
     # Say why the first call pauses, but only if it does (a cached build loads in well under a second).
     notice = threading.Timer(1.0, lambda: print("nanoseek: building the fused CPU kernels (once, ~25 s)...",

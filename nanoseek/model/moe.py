@@ -68,12 +68,11 @@ class Router(nn.Module):
         """x [tokens, hidden] -> (weights [tokens, k] fp32, indices [tokens, k], scores [tokens, E] fp32)."""
         logits = F.linear(x.float(), self.weight.float())
         if (kernels := cpu_ops.for_inference(logits)) is not None:  # the ~20 ops below as one
-            weights, indices, scores = kernels.route(
+            return tuple(kernels.route(
                 logits, self.e_score_correction_bias if self.topk_method == "noaux_tc" else None,
                 self.scoring_func == "sigmoid", self.n_group, self.topk_group, self.topk_method == "noaux_tc",
                 self.top_k, self.norm_topk_prob, self.routed_scaling_factor,
-            )
-            return weights, indices, scores
+            ))
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach()
         if self.topk_method == "noaux_tc":

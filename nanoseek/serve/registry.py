@@ -71,16 +71,22 @@ class Deployment:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def reserve(self, n: int) -> Lease:
-        """Hold room for `n` sequences until the lease is released; a 503 when full or retiring."""
+    def reserve(self, prompts: int, n: int) -> Lease:
+        """Hold room for `prompts` x `n` sequences until the lease is released; a 503 when full or
+        retiring, a 400 when more than the model ever holds at once (no retry could serve it)."""
+        sequences = prompts * n
+        if sequences > self.capacity:
+            raise ServeError(400, f"{prompts} prompt(s) x n={n} is {sequences} sequences, more than the "
+                             f"{self.capacity} this model holds at once (running and queued); send fewer prompts "
+                             "per request", param="prompt")
         if self.retired:
             raise busy(f"model {self.name!r} is being unloaded or switched; retry")
-        if self.in_flight + n > self.capacity:
+        if self.in_flight + sequences > self.capacity:
             raise busy(f"model {self.name!r} has {self.in_flight} sequences in flight and its queue is full; "
                        "retry shortly")
-        self.in_flight += n
+        self.in_flight += sequences
         self.idle.clear()
-        return Lease(self, n)
+        return Lease(self, sequences)
 
     def _release(self, n: int) -> None:
         self.in_flight -= n

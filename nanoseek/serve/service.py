@@ -406,11 +406,7 @@ def start_generation(deployment: Deployment, prompts: list[list[int]], params: S
     if n > engine.max_num_seqs:
         raise ServeError(400, f"n={n} is more than the {engine.max_num_seqs} sequences this server decodes "
                          "together", param="n")
-    if n * len(prompts) > deployment.capacity:  # a 503 would ask for a retry that can never succeed
-        raise ServeError(400, f"{len(prompts)} prompt(s) x n={n} is {n * len(prompts)} sequences, more than the "
-                         f"{deployment.capacity} this model holds at once (running and queued); send fewer prompts "
-                         "per request", param="prompt")
-    lease = deployment.reserve(n * len(prompts))
+    lease = deployment.reserve(len(prompts), n)
     handles: list[RequestHandle] = []
     try:
         for number, ids in enumerate(prompts):
