@@ -93,16 +93,24 @@ def test_rope_equals_pytorch(kernels, rope, dtype):
         torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
 
 
+# Attention shapes off the kernel's vector widths: heads past one 8-head vector and not a multiple of
+# it, a latent rank that takes a 128-wide chunk, a 16-wide one and a scalar tail, an odd value width.
+WIDE_MLA = {"num_attention_heads": 11, "num_key_value_heads": 11, "kv_lora_rank": 152, "qk_nope_head_dim": 24,
+            "v_head_dim": 20}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 3])
-def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries):
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape):
     """The fused absorbed attention of a decode (1 query) or verify step (3) against the batched
     matmuls, over a ragged batch (the shorter row's padding keys masked) with the latent a strided view
     of a cache buffer; weights frozen in fp32 as the engine keeps them."""
-    attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn.to(dtype)
+    config = tiny_config("v3", **(WIDE_MLA if shape == "wide" else {}))
+    attention = build_model(config, seed=0).model.layers[0].self_attn.to(dtype)
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
     generator = torch.Generator().manual_seed(5)
-    heads, keys = attention.num_heads, 11
+    heads, keys = attention.num_heads, 11 if shape == "tiny" else 37
     q_nope = torch.randn(2, queries, heads, attention.qk_nope_head_dim, generator=generator).to(dtype)
     q_pe = torch.randn(2, queries, heads, attention.qk_rope_head_dim, generator=generator).to(dtype)
     entries = torch.randn(2, keys, attention.kv_lora_rank + attention.qk_rope_head_dim, generator=generator).to(dtype)
@@ -256,15 +264,25 @@ def test_a_build_is_kept_per_cpu_and_torch_version(monkeypatch):
 
 
 def test_long_caches_keep_the_batched_matmuls(kernels):
-    """The fused MLA kernel is for decode steps over caches of modest length; beyond FUSED_MLA_MAX_KEYS
-    positions (or with many queries) the batched matmuls are faster and run instead."""
-    from nanoseek.model.attention import FUSED_MLA_MAX_KEYS, FUSED_MLA_MAX_QUERIES
+    """The fused MLA kernel is for decode steps over caches of modest length; beyond
+    FUSED_MLA_MAX_SCORES (query, position) pairs for the cache's dtype, or with many queries, the
+    batched matmuls are faster and run instead."""
+    from nanoseek.model.attention import FUSED_MLA_MAX_QUERIES, FUSED_MLA_MAX_SCORES
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
-    q_nope = torch.zeros(1, 1, attention.num_heads, attention.qk_nope_head_dim)
+
+    def mask(queries: int, keys: int) -> torch.Tensor:
+        return torch.ones(1, 1, queries, keys, dtype=torch.bool)
+
     with torch.no_grad():
-        assert attention.decode_kernels(q_nope, torch.ones(1, 1, 1, FUSED_MLA_MAX_KEYS, dtype=torch.bool)) is kernels
-        assert attention.decode_kernels(q_nope, torch.ones(1, 1, 1, FUSED_MLA_MAX_KEYS + 1, dtype=torch.bool)) is None
+        for dtype in (torch.float32, torch.bfloat16):
+            budget = FUSED_MLA_MAX_SCORES[dtype]
+            one, two = (torch.zeros(1, n, attention.num_heads, attention.qk_nope_head_dim, dtype=dtype) for n in (1, 2))
+            assert attention.decode_kernels(one, mask(1, budget)) is kernels
+            assert attention.decode_kernels(one, mask(1, budget + 1)) is None
+            assert attention.decode_kernels(two, mask(2, budget // 2)) is kernels
+            assert attention.decode_kernels(two, mask(2, budget // 2 + 1)) is None
+        assert FUSED_MLA_MAX_SCORES[torch.bfloat16] > FUSED_MLA_MAX_SCORES[torch.float32]
         many = torch.zeros(FUSED_MLA_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)
         assert attention.decode_kernels(many, torch.ones(FUSED_MLA_MAX_QUERIES + 1, 1, 1, 8, dtype=torch.bool)) is None

@@ -44,10 +44,12 @@ EAGER_ATTENTION_MAX_SCORES = 1 << 26
 # (16 requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
 # spread over both threads by OpenMP).
 FUSED_MLA_MAX_QUERIES = 4
-# ...and up to this many cached positions: its per-(head, key) dot products lose to the batched
-# matmuls' GEMMs over long caches (`small`, batch 1: 1.02x with 192-320 keys, 0.99x with 384-512,
-# 0.89x fp32 and 0.92x bf16 with 1,024-1,152).
-FUSED_MLA_MAX_KEYS = 320
+# ...and up to this many (query, cached position) pairs: its work grows with both, on one thread,
+# while the matmuls' GEMMs use every thread (`small`, kernel alone vs matmuls: 1 query 1.97x fp32 /
+# 2.58x bf16 at 192 keys, 1.26x / 1.77x at 512, 0.97x / 1.26x at 1,024; 4 queries 1.43x / 1.70x at
+# 64 keys, 0.95x / 1.18x at 192). A bf16/fp16 cache goes further: the matmul path first converts every
+# cached row to fp32 (whole decode steps at 960-1,088 cached positions: 1.19x bf16, 0.98x fp32).
+FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16: 2048}
 
 
 def _attend(
@@ -242,9 +244,11 @@ class MultiHeadLatentAttention(nn.Module):
         """The fused CPU kernels when the absorbed attention of these queries may take them: a decode
         or verify step (few queries) over a cache of modest length, weights frozen in fp32, no
         gradient; else None."""
-        if mask is None or mask.shape[-1] > FUSED_MLA_MAX_KEYS:
+        if mask is None:
             return None
-        few_queries = q_nope.shape[0] * q_nope.shape[1] <= FUSED_MLA_MAX_QUERIES
+        queries = q_nope.shape[0] * q_nope.shape[1]
+        budget = FUSED_MLA_MAX_SCORES.get(q_nope.dtype, 0)
+        few_queries = queries <= FUSED_MLA_MAX_QUERIES and queries * mask.shape[-1] <= budget
         frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
         return cpu_ops.for_inference(q_nope) if few_queries and frozen_fp32 else None
 

@@ -64,42 +64,79 @@ void silu_and_mul_rows(const T* x, T* y, int64_t rows, int64_t half) {
   }
 }
 
-// a . b with 16 independent partial sums, a loop shape the compiler turns into vector code.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float partial[16] = {0.f};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) partial[k] += a[i + k] * b[i + k];
-  for (int width = 8; width >= 1; width /= 2)  // a tree, not a chain of 16 dependent adds
-    for (int k = 0; k < width; ++k) partial[k] += partial[k + width];
-  float sum = partial[0];
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+// out[0:n] = sum_i weights[i * weight_stride] * rows[i * row_stride + 0:n]. Chunks of W outputs are
+// summed in a local array the compiler keeps in vector registers (no store per row), so the loop over
+// rows is bound by arithmetic, not by the latency of memory round trips.
+template <int W>
+int64_t weighted_rows_chunks(const float* weights, int64_t weight_stride, const float* rows, int64_t row_stride,
+                             int64_t count, int64_t from, int64_t n, float* out) {
+  for (; from + W <= n; from += W) {
+    float sum[W] = {0.f};
+    for (int64_t i = 0; i < count; ++i) {
+      const float weight = weights[i * weight_stride];
+      const float* row = rows + i * row_stride + from;
+      for (int l = 0; l < W; ++l) sum[l] += weight * row[l];
+    }
+    std::copy(sum, sum + W, out + from);
+  }
+  return from;
 }
 
-// out += a * x over n values.
-inline void axpy(float a, const float* x, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] += a * x[i];
+void weighted_rows(const float* weights, int64_t weight_stride, const float* rows, int64_t row_stride, int64_t count,
+                   int64_t n, float* out) {
+  int64_t from = weighted_rows_chunks<128>(weights, weight_stride, rows, row_stride, count, 0, n, out);
+  from = weighted_rows_chunks<16>(weights, weight_stride, rows, row_stride, count, from, n, out);
+  weighted_rows_chunks<1>(weights, weight_stride, rows, row_stride, count, from, n, out);
+}
+
+constexpr int64_t HEAD_LANES = 8;       // heads scored together: one vector of fp32 per key
+constexpr int64_t KEYS_IN_FLIGHT = 8;   // independent sums per head vector, to hide the add latency
+typedef float HeadVector __attribute__((vector_size(HEAD_LANES * sizeof(float))));  // GCC/Clang vectors
+
+// scores[t * lanes + h] = scale * query[h] . keys[t] for every head at once. The query comes
+// dimension-major (query_t [dims][lanes], heads padded to a multiple of HEAD_LANES with zeros), so each
+// cached value is broadcast against a vector of heads: no horizontal sums, and each cached row is read
+// once per HEAD_LANES heads. `keys` rows are `dims` fp32 values, padded to a multiple of KEYS_IN_FLIGHT.
+void head_scores(const float* query_t, int64_t lanes, const float* keys, int64_t dims, int64_t key_count,
+                 float scale, float* scores) {
+  for (int64_t h = 0; h < lanes; h += HEAD_LANES) {
+    for (int64_t t = 0; t < key_count; t += KEYS_IN_FLIGHT) {
+      HeadVector sum[KEYS_IN_FLIGHT] = {};
+      const float* block = keys + t * dims;
+      for (int64_t d = 0; d < dims; ++d) {
+        HeadVector q;
+        std::memcpy(&q, query_t + d * lanes + h, sizeof q);
+        for (int64_t k = 0; k < KEYS_IN_FLIGHT; ++k) sum[k] += block[k * dims + d] * q;
+      }
+      for (int64_t k = 0; k < KEYS_IN_FLIGHT && t + k < key_count; ++k) {
+        const HeadVector scaled = sum[k] * scale;
+        std::memcpy(scores + (t + k) * lanes + h, &scaled, sizeof scaled);
+      }
+    }
+  }
 }
 
 template <typename T>
-void to_float(const T* in, int64_t stride, int64_t rows, int64_t cols, float* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < cols; ++i) out[r * cols + i] = static_cast<float>(in[r * stride + i]);
+void to_float(const T* in, int64_t cols, float* out) {
+  for (int64_t i = 0; i < cols; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-// MLA's absorbed attention for the few queries of a decode or verify step, in fp32: per head,
-// q_latent = q_nope W_UK; score_t = scale (q_latent . c_t + q_pe . k_pe_t), masked; softmax;
-// out = (sum_t p_t c_t) W_UV. Each cached latent row is converted once and read for every head.
-// The cache comes gathered (latent [b, t, rank], k_pe [b, t, rope]) or as the paged pool itself
-// (latent [slots, rank], k_pe [slots, rope]) with `slots` [b, >= t] mapping each row's positions, so
-// the kernel reads each cached row where it lies instead of from a gathered copy.
+// MLA's absorbed attention for the few queries of a decode or verify step, in fp32:
+// q_latent = q_nope W_UK per head; score_t = scale (q_latent . c_t + q_pe . k_pe_t), masked;
+// softmax over t; out = (sum_t p_t c_t) W_UV. Each cached row [c_t | k_pe_t] is converted to fp32 once
+// per sequence; scores and the softmax run over all heads at once (vectors of heads), the weighted
+// sums over rows with register accumulators. The cache comes gathered (latent [b, t, rank], k_pe
+// [b, t, rope]) or as the paged pool itself (latent [slots, rank], k_pe [slots, rope]) with `slots`
+// [b, >= t] mapping each row's positions, so the kernel reads each cached row where it lies instead of
+// from a gathered copy.
 template <typename T>
 void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
                      const torch::Tensor& k_pe, const c10::optional<torch::Tensor>& slots, const torch::Tensor& mask,
                      const float* w_uk, const float* w_uv_t, float scale, torch::Tensor& out) {
   const int64_t batch = q_nope.size(0), seq = q_nope.size(1), heads = q_nope.size(2), nope = q_nope.size(3);
   const int64_t rope = q_pe.size(3), keys = mask.size(3), rank = latent.size(-1), value_dim = out.size(3);
+  const int64_t dims = rank + rope, lanes = (heads + HEAD_LANES - 1) / HEAD_LANES * HEAD_LANES;
+  const int64_t padded_keys = (keys + KEYS_IN_FLIGHT - 1) / KEYS_IN_FLIGHT * KEYS_IN_FLIGHT;
   const bool paged = slots.has_value();
   const int64_t* slot = paged ? slots->data_ptr<int64_t>() : nullptr;
   const int64_t slot_row = paged ? slots->stride(0) : 0;
@@ -107,38 +144,47 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   auto row_of = [&](const torch::Tensor& cached, int64_t b, int64_t t) {
     return cached.data_ptr<T>() + (paged ? slot[b * slot_row + t] * cached.stride(0) : b * cached.stride(0) + t * cached.stride(1));
   };
-  std::vector<float> cached(keys * rank), cached_pe(keys * rope), query(heads * (nope + rope)),
-      q_latent(heads * rank), scores(keys), mixed(heads * rank), head_out(value_dim);
+  // cached rows [padded_keys][rank | rope] (pad rows zero), the query [dims][lanes] and latent
+  // [heads][rank], scores then probabilities [keys][lanes], mixed latents [heads][rank].
+  std::vector<float> cached(padded_keys * dims, 0.f), query_t(dims * lanes, 0.f), q_latent(rank),
+      nope_row(nope), scores(keys * lanes), mixed(heads * rank), head_out(value_dim), peak(lanes), total(lanes);
   const bool* allowed = mask.data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < keys; ++t) {
-      to_float(row_of(latent, b, t), 0, 1, rank, cached.data() + t * rank);
-      to_float(row_of(k_pe, b, t), 0, 1, rope, cached_pe.data() + t * rope);
+      to_float(row_of(latent, b, t), rank, cached.data() + t * dims);
+      to_float(row_of(k_pe, b, t), rope, cached.data() + t * dims + rank);
     }
     for (int64_t s = 0; s < seq; ++s) {
-      to_float(q_nope.data_ptr<T>() + b * q_nope.stride(0) + s * q_nope.stride(1), q_nope.stride(2), heads, nope,
-               query.data());
-      float* pe = query.data() + heads * nope;
-      to_float(q_pe.data_ptr<T>() + b * q_pe.stride(0) + s * q_pe.stride(1), q_pe.stride(2), heads, rope, pe);
-      std::fill(q_latent.begin(), q_latent.end(), 0.f);
-      std::fill(mixed.begin(), mixed.end(), 0.f);
+      const T* qn = q_nope.data_ptr<T>() + b * q_nope.stride(0) + s * q_nope.stride(1);
+      const T* qp = q_pe.data_ptr<T>() + b * q_pe.stride(0) + s * q_pe.stride(1);
+      for (int64_t h = 0; h < heads; ++h) {  // absorbed: q_latent = q_nope W_UK[h]
+        to_float(qn + h * q_nope.stride(2), nope, nope_row.data());
+        weighted_rows(nope_row.data(), 1, w_uk + h * nope * rank, rank, nope, rank, q_latent.data());
+        for (int64_t d = 0; d < rank; ++d) query_t[d * lanes + h] = q_latent[d];
+        for (int64_t d = 0; d < rope; ++d) query_t[(rank + d) * lanes + h] = static_cast<float>(qp[h * q_pe.stride(2) + d]);
+      }
+      head_scores(query_t.data(), lanes, cached.data(), dims, keys, scale, scores.data());
+      // Softmax over the allowed keys, vectorized across heads.
       const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
+      std::fill(peak.begin(), peak.end(), -std::numeric_limits<float>::infinity());
+      std::fill(total.begin(), total.end(), 0.f);
+      for (int64_t t = 0; t < keys; ++t) {
+        if (!row_mask[t * mask.stride(3)]) continue;
+        const float* row = scores.data() + t * lanes;
+        for (int64_t h = 0; h < lanes; ++h) peak[h] = std::max(peak[h], row[h]);
+      }
+      for (int64_t t = 0; t < keys; ++t) {
+        float* row = scores.data() + t * lanes;
+        if (!row_mask[t * mask.stride(3)]) { std::fill(row, row + lanes, 0.f); continue; }
+        for (int64_t h = 0; h < lanes; ++h) total[h] += (row[h] = vector_exp(row[h] - peak[h]));
+      }
+      for (int64_t h = 0; h < lanes; ++h) total[h] = total[h] > 0.f ? 1.f / total[h] : 0.f;
+      for (int64_t t = 0; t < keys; ++t)
+        for (int64_t h = 0; h < lanes; ++h) scores[t * lanes + h] *= total[h];
       for (int64_t h = 0; h < heads; ++h) {
-        float* ql = q_latent.data() + h * rank;
-        for (int64_t n = 0; n < nope; ++n) axpy(query[h * nope + n], w_uk + (h * nope + n) * rank, ql, rank);
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < keys; ++t) {
-          if (!row_mask[t * mask.stride(3)]) { scores[t] = -std::numeric_limits<float>::infinity(); continue; }
-          scores[t] = scale * (dot(ql, cached.data() + t * rank, rank) + dot(pe + h * rope, cached_pe.data() + t * rope, rope));
-          peak = std::max(peak, scores[t]);
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < keys; ++t) total += (scores[t] = vector_exp(scores[t] - peak));
         float* mix = mixed.data() + h * rank;
-        for (int64_t t = 0; t < keys; ++t)
-          if (scores[t] != 0.f) axpy(scores[t] / total, cached.data() + t * rank, mix, rank);
-        std::fill(head_out.begin(), head_out.end(), 0.f);
-        for (int64_t r = 0; r < rank; ++r) axpy(mix[r], w_uv_t + (h * rank + r) * value_dim, head_out.data(), value_dim);
+        weighted_rows(scores.data() + h, lanes, cached.data(), dims, keys, rank, mix);
+        weighted_rows(mix, 1, w_uv_t + h * rank * value_dim, value_dim, rank, value_dim, head_out.data());
         T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
         for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
       }
