@@ -12,6 +12,7 @@ from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8
+from nanoseek.infer.sampling import greedy_tokens
 from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import Router
@@ -123,6 +124,26 @@ def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape):
             expected = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
     assert fused.shape == expected.shape == (2, queries, heads, attention.v_head_dim) and fused.dtype == dtype
     torch.testing.assert_close(fused, expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_equals_pytorch(kernels, dtype):
+    """Greedy decoding's argmax: the first maximum per row, over rows that are not a multiple of the
+    kernel's 16-wide vectors, with ties (the first one wins), -inf entries, and NaN (its index wins,
+    as torch.argmax's)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 1003, generator=generator).to(dtype)
+    logits[1, 40] = logits[1, 900] = logits[1].max() + 1  # a tie: 40 first
+    logits[2, :500] = float("-inf")
+    logits[3, 1001] = logits[3].max() + 1  # the maximum in the scalar tail
+    logits[4, 700] = float("nan")
+    logits[4, 5] = float("inf")
+    logits[5] = float("-inf")  # every value equal: index 0
+    assert kernels.argmax(logits).tolist() == logits.float().argmax(dim=-1).tolist()
+    assert kernels.argmax(logits).tolist()[1] == 40 and kernels.argmax(logits).tolist()[4] == 700
+    assert kernels.argmax(logits[0]).shape == ()  # a single row: a scalar, like torch.argmax(x, -1)
+    with torch.no_grad():
+        assert greedy_tokens(logits) == logits.float().argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
