@@ -161,6 +161,34 @@ def test_int8_linear_is_the_same_ops_in_one_call(kernels, dtype, with_bias):
     assert fused.dtype == expected.dtype and torch.equal(fused, expected)
 
 
+def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels, monkeypatch):
+    """A model the engine does not pack (small fp32, or one a trainer keeps updating) still decodes
+    through the MLA kernel, with fp32 copies of its absorbed weights that are remade when kv_b_proj
+    changes in place (as an optimizer step changes it): the tokens and log-probs of the PyTorch code
+    before and after the change."""
+    model = peaky_model("v3")
+    calls = []
+    fused = kernels.mla_decode_attention
+    monkeypatch.setattr(kernels, "mla_decode_attention", lambda *args: calls.append(1) or fused(*args))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+
+    def decode():
+        return Engine(model, max_num_seqs=2, pack_weights=False).generate([[5, 6, 7, 8]], params)[0].outputs[0]
+
+    for step in range(2):
+        if step:
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+        calls.clear()
+        got = decode()
+        with pytorch_ops():
+            expected = decode()
+        assert calls and model.model.layers[0].self_attn.frozen_absorbed is None
+        assert got.token_ids == expected.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-4)
+
+
 def test_mla_decoding_reads_the_paged_pool(kernels, monkeypatch):
     """Decode steps read the latent cache where it lies in the engine's block pool (the kernel gets
     the pool and the read slots, no gathered copy), with the tokens and log-probs of the PyTorch code.
@@ -300,9 +328,9 @@ def test_long_caches_keep_the_batched_matmuls(kernels):
         for dtype in (torch.float32, torch.bfloat16):
             budget = FUSED_MLA_MAX_SCORES[dtype]
             one, two = (torch.zeros(1, n, attention.num_heads, attention.qk_nope_head_dim, dtype=dtype) for n in (1, 2))
-            assert attention.decode_kernels(one, mask(1, budget)) is kernels
+            assert attention.decode_kernels(one, mask(1, budget))[0] is kernels
             assert attention.decode_kernels(one, mask(1, budget + 1)) is None
-            assert attention.decode_kernels(two, mask(2, budget // 2)) is kernels
+            assert attention.decode_kernels(two, mask(2, budget // 2))[0] is kernels
             assert attention.decode_kernels(two, mask(2, budget // 2 + 1)) is None
         assert FUSED_MLA_MAX_SCORES[torch.bfloat16] > FUSED_MLA_MAX_SCORES[torch.float32]
         many = torch.zeros(FUSED_MLA_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)

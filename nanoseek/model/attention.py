@@ -28,6 +28,7 @@ from nanoseek.model.layers import (
     RotaryAngles,
     apply_rope_half,
     apply_rope_interleaved,
+    is_plain_linear,
 )
 
 
@@ -152,6 +153,7 @@ class MultiHeadLatentAttention(nn.Module):
         # reference: 192^-0.5 * 1.874 for V3, in both execution paths).
         self.softmax_scale = qk_head_dim**-0.5
         self.frozen_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # see absorbed_weights
+        self.kernel_copies: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # see kernel_weights
         self.fused: FusedProjection | None = None  # q (or q_a) + kv_a, set by the inference engine
 
     def fusable_projections(self) -> list[nn.Linear]:
@@ -217,8 +219,9 @@ class MultiHeadLatentAttention(nn.Module):
         weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
         dtype = q_nope.dtype
-        if latent.dtype == dtype and (kernels := self.decode_kernels(q_nope, mask)) is not None:
-            return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, None, mask, *self.frozen_absorbed, self.softmax_scale)
+        if latent.dtype == dtype and (fused := self.decode_kernels(q_nope, mask)) is not None:
+            kernels, weights = fused
+            return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, None, mask, *weights, self.softmax_scale)
         compute = dtype if self.frozen_absorbed is None else self.frozen_absorbed[0].dtype
         if compute != dtype:
             q_nope, q_pe, latent, k_pe = (t.to(compute) for t in (q_nope, q_pe, latent, k_pe))
@@ -241,26 +244,44 @@ class MultiHeadLatentAttention(nn.Module):
         return out.view(heads, batch, seq, -1).permute(1, 2, 0, 3).to(dtype)
 
     def decode_kernels(self, q_nope: torch.Tensor, mask: torch.Tensor | None):
-        """The fused CPU kernels when the absorbed attention of these queries may take them: a decode
-        or verify step (few queries) over a cache of modest length, weights frozen in fp32, no
+        """(the fused CPU kernels, their absorbed weights) when the absorbed attention of these queries
+        may take them: a decode or verify step (few queries) over a cache of modest length, no
         gradient; else None."""
         if mask is None:
             return None
         queries = q_nope.shape[0] * q_nope.shape[1]
         budget = FUSED_MLA_MAX_SCORES.get(q_nope.dtype, 0)
-        few_queries = queries <= FUSED_MLA_MAX_QUERIES and queries * mask.shape[-1] <= budget
-        frozen_fp32 = self.frozen_absorbed is not None and self.frozen_absorbed[0].dtype == torch.float32
-        return cpu_ops.for_inference(q_nope) if few_queries and frozen_fp32 else None
+        if queries > FUSED_MLA_MAX_QUERIES or queries * mask.shape[-1] > budget:
+            return None
+        if (kernels := cpu_ops.for_inference(q_nope)) is None or (weights := self.kernel_weights()) is None:
+            return None
+        return kernels, weights
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W_UK, W_UV transposed) contiguous in fp32, as the fused kernel reads them: the frozen ones of a
+        packed model, or, for a model that is not packed (fp32 models under 16M parameters, engines
+        sharing a trainer's model), copies kept until kv_b_proj's weight changes (an optimizer step or
+        a load bumps its version; `.data =` or `.to()` moves it). None for a quantized kv_b_proj."""
+        if self.frozen_absorbed is not None:
+            return self.frozen_absorbed if self.frozen_absorbed[0].dtype == torch.float32 else None
+        if not is_plain_linear(self.kv_b_proj):
+            return None
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self.kernel_copies is None or self.kernel_copies[0] != key:
+            self.kernel_copies = key, tuple(w.contiguous() for w in self.absorbed_weights(torch.float32))
+        return self.kernel_copies[1]
 
     def attend_from_pool(self, q_nope, q_pe, latent, k_pe, cache, mask) -> torch.Tensor | None:
         """`attend_absorbed` by the fused CPU kernel reading the latent cache where it lies in a paged
         cache's pool: no gathered copy of every cached row per layer per step, which grows with the
         context. [b, s, h, v], or None (nothing stored) where it does not apply."""
-        if not hasattr(cache, "write") or cache.dtype != q_nope.dtype or (kernels := self.decode_kernels(q_nope, mask)) is None:
+        if not hasattr(cache, "write") or cache.dtype != q_nope.dtype or (fused := self.decode_kernels(q_nope, mask)) is None:
             return None
+        kernels, weights = fused
         latent_pool, pe_pool = cache.write(self.layer_index, latent, k_pe)
         return kernels.mla_decode_attention(
-            q_nope, q_pe, latent_pool, pe_pool, cache.read_slots, mask, *self.frozen_absorbed, self.softmax_scale
+            q_nope, q_pe, latent_pool, pe_pool, cache.read_slots, mask, *weights, self.softmax_scale
         )
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
