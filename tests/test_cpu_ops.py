@@ -11,6 +11,7 @@ from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fi
 from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8
 from nanoseek.infer.sampling import greedy_tokens
 from nanoseek.model import build_model, cpu_ops
@@ -189,6 +190,56 @@ def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3), (12, 1)])
+def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, queries, heads, kv_heads):
+    """The fused grouped-query attention of a decode (1 query) or verify step (3) reading keys and
+    values in a pool through scattered slots, against gathering them and SDPA: a ragged batch (the
+    shorter row's padding keys masked), groups of 4, 2 and 12 query heads (past one 8-head vector),
+    37 keys (not a multiple of the kernel's 8 in flight), the query a strided view."""
+    generator = torch.Generator().manual_seed(7)
+    dim, keys, pool_slots = 16, 37, 200
+    key_pool, value_pool = (torch.randn(pool_slots, kv_heads, dim, generator=generator).to(dtype) for _ in range(2))
+    slots = torch.stack([torch.randperm(pool_slots, generator=generator)[:keys] for _ in range(2)])
+    query = torch.randn(2, queries, heads + 3, dim, generator=generator).to(dtype)[:, :, 3:]
+    positions = torch.tensor([[keys - queries + i for i in range(queries)], [20 - queries + i for i in range(queries)]])
+    mask = (torch.arange(keys)[None, None, :] <= positions[:, :, None])[:, None]
+    with torch.no_grad():
+        fused = kernels.gqa_decode_attention(query, key_pool, value_pool, slots, mask, dim**-0.5)
+        key, value = (pool[slots.flatten()].view(2, keys, kv_heads, dim) for pool in (key_pool, value_pool))
+        expected = F.scaled_dot_product_attention(
+            query.transpose(1, 2).float(), key.transpose(1, 2).float(), value.transpose(1, 2).float(),
+            attn_mask=mask, scale=dim**-0.5, enable_gqa=True,
+        ).transpose(1, 2)
+    assert fused.shape == query.shape and fused.dtype == dtype
+    torch.testing.assert_close(fused.float(), expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+def test_grouped_query_decoding_reads_the_paged_pool(kernels, monkeypatch, name):
+    """Qwen2/Llama decode steps read keys and values where they lie in the engine's block pool
+    through the kernel, with the tokens and log-probs of the PyTorch code (blocks of 4 tokens)."""
+    model = peaky_model(name)
+    calls = []
+    fused = kernels.gqa_decode_attention
+    monkeypatch.setattr(kernels, "gqa_decode_attention", lambda *args: calls.append(1) or fused(*args))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+
+    def decode():
+        outputs = Engine(model, max_num_seqs=2, block_size=4).generate(prompts, params)
+        return [o.outputs[0] for o in outputs]
+
+    got = decode()
+    with pytorch_ops():
+        expected = decode()
+    assert calls
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.token_ids == theirs.token_ids
+        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(theirs.logprobs), rtol=1e-4, atol=1e-4)
+
+
 def test_mla_decoding_reads_the_paged_pool(kernels, monkeypatch):
     """Decode steps read the latent cache where it lies in the engine's block pool (the kernel gets
     the pool and the read slots, no gathered copy), with the tokens and log-probs of the PyTorch code.
@@ -316,7 +367,7 @@ def test_long_caches_keep_the_batched_matmuls(kernels):
     """The fused MLA kernel is for decode steps over caches of modest length; beyond
     FUSED_MLA_MAX_SCORES (query, position) pairs for the cache's dtype, or with many queries, the
     batched matmuls are faster and run instead."""
-    from nanoseek.model.attention import FUSED_MLA_MAX_QUERIES, FUSED_MLA_MAX_SCORES
+    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_GQA_MAX_SCORES, FUSED_MLA_MAX_SCORES
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
@@ -333,5 +384,13 @@ def test_long_caches_keep_the_batched_matmuls(kernels):
             assert attention.decode_kernels(two, mask(2, budget // 2))[0] is kernels
             assert attention.decode_kernels(two, mask(2, budget // 2 + 1)) is None
         assert FUSED_MLA_MAX_SCORES[torch.bfloat16] > FUSED_MLA_MAX_SCORES[torch.float32]
-        many = torch.zeros(FUSED_MLA_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)
-        assert attention.decode_kernels(many, torch.ones(FUSED_MLA_MAX_QUERIES + 1, 1, 1, 8, dtype=torch.bool)) is None
+        many = torch.zeros(FUSED_ATTENTION_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)
+        assert attention.decode_kernels(many, torch.ones(FUSED_ATTENTION_MAX_QUERIES + 1, 1, 1, 8, dtype=torch.bool)) is None
+
+    grouped = build_model(tiny_config("qwen2"), seed=0).model.layers[0].self_attn
+    cache = PagedKVCache(tiny_config("qwen2"), num_blocks=4, block_size=4)
+    query = torch.zeros(1, 1, grouped.num_heads, grouped.head_dim)
+    with torch.no_grad():
+        assert grouped.decode_kernels(query, cache, mask(1, FUSED_GQA_MAX_SCORES)) is kernels
+        assert grouped.decode_kernels(query, cache, mask(1, FUSED_GQA_MAX_SCORES + 1)) is None
+        assert grouped.decode_kernels(query.bfloat16(), cache, mask(1, 8)) is None  # a cache of another dtype

@@ -40,17 +40,23 @@ class KVCache(Protocol):
 
 # Largest [batch, heads, queries, keys] score tensor the eager path materializes (fp32: 256 MB).
 EAGER_ATTENTION_MAX_SCORES = 1 << 26
-# Absorbed attention takes the fused CPU kernel (one thread) up to this many queries in a batch
-# (batch-1 decode and speculative verification); beyond, the batched matmuls' GEMM efficiency wins
-# (16 requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
+# Attention takes the fused CPU kernels (one thread) up to this many queries in a batch (batch-1
+# decode and speculative verification); beyond, the batched matmuls' GEMM efficiency wins (MLA, 16
+# requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
 # spread over both threads by OpenMP).
-FUSED_MLA_MAX_QUERIES = 4
+FUSED_ATTENTION_MAX_QUERIES = 4
 # ...and up to this many (query, cached position) pairs: its work grows with both, on one thread,
 # while the matmuls' GEMMs use every thread (`small`, kernel alone vs matmuls: 1 query 1.97x fp32 /
 # 2.58x bf16 at 192 keys, 1.26x / 1.77x at 512, 0.97x / 1.26x at 1,024; 4 queries 1.43x / 1.70x at
 # 64 keys, 0.95x / 1.18x at 192). A bf16/fp16 cache goes further: the matmul path first converts every
 # cached row to fp32 (whole decode steps at 960-1,088 cached positions: 1.19x bf16, 0.98x fp32).
 FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16: 2048}
+# Grouped-query attention takes its kernel (reading keys and values in the paged pool) under the
+# same query limit and up to this many (query, cached position) pairs: single-threaded, it loses
+# to gathering the history and SDPA over two threads beyond (`qwen2-small`, batch 1, whole decode
+# steps fp32 / bf16: 1.07x / 1.15x at 64-192 cached positions, 1.02x at 400-528, 0.94x / 0.91x at
+# 800-928; 2 or 4 requests at 64-192: 1.01x).
+FUSED_GQA_MAX_SCORES = 512
 
 
 def _attend(
@@ -251,7 +257,7 @@ class MultiHeadLatentAttention(nn.Module):
             return None
         queries = q_nope.shape[0] * q_nope.shape[1]
         budget = FUSED_MLA_MAX_SCORES.get(q_nope.dtype, 0)
-        if queries > FUSED_MLA_MAX_QUERIES or queries * mask.shape[-1] > budget:
+        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > budget:
             return None
         if (kernels := cpu_ops.for_inference(q_nope)) is None or (weights := self.kernel_weights()) is None:
             return None
@@ -344,6 +350,10 @@ class GroupedQueryAttention(nn.Module):
             key = apply_rope_half(self.k_proj(x).unflatten(-1, (kv_heads, dim)), angles)
             value = self.v_proj(x)
         value = value.unflatten(-1, (kv_heads, dim))
+        if cache is not None and (kernels := self.decode_kernels(query, cache, mask)) is not None:
+            key_pool, value_pool = cache.write(self.layer_index, key, value)
+            out = kernels.gqa_decode_attention(query, key_pool, value_pool, cache.read_slots, mask, self.softmax_scale)
+            return self.o_proj(out.flatten(2))
         if cache is not None:
             key, value = cache.update(self.layer_index, positions, mask.shape[-1], key, value)
         out = _attend(
@@ -351,3 +361,13 @@ class GroupedQueryAttention(nn.Module):
             num_kv_groups=self.num_heads // self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def decode_kernels(self, query: torch.Tensor, cache: KVCache, mask: torch.Tensor | None):
+        """The fused CPU kernels when this step's attention may read the paged pool through them: a
+        decode or verify step (few queries) over a cache of modest length, no gradient; else None."""
+        if mask is None or not hasattr(cache, "write") or cache.dtype != query.dtype:
+            return None
+        queries = query.shape[0] * query.shape[1]
+        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > FUSED_GQA_MAX_SCORES:
+            return None
+        return cpu_ops.for_inference(query)

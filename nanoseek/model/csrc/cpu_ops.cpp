@@ -90,7 +90,8 @@ void weighted_rows(const float* weights, int64_t weight_stride, const float* row
 }
 
 constexpr int64_t HEAD_LANES = 8;       // heads scored together: one vector of fp32 per key
-constexpr int64_t KEYS_IN_FLIGHT = 8;   // independent sums per head vector, to hide the add latency
+constexpr int64_t KEYS_IN_FLIGHT = 8;
+constexpr int64_t PREFETCH_ROWS_AHEAD = 8;  // cached rows requested ahead of their conversion   // independent sums per head vector, to hide the add latency
 typedef float HeadVector __attribute__((vector_size(HEAD_LANES * sizeof(float))));  // GCC/Clang vectors
 
 // scores[t * lanes + h] = scale * query[h] . keys[t] for every head at once. The query comes
@@ -114,6 +115,34 @@ void head_scores(const float* query_t, int64_t lanes, const float* keys, int64_t
       }
     }
   }
+}
+
+// In place, scores [keys][lanes] -> probabilities over the keys row_mask allows (others 0), per lane:
+// vectorized across lanes (heads). peak and total are scratch [lanes].
+void softmax_over_keys(float* scores, int64_t keys, int64_t lanes, const bool* row_mask, int64_t mask_stride,
+                       float* peak, float* total) {
+  std::fill(peak, peak + lanes, -std::numeric_limits<float>::infinity());
+  std::fill(total, total + lanes, 0.f);
+  for (int64_t t = 0; t < keys; ++t) {
+    if (!row_mask[t * mask_stride]) continue;
+    const float* row = scores + t * lanes;
+    for (int64_t h = 0; h < lanes; ++h) peak[h] = std::max(peak[h], row[h]);
+  }
+  for (int64_t t = 0; t < keys; ++t) {
+    float* row = scores + t * lanes;
+    if (!row_mask[t * mask_stride]) { std::fill(row, row + lanes, 0.f); continue; }
+    for (int64_t h = 0; h < lanes; ++h) total[h] += (row[h] = vector_exp(row[h] - peak[h]));
+  }
+  for (int64_t h = 0; h < lanes; ++h) total[h] = total[h] > 0.f ? 1.f / total[h] : 0.f;
+  for (int64_t t = 0; t < keys; ++t)
+    for (int64_t h = 0; h < lanes; ++h) scores[t * lanes + h] *= total[h];
+}
+
+// Ask for the cache lines of values[0:n] ahead of their use.
+template <typename T>
+inline void prefetch(const T* values, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(values);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
 }
 
 template <typename T>
@@ -151,6 +180,10 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   const bool* allowed = mask.data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < keys; ++t) {
+      if (t + PREFETCH_ROWS_AHEAD < keys) {
+        prefetch(row_of(latent, b, t + PREFETCH_ROWS_AHEAD), rank);
+        prefetch(row_of(k_pe, b, t + PREFETCH_ROWS_AHEAD), rope);
+      }
       to_float(row_of(latent, b, t), rank, cached.data() + t * dims);
       to_float(row_of(k_pe, b, t), rope, cached.data() + t * dims + rank);
     }
@@ -164,29 +197,66 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
         for (int64_t d = 0; d < rope; ++d) query_t[(rank + d) * lanes + h] = static_cast<float>(qp[h * q_pe.stride(2) + d]);
       }
       head_scores(query_t.data(), lanes, cached.data(), dims, keys, scale, scores.data());
-      // Softmax over the allowed keys, vectorized across heads.
       const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
-      std::fill(peak.begin(), peak.end(), -std::numeric_limits<float>::infinity());
-      std::fill(total.begin(), total.end(), 0.f);
-      for (int64_t t = 0; t < keys; ++t) {
-        if (!row_mask[t * mask.stride(3)]) continue;
-        const float* row = scores.data() + t * lanes;
-        for (int64_t h = 0; h < lanes; ++h) peak[h] = std::max(peak[h], row[h]);
-      }
-      for (int64_t t = 0; t < keys; ++t) {
-        float* row = scores.data() + t * lanes;
-        if (!row_mask[t * mask.stride(3)]) { std::fill(row, row + lanes, 0.f); continue; }
-        for (int64_t h = 0; h < lanes; ++h) total[h] += (row[h] = vector_exp(row[h] - peak[h]));
-      }
-      for (int64_t h = 0; h < lanes; ++h) total[h] = total[h] > 0.f ? 1.f / total[h] : 0.f;
-      for (int64_t t = 0; t < keys; ++t)
-        for (int64_t h = 0; h < lanes; ++h) scores[t * lanes + h] *= total[h];
+      softmax_over_keys(scores.data(), keys, lanes, row_mask, mask.stride(3), peak.data(), total.data());
       for (int64_t h = 0; h < heads; ++h) {
         float* mix = mixed.data() + h * rank;
         weighted_rows(scores.data() + h, lanes, cached.data(), dims, keys, rank, mix);
         weighted_rows(mix, 1, w_uv_t + h * rank * value_dim, value_dim, rank, value_dim, head_out.data());
         T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
         for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
+      }
+    }
+  }
+}
+
+// Grouped-query attention for the few queries of a decode or verify step, in fp32, reading keys and
+// values where they lie in the paged pool (key/value pools [slots, kv_heads, dim], `slots` [b, >= t]
+// mapping each row's positions). Per sequence and KV head, its cached rows are converted to fp32 once
+// and shared by the group's query heads: scores over all of them at once (vectors of heads, as MLA),
+// softmax, then each head's weighted sum of the value rows.
+template <typename T>
+void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, const torch::Tensor& value_pool,
+                     const torch::Tensor& slots, const torch::Tensor& mask, float scale, torch::Tensor& out) {
+  const int64_t batch = query.size(0), seq = query.size(1), heads = query.size(2), dim = query.size(3);
+  const int64_t kv_heads = key_pool.size(1), group = heads / kv_heads, keys = mask.size(3);
+  const int64_t lanes = (group + HEAD_LANES - 1) / HEAD_LANES * HEAD_LANES;
+  const int64_t padded_keys = (keys + KEYS_IN_FLIGHT - 1) / KEYS_IN_FLIGHT * KEYS_IN_FLIGHT;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  // Per KV head: its cached keys [padded_keys][dim] (pad rows zero) and values [keys][dim].
+  std::vector<float> cached_keys(kv_heads * padded_keys * dim, 0.f), cached_values(kv_heads * keys * dim),
+      query_t(dim * lanes, 0.f), scores(keys * lanes), head_out(dim), peak(lanes), total(lanes);
+  const bool* allowed = mask.data_ptr<bool>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < keys; ++t) {  // one pass over the rows, each read whole (all KV heads) in pool order
+      const int64_t row = slot[b * slots.stride(0) + t];
+      if (t + PREFETCH_ROWS_AHEAD < keys) {  // the pool is cold; its blocks are scattered
+        const int64_t ahead = slot[b * slots.stride(0) + t + PREFETCH_ROWS_AHEAD];
+        prefetch(key_pool.data_ptr<T>() + ahead * key_pool.stride(0), key_pool.stride(0));
+        prefetch(value_pool.data_ptr<T>() + ahead * value_pool.stride(0), value_pool.stride(0));
+      }
+      const T* key_row = key_pool.data_ptr<T>() + row * key_pool.stride(0);
+      const T* value_row = value_pool.data_ptr<T>() + row * value_pool.stride(0);
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        to_float(key_row + g * key_pool.stride(1), dim, cached_keys.data() + (g * padded_keys + t) * dim);
+        to_float(value_row + g * value_pool.stride(1), dim, cached_values.data() + (g * keys + t) * dim);
+      }
+    }
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const float* group_keys = cached_keys.data() + g * padded_keys * dim;
+      const float* group_values = cached_values.data() + g * keys * dim;
+      for (int64_t s = 0; s < seq; ++s) {
+        const T* q = query.data_ptr<T>() + b * query.stride(0) + s * query.stride(1) + g * group * query.stride(2);
+        for (int64_t h = 0; h < group; ++h)
+          for (int64_t d = 0; d < dim; ++d) query_t[d * lanes + h] = static_cast<float>(q[h * query.stride(2) + d]);
+        head_scores(query_t.data(), lanes, group_keys, dim, keys, scale, scores.data());
+        const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
+        softmax_over_keys(scores.data(), keys, lanes, row_mask, mask.stride(3), peak.data(), total.data());
+        for (int64_t h = 0; h < group; ++h) {
+          weighted_rows(scores.data() + h, lanes, group_values, dim, keys, dim, head_out.data());
+          T* o = out.data_ptr<T>() + ((b * seq + s) * heads + g * group + h) * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(head_out[d]);
+        }
       }
     }
   }
@@ -363,6 +433,31 @@ torch::Tensor mla_decode_attention(const torch::Tensor& q_nope, const torch::Ten
   return out;
 }
 
+// [b, s, h, d] grouped-query attention of a decode or verify step over the paged pool (see
+// gqa_decode_rows); query's last dimension contiguous, pools [slots, kv_heads, d] in query's dtype.
+torch::Tensor gqa_decode_attention(const torch::Tensor& query, const torch::Tensor& key_pool,
+                                   const torch::Tensor& value_pool, const torch::Tensor& slots, const torch::Tensor& mask,
+                                   double scale) {
+  TORCH_CHECK(query.dim() == 4 && key_pool.dim() == 3 && value_pool.sizes() == key_pool.sizes() &&
+                  key_pool.size(2) == query.size(3) && query.size(2) % key_pool.size(1) == 0,
+              "gqa_decode_attention: query [b, s, h, d], pools [slots, kv_heads, d] with h a multiple of kv_heads");
+  TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(0) == query.size(0) &&
+                  mask.size(2) == query.size(1),
+              "gqa_decode_attention: mask must be bool [b, 1, s, t]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == query.size(0) &&
+                  slots.size(1) >= mask.size(3) && slots.stride(1) == 1,
+              "gqa_decode_attention: slots [b, >= t] int64 must cover the mask's keys");
+  TORCH_CHECK(key_pool.scalar_type() == query.scalar_type() && value_pool.scalar_type() == query.scalar_type(),
+              "gqa_decode_attention: pools and query must share a dtype");
+  for (const auto* t : {&query, &key_pool, &value_pool})
+    TORCH_CHECK(t->stride(-1) == 1, "gqa_decode_attention: last dimensions must be contiguous");
+  auto out = torch::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "gqa_decode_attention", [&] {
+    gqa_decode_rows<scalar_t>(query, key_pool, value_pool, slots, mask, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
 // nanoseek.infer.quant.int8_linear's packed-kernel path as one call (the same ATen ops, minus the
 // Python dispatch of each): x [..., in] @ (q * scale)^T computed in scale's dtype, returned in x's.
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
@@ -463,6 +558,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (packed kernel) with its casts");
   m.def("mla_decode_attention", &mla_decode_attention, "MLA absorbed attention for a few queries");
+  m.def("gqa_decode_attention", &gqa_decode_attention, "grouped-query attention for a few queries over the pool");
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
