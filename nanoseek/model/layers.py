@@ -14,12 +14,7 @@ from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model import cpu_ops
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
-FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
-# ...for weights of at least this many elements. Smaller ones stay in cache between decode steps,
-# where F.linear's one call beats the four ops around the transposed product (one row, in cache:
-# 128 x 128 2.9 vs 12.6 us, 128 x 384 4.3 vs 14.9), and from memory the two are about even there
-# (128 x 128 9.3 vs 14.2 us, 384 x 128 22.8 vs 18.8; 512 x 256: 44 vs 26).
-FEW_ROWS_MIN_ELEMENTS = 1 << 16
+FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,7 +36,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (  # training and GPUs leave here, after two cheap checks
         torch.is_grad_enabled() or x.device.type != "cpu"
         or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
-        or weight.numel() < FEW_ROWS_MIN_ELEMENTS
     ):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
