@@ -364,10 +364,14 @@ def test_a_build_is_kept_per_cpu_and_torch_version(monkeypatch):
 
 
 def test_long_caches_keep_the_batched_matmuls(kernels):
-    """The fused MLA kernel is for decode steps over caches of modest length; beyond
-    FUSED_MLA_MAX_SCORES (query, position) pairs for the cache's dtype, or with many queries, the
-    batched matmuls are faster and run instead."""
-    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_GQA_MAX_SCORES, FUSED_MLA_MAX_SCORES
+    """The fused attention kernels are for decode steps over caches of modest length; beyond
+    FUSED_MLA_MAX_SCORES (MLA, per cache dtype) or FUSED_GQA_MAX_SCORES (query, position) pairs, or
+    with many queries, the batched matmuls (MLA) or gathering the history and SDPA (GQA) run instead."""
+    from nanoseek.model.attention import (
+        FUSED_ATTENTION_MAX_QUERIES,
+        FUSED_GQA_MAX_SCORES,
+        FUSED_MLA_MAX_SCORES,
+    )
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
