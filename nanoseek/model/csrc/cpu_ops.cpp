@@ -89,9 +89,9 @@ void weighted_rows(const float* weights, int64_t weight_stride, const float* row
   weighted_rows_chunks<1>(weights, weight_stride, rows, row_stride, count, from, n, out);
 }
 
-constexpr int64_t HEAD_LANES = 8;       // heads scored together: one vector of fp32 per key
-constexpr int64_t KEYS_IN_FLIGHT = 8;
-constexpr int64_t PREFETCH_ROWS_AHEAD = 8;  // cached rows requested ahead of their conversion   // independent sums per head vector, to hide the add latency
+constexpr int64_t HEAD_LANES = 8;           // heads scored together: one vector of fp32 per key
+constexpr int64_t KEYS_IN_FLIGHT = 8;       // independent sums per head vector, to hide the add latency
+constexpr int64_t PREFETCH_ROWS_AHEAD = 8;  // cached rows requested ahead of their conversion
 typedef float HeadVector __attribute__((vector_size(HEAD_LANES * sizeof(float))));  // GCC/Clang vectors
 
 // scores[t * lanes + h] = scale * query[h] . keys[t] for every head at once. The query comes
