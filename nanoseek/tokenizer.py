@@ -489,6 +489,10 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = 0  # ids up to here have been emitted as text
+        # Ends in (read_offset, held_back] are known to decode to text ending in U+FFFD (they stay so as
+        # ids are appended), so a stream of bytes that never forms a character (a random-weights model)
+        # costs one more decode per token, not a walk back over everything held.
+        self.held_back = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -501,15 +505,19 @@ class StreamDecoder:
         """Add several ids; return the text they complete, as feeding them one at a time would have, in
         one decode (plus one more per token of a character still incomplete at the end)."""
         self.ids.extend(token_ids)
-        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        end = len(self.ids)
-        text = self._decode(self.ids[self.prefix_offset : end])
-        while text.endswith("\ufffd") and end > self.read_offset:
-            end -= 1
+        end, floor = len(self.ids), max(self.read_offset, self.held_back)
+        while end > floor:  # the longest window whose text does not end inside a character
             text = self._decode(self.ids[self.prefix_offset : end])
-        if end == self.read_offset or len(text) <= len(emitted):
+            if not text.endswith("\ufffd"):
+                break
+            end -= 1
+        else:
+            self.held_back = len(self.ids)
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, end
+        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        if len(text) <= len(emitted):
+            return ""
+        self.prefix_offset, self.read_offset, self.held_back = self.read_offset, end, 0
         return text[len(emitted) :]
 
     def flush(self) -> str:
@@ -517,6 +525,7 @@ class StreamDecoder:
         emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
+        self.held_back = 0
         return text[len(emitted) :]
 
 
