@@ -59,6 +59,18 @@ FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16:
 FUSED_GQA_MAX_SCORES = 512
 
 
+def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max_scores: int):
+    """The fused CPU kernels if the attention of `query` [b, s, ...] may take them: at most
+    FUSED_ATTENTION_MAX_QUERIES queries and `max_scores` (query, cached position) pairs, a mask given
+    (decode or verify), no gradient, CPU; else None."""
+    if mask is None:
+        return None
+    queries = query.shape[0] * query.shape[1]
+    if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores:
+        return None
+    return cpu_ops.for_inference(query)
+
+
 def _attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -253,13 +265,8 @@ class MultiHeadLatentAttention(nn.Module):
         """(the fused CPU kernels, their absorbed weights) when the absorbed attention of these queries
         may take them: a decode or verify step (few queries) over a cache of modest length, no
         gradient; else None."""
-        if mask is None:
-            return None
-        queries = q_nope.shape[0] * q_nope.shape[1]
-        budget = FUSED_MLA_MAX_SCORES.get(q_nope.dtype, 0)
-        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > budget:
-            return None
-        if (kernels := cpu_ops.for_inference(q_nope)) is None or (weights := self.kernel_weights()) is None:
+        kernels = decode_attention_kernels(q_nope, mask, FUSED_MLA_MAX_SCORES.get(q_nope.dtype, 0))
+        if kernels is None or (weights := self.kernel_weights()) is None:
             return None
         return kernels, weights
 
@@ -365,9 +372,6 @@ class GroupedQueryAttention(nn.Module):
     def decode_kernels(self, query: torch.Tensor, cache: KVCache, mask: torch.Tensor | None):
         """The fused CPU kernels when this step's attention may read the paged pool through them: a
         decode or verify step (few queries) over a cache of modest length, no gradient; else None."""
-        if mask is None or not hasattr(cache, "write") or cache.dtype != query.dtype:
+        if not hasattr(cache, "write") or cache.dtype != query.dtype:
             return None
-        queries = query.shape[0] * query.shape[1]
-        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > FUSED_GQA_MAX_SCORES:
-            return None
-        return cpu_ops.for_inference(query)
+        return decode_attention_kernels(query, mask, FUSED_GQA_MAX_SCORES)
