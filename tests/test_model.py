@@ -109,6 +109,23 @@ def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
         torch.testing.assert_close(layers.linear(x, layer.weight.t().contiguous().t()), expected - (layer.bias if bias else 0))
 
 
+def test_few_row_products_can_be_turned_off(monkeypatch):
+    """Inside `few_row_products(False)` (an engine decoding a model that stays in cache) a few-row
+    product is one F.linear call, with the same values; outside, the transposed product again."""
+    layer = Linear(48, 80)
+    x = torch.randn(2, 1, 48)
+    calls = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        expected = original(x, layer.weight, layer.bias)
+        with layers.few_row_products(False):
+            torch.testing.assert_close(layer(x), expected)
+        assert len(calls) == 1
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
 # ----- MLA: naive vs absorbed (fact 7) ---------------------------------------------------------
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm"])
 def test_mla_absorbed_path_equals_naive_path(name):

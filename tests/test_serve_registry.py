@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 import time
 
 import httpx
@@ -59,13 +61,18 @@ def test_checkpoints_outside_the_model_roots_are_refused(http, tmp_path):
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
 
 
-def test_switch_and_unload_while_requests_are_in_flight(http):
+def test_switch_and_unload_while_requests_are_in_flight(server, http):
     before = complete(http, "tiny", 20)
     body = {"model": "tiny", "prompt": "Once", "max_tokens": 400, "stream": True, **GREEDY,
             "stream_options": {"include_usage": True}}
-    with http.stream("POST", "/v1/completions", json=body) as in_flight:
+    old_engine = server.state.manager.entries["tiny"].deployment.engine
+    gate = threading.Event()  # holds the old engine between steps: its request stays in flight, however fast
+    step = old_engine.step
+    with http.stream("POST", "/v1/completions", json=body) as in_flight, contextlib.ExitStack() as opened:
         lines = in_flight.iter_lines()
         first = json.loads(next(lines)[len("data: "):])
+        old_engine.step = lambda: gate.wait() and step()
+        opened.callback(gate.set)  # even when an assertion below fails
         # other models come and go while "tiny" streams
         card = http.post("/v1/models/b/load", json={"path": "tiny-b"}).json()
         assert card["state"] == "loaded" and card["max_model_len"] == 4096
@@ -77,6 +84,7 @@ def test_switch_and_unload_while_requests_are_in_flight(http):
         assert 'nanoseek:num_requests_running{model_name="tiny"} 1.0' in http.get("/metrics").text
         assert http.post("/v1/models/tiny/switch", json={"path": "tiny-b"}).json()["state"] == "loaded"
         assert complete(http, "tiny") == other != before[: len(other)]
+        gate.set()
         events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
     text = first["choices"][0]["text"] + "".join(event["choices"][0]["text"] for event in events if event["choices"])
     assert events[-1]["usage"]["completion_tokens"] == 400  # finished on the old engine, nothing dropped

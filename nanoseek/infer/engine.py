@@ -53,7 +53,7 @@ from nanoseek.infer.outputs import (
     RequestOutput,
     StreamEvent,
 )
-from nanoseek.infer.packing import pack_model
+from nanoseek.infer.packing import pack_model, weights_stay_in_cache
 from nanoseek.infer.quant import fuse_int8, int8_fusable
 from nanoseek.infer.sampling import (
     PenaltyState,
@@ -68,7 +68,7 @@ from nanoseek.infer.sampling import (
 )
 from nanoseek.infer.speculative import accept_drafts, mtp_forward
 from nanoseek.model.cache import cache_bytes_per_token
-from nanoseek.model.layers import FusedProjection, fusable
+from nanoseek.model.layers import FusedProjection, few_row_products, fusable
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
 DEFAULT_CACHE_MEMORY = 1 << 30
@@ -378,6 +378,7 @@ class Engine:
     ):
         config = model.config
         device = model.lm_head.weight.device
+        self.few_row_products = not weights_stay_in_cache(model)  # see nanoseek.model.layers.linear
         if fuse:
             fuse_projections(model)
         if pack_weights:
@@ -635,7 +636,7 @@ class Engine:
     # ----- the step -----------------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
         """Admit, prefill and decode once; return the events produced (also delivered to their handles)."""
-        with self._step_lock, torch.inference_mode():
+        with self._step_lock, torch.inference_mode(), few_row_products(self.few_row_products):
             self._drain_inbox()
             events: list[StreamEvent] = []
             try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +17,20 @@ from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model import cpu_ops
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
-FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread
+FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
+# ...unless the caller turned the product off (`few_row_products`): for a model whose weights stay in
+# cache, F.linear's single call wins (see `weights_stay_in_cache`).
+_few_row_products = contextvars.ContextVar("few_row_products", default=True)
+
+
+@contextlib.contextmanager
+def few_row_products(enabled: bool) -> Iterator[None]:
+    """Let `linear` use its transposed product for few rows (the default) or not, in this block."""
+    token = _few_row_products.set(enabled)
+    try:
+        yield
+    finally:
+        _few_row_products.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,6 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (  # training and GPUs leave here, after two cheap checks
         torch.is_grad_enabled() or x.device.type != "cpu"
         or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
+        or not _few_row_products.get()
     ):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
