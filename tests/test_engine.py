@@ -10,9 +10,8 @@ import torch
 from engine_fixtures import peaky_model, reference_greedy, single_thread, tiny_tokenizer  # noqa: F401 (autouse fixture)
 
 from nanoseek.errors import GenerationError
-from nanoseek.infer import BeamSearchParams, Engine, SamplingParams
+from nanoseek.infer import BeamSearchParams, Engine, SamplingParams, packing
 from nanoseek.infer.engine import _TextTracker
-from nanoseek.infer import packing
 from nanoseek.model import layers
 from nanoseek.model.cache import cache_bytes_per_token
 from nanoseek.model.moe import RoutedExperts
