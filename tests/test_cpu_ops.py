@@ -16,7 +16,7 @@ from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8
 from nanoseek.infer.sampling import greedy_tokens
 from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
-from nanoseek.model.moe import Router
+from nanoseek.model.moe import EXPERT_KERNEL_MAX_BF16_TOKENS, RoutedExperts, Router
 
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
 
@@ -267,6 +267,58 @@ def test_routing_equals_pytorch(kernels, name):
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dtype, tokens, threads):
+    """The fused layer against the executable specification (naive_forward), on sizes off every block
+    width: 72-wide rows (16-lane vectors plus a tail), 2 x 22 gate/up rows and 72 down rows (not
+    multiples of the 4-row blocks), 70 tokens (tiles of 6 vectors plus a rest), experts shared between
+    tokens and unused ones; with two threads the split of rows falls inside experts."""
+    experts = RoutedExperts(tiny_config("v3", hidden_size=72, moe_intermediate_size=22, n_routed_experts=7,
+                                        num_experts_per_tok=3, n_group=1, topk_group=1))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2, generator=generator)
+        experts.down_proj.normal_(0, 0.2, generator=generator)
+    experts = experts.to(dtype)
+    x = torch.randn(tokens, 72, generator=generator).to(dtype)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    indices = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])  # expert 6 unused
+    weights = torch.rand(tokens, 3, generator=generator)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        got = kernels.routed_experts(x, gate_up, down, indices, weights)
+        with pytorch_ops():  # in fp32 from the same (rounded) weights: bf16's naive sum rounds at every step
+            expected = experts.float().naive_forward(x.float(), weights, indices)
+    assert got.dtype == dtype and got.shape == (tokens, 72)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=tolerance)
+    with pytest.raises(RuntimeError, match="expert index out of range"):
+        kernels.routed_experts(x, gate_up, down, indices + 7, weights)
+
+
+@pytest.mark.parametrize("dtype, tokens, expected", [
+    (torch.float32, 1, True), (torch.float32, 300, True),
+    (torch.bfloat16, EXPERT_KERNEL_MAX_BF16_TOKENS, True), (torch.bfloat16, EXPERT_KERNEL_MAX_BF16_TOKENS + 1, False),
+])
+def test_moe_layers_take_the_routed_experts_kernel_at_inference(kernels, monkeypatch, dtype, tokens, expected):
+    """fp32 at any token count, bf16 up to EXPERT_KERNEL_MAX_BF16_TOKENS (oneDNN's bf16 products win
+    beyond); never with gradients recorded (training runs the grouped PyTorch path)."""
+    model = peaky_model("v3").to(dtype)
+    calls = []
+    fused = kernels.routed_experts
+    monkeypatch.setattr(kernels, "routed_experts", lambda *args: calls.append(1) or fused(*args))
+    ids = torch.randint(3, 96, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    assert bool(calls) == expected
+    calls.clear()
+    model.train()
+    model(ids[:, :4]).logits.sum().backward()
+    assert not calls
 
 
 def test_kernels_stay_out_of_autograd(kernels):

@@ -12,7 +12,7 @@ from engine_fixtures import peaky_model, reference_greedy, single_thread, tiny_t
 from nanoseek.errors import GenerationError
 from nanoseek.infer import BeamSearchParams, Engine, SamplingParams, packing
 from nanoseek.infer.engine import _TextTracker
-from nanoseek.model import layers
+from nanoseek.model import cpu_ops, layers
 from nanoseek.model.cache import cache_bytes_per_token
 from nanoseek.model.moe import RoutedExperts
 
@@ -377,9 +377,11 @@ def test_moe_decode_reads_only_the_chosen_experts(monkeypatch):
 
 
 def test_moe_decode_runs_small_experts_all_at_once_with_the_same_tokens(monkeypatch):
-    """Experts as small as this model's cost less all at once (one matmul over all of them, the gate
-    weights zeroing the unchosen) than one call per chosen expert: plain and speculative decoding take
-    that path and give the tokens of the one-by-one path."""
+    """Without the fused CPU kernels (whose routed-experts kernel comes first), experts as small as this
+    model's cost less all at once (one matmul over all of them, the gate weights zeroing the unchosen)
+    than one call per chosen expert: plain and speculative decoding take that path and give the tokens
+    of the one-by-one path."""
+    monkeypatch.setattr(cpu_ops, "_state", "off")
     calls = []
     all_experts_forward = RoutedExperts.all_experts_forward
     monkeypatch.setattr(RoutedExperts, "all_experts_forward", lambda *args: calls.append(1) or all_experts_forward(*args))

@@ -17,7 +17,7 @@ from nanoseek.infer.packing import (
     packed_while,
     packing_supported,
 )
-from nanoseek.model import build_model
+from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.layers import is_plain_linear
 from nanoseek.model.moe import RoutedExperts, all_at_once_threshold
 
@@ -115,11 +115,14 @@ def test_experts_run_one_by_one_under_autocast_and_in_fp16():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_experts_all_at_once_equal_each_token_through_its_experts(dtype, monkeypatch):
-    """Many tokens over most experts take one pair of matmuls over all experts: it equals running each
-    token through its chosen experts (naive_forward), as one call per expert does."""
+    """Without the fused CPU kernels (whose routed-experts kernel comes first), many tokens over most
+    experts take one pair of matmuls over all experts: it equals running each token through its chosen
+    experts (naive_forward), as one call per expert does; and each expert's matrices are packed."""
     model = build_model(tiny_config("v3", n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1), seed=0).to(dtype)
     experts = model.model.layers[1].mlp.experts
+    monkeypatch.setattr(cpu_ops, "_state", "off")
     packed = PackedRoutedExperts(experts)
+    assert not packed.streamed and packed.per_expert[0][0].is_mkldnn
     generator = torch.Generator().manual_seed(0)
     tokens = 12
     x = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=generator).to(dtype)
@@ -136,6 +139,23 @@ def test_packed_experts_all_at_once_equal_each_token_through_its_experts(dtype, 
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
     torch.testing.assert_close(one_by_one, expected, rtol=0, atol=tolerance)
     assert "side_by_side" not in "".join(packed.state_dict())  # not state: the same weights, repacked
+
+def test_packed_experts_keep_the_stacks_the_kernel_streams():
+    """With the fused CPU kernels the expert stacks are not copied: the routed-experts kernel streams
+    the parameters' own storage (and nothing is packed side by side, since the kernel comes first)."""
+    if cpu_ops.load() is None:
+        pytest.skip("the fused CPU kernels could not be built here")
+    model = build_model(tiny_config("v3", n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1), seed=0)
+    experts = model.model.layers[1].mlp.experts
+    packed = PackedRoutedExperts(experts)
+    assert packed.streamed and packed.stacks[0].data_ptr() == experts.gate_up_proj.data_ptr()
+    assert packed.stacks[1].data_ptr() == experts.down_proj.data_ptr()
+    x, indices = torch.randn(12, 64), torch.stack([torch.randperm(16)[:4] for _ in range(12)])
+    weights = torch.rand(12, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x, weights, indices), experts.naive_forward(x, weights, indices), rtol=1e-5, atol=1e-5)
+    assert packed.side_by_side is None
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_engine_packs_models_and_decodes_the_same_tokens(dtype):

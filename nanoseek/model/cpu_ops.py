@@ -5,8 +5,10 @@ ATen ops (cast up, norm, cast down, scale), each paying dispatch and allocation 
 from streaming the weights. These kernels do such chains in one call (the idea of vLLM's and
 SGLang's CPU kernels, written here for our layouts): RMSNorm, SiLU-and-multiply, rotary embedding,
 MoE routing, MLA's absorbed attention for the few queries of a decode step, and the int8 linear's
-casts around its matmul. They run on the calling thread (no OpenMP of their own), which is why the
-attention kernel is kept to small batches.
+casts around its matmul. They run on the calling thread, which is why the attention kernel is kept
+to small batches. One kernel streams weights instead and splits them over torch's own threads
+(`at::parallel_for`; on Linux the build links the OpenMP runtime torch already loaded): a routed-experts
+layer, each used expert's matrices read once, with no library call per expert.
 
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the
@@ -61,7 +63,8 @@ def load() -> ModuleType | None:
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
         name, flags = build_name_and_flags()
-        _module = build(name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+        _module = build(name, sources=[str(SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp, verbose=False)
         _state = "loaded"
     except Exception as error:  # no compiler, no ninja, read-only cache...: the PyTorch code still runs
         warnings.warn(f"nanoseek: fused CPU kernels unavailable ({type(error).__name__}: {str(error)[:200]}); "

@@ -1,9 +1,11 @@
 // Fused CPU kernels for inference: each replaces a chain of small ATen ops whose per-op dispatch and
 // allocation cost dominates batch-1 decoding on CPU. Semantics (including where results are rounded to
 // the input dtype) follow the PyTorch code they replace in nanoseek/model; tests/test_cpu_ops.py pins
-// each kernel against it. Built on first use by nanoseek/model/cpu_ops.py. Every kernel runs on the
-// calling thread: a decode step's few rows cost less than a parallel region.
+// each kernel against it. Built on first use by nanoseek/model/cpu_ops.py. The kernels run on the
+// calling thread (a decode step's few rows cost less than a parallel region), except routed_experts,
+// which streams megabytes of weights and splits them over torch's threads (at::parallel_for).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -305,6 +307,152 @@ inline Vector16 load16(const T* p) {
   return v;
 }
 
+// Products of few vectors with a row-major [rows][n] matrix, fp32 sums: out[v][r] = w[r] . xs[v].
+// Blocks of MATRIX_ROWS rows x up to VECTORS_AT_ONCE vectors keep their sums in registers (each
+// weight vector loaded once per block serves every vector: GEMM register blocking, and independent
+// sums hide the add latency); a block's rows stay in L1 while the vectors pass over them, so the
+// weights stream from memory once, in order.
+// These products are the one place the build's -ffp-contract=off is lifted: fused multiply-adds
+// double their arithmetic rate (a multiply and an add each take a vector pipe), and nothing needs them
+// to round like a PyTorch op (a GEMM's summation order is its own).
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+constexpr int64_t MATRIX_ROWS = 4;
+constexpr int64_t VECTORS_AT_ONCE = 6;
+
+typedef float Vector8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Vector4 __attribute__((vector_size(4 * sizeof(float))));
+
+// The sum of a vector's lanes by halving (16 -> 8 -> 4 -> 1: a few shuffles and adds, not 16 extracts).
+inline float lane_sum(const Vector16& v) {
+  Vector8 low, high;
+  std::memcpy(&low, &v, sizeof low);
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+  const Vector8 eight = low + high;
+  Vector4 first, second;
+  std::memcpy(&first, &eight, sizeof first);
+  std::memcpy(&second, reinterpret_cast<const char*>(&eight) + sizeof first, sizeof second);
+  const Vector4 four = first + second;
+  return (four[0] + four[2]) + (four[1] + four[3]);
+}
+
+// The lane sums of four vectors at once, by halving all four together (15 shuffles and adds for four
+// results instead of ~8 operations each: at n = 256 they would cost half as much as the products).
+inline Vector4 lane_sums4(const Vector16& a, const Vector16& b, const Vector16& c, const Vector16& d) {
+  const Vector16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const Vector16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const Vector16 fours = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                         __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const Vector8 twos = __builtin_shufflevector(fours, fours, 0, 2, 4, 6, 8, 10, 12, 14) +
+                       __builtin_shufflevector(fours, fours, 1, 3, 5, 7, 9, 11, 13, 15);
+  return __builtin_shufflevector(twos, twos, 0, 2, 4, 6) + __builtin_shufflevector(twos, twos, 1, 3, 5, 7);
+}
+
+template <int ROWS, int VECTORS, typename T>
+void product_block(const T* w, int64_t n, const float* xs, float* out, int64_t out_stride) {
+  const int64_t whole = n / 16 * 16;
+  Vector16 sums[ROWS][VECTORS] = {};
+  for (int64_t i = 0; i < whole; i += 16) {
+    Vector16 weights[ROWS];
+    for (int r = 0; r < ROWS; ++r) weights[r] = load16(w + r * n + i);
+    for (int v = 0; v < VECTORS; ++v) {
+      Vector16 x = load16(xs + v * n + i);
+      asm("" : "+v"(x));  // held in a register: otherwise GCC reloads it for each row (more loads than FMAs)
+      for (int r = 0; r < ROWS; ++r) sums[r][v] += weights[r] * x;
+    }
+  }
+  for (int v = 0; v < VECTORS; ++v) {
+    float row_sums[ROWS];
+    if constexpr (ROWS == 4) {
+      const Vector4 four = lane_sums4(sums[0][v], sums[1][v], sums[2][v], sums[3][v]);
+      for (int r = 0; r < 4; ++r) row_sums[r] = four[r];
+    } else {
+      for (int r = 0; r < ROWS; ++r) row_sums[r] = lane_sum(sums[r][v]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      for (int64_t i = whole; i < n; ++i) row_sums[r] += static_cast<float>(w[r * n + i]) * xs[v * n + i];
+      out[v * out_stride + r] = row_sums[r];
+    }
+  }
+}
+
+// The last `count` (< VECTORS_AT_ONCE) vectors as one block.
+template <int ROWS, int VECTORS, typename T>
+void product_rest(const T* w, int64_t n, const float* xs, int64_t count, float* out, int64_t out_stride) {
+  if constexpr (VECTORS > 0) {
+    if (count == VECTORS) return product_block<ROWS, VECTORS>(w, n, xs, out, out_stride);
+    product_rest<ROWS, VECTORS - 1>(w, n, xs, count, out, out_stride);
+  }
+}
+
+template <int ROWS, typename T>
+void product_rows(const T* w, int64_t n, const float* xs, int64_t vectors, float* out, int64_t out_stride) {
+  int64_t v = 0;
+  for (; v + VECTORS_AT_ONCE <= vectors; v += VECTORS_AT_ONCE)
+    product_block<ROWS, VECTORS_AT_ONCE>(w, n, xs + v * n, out + v * out_stride, out_stride);
+  product_rest<ROWS, VECTORS_AT_ONCE - 1>(w, n, xs + v * n, vectors - v, out + v * out_stride, out_stride);
+}
+
+// out[v][r] = w[r] . xs[v] for rows [from, to) of w and `vectors` vectors xs [vectors][n].
+// Many vectors (prefill) go in tiles of TILE_VECTORS that stay in L1 while TILE_ROWS rows (in L2) pass
+// over them; a decode step's few vectors are one tile, so its weights are read once either way.
+constexpr int64_t TILE_VECTORS = 6;
+constexpr int64_t TILE_ROWS = 64;
+
+template <typename T>
+void matrix_vectors(const T* w, int64_t n, const float* xs, int64_t vectors, int64_t from, int64_t to, float* out,
+                    int64_t out_stride) {
+  for (int64_t rows = from; rows < to; rows += TILE_ROWS) {
+    const int64_t rows_end = std::min(to, rows + TILE_ROWS);
+    for (int64_t v = 0; v < vectors; v += TILE_VECTORS) {
+      const int64_t count = std::min(TILE_VECTORS, vectors - v);
+      const float* tile = xs + v * n;
+      float* tile_out = out + v * out_stride;
+      int64_t r = rows;
+      for (; r + MATRIX_ROWS <= rows_end; r += MATRIX_ROWS)
+        product_rows<MATRIX_ROWS>(w + r * n, n, tile, count, tile_out + r, out_stride);
+      for (; r < rows_end; ++r) product_rows<1>(w + r * n, n, tile, count, tile_out + r, out_stride);
+    }
+  }
+}
+
+// Every used expert's [rows][n] matrix times its run of vectors: runs[u] = (matrix, first vector, count)
+// over xs [vectors][n] -> out [vectors][rows]. The rows of all used matrices are split over torch's
+// threads as one range, so both threads stream (different) weights.
+template <typename T>
+struct ExpertRun {
+  const T* matrix;
+  int64_t first, count;
+};
+
+template <typename T>
+void expert_products(const std::vector<ExpertRun<T>>& runs, const float* xs, int64_t n, int64_t rows, float* out) {
+  const int64_t total = static_cast<int64_t>(runs.size()) * rows;
+  at::parallel_for(0, total, MATRIX_ROWS * 16, [&](int64_t begin, int64_t end) {
+    for (int64_t at = begin; at < end;) {
+      const ExpertRun<T>& run = runs[at / rows];
+      const int64_t from = at % rows, to = std::min(rows, from + (end - at));
+      matrix_vectors(run.matrix, n, xs + run.first * n, run.count, from, to, out + run.first * rows, rows);
+      at += to - from;
+    }
+  });
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+template <typename T>
+inline float rounded(float value) {
+  return static_cast<float>(static_cast<T>(value));
+}
+
 // Index of the first maximum of row[0:n] (of the first NaN if there is one, as torch.argmax): one
 // pass in vectors of 16 keeping each lane's peak and whether it saw a NaN, then a pass in vectors for
 // the first one holding the peak (or a NaN), scanned lane by lane.
@@ -536,6 +684,81 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
   return {weights, indices, scores};
 }
 
+// A routed-experts layer at inference, as one call: out[t] = sum_j weights[t, j] down[e] (silu(gate[e]
+// x_t) * up[e] x_t), e = indices[t, j], over the stacks gate_up [E, 2I, D] (gate rows first) and down
+// [E, D, I], fp32 or bf16 like x. (token, expert) pairs are grouped by expert and each used expert's
+// matrices stream once for all of its tokens (`expert_products`), with no call per expert (a oneDNN
+// or MKL call costs ~9 us beyond its reading at these sizes) and both threads reading. Sums in fp32,
+// rounded to T where the PyTorch path rounds (each product's output, the activation, the
+// gate-weighted sum over a token's experts, in choice order).
+torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
+                             const torch::Tensor& indices, const torch::Tensor& weights) {
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0) &&
+                  gate_up.size(2) == x.size(1) && down.size(1) == x.size(1) && gate_up.size(1) == 2 * down.size(2),
+              "routed_experts: x [T, D], gate_up [E, 2I, D], down [E, D, I]");
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0) && indices.scalar_type() == at::kLong &&
+                  weights.sizes() == indices.sizes(),
+              "routed_experts: indices (int64) and weights must be [T, k]");
+  TORCH_CHECK(gate_up.scalar_type() == x.scalar_type() && down.scalar_type() == x.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "routed_experts: x and the stacks must share a dtype, fp32 or bf16");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "routed_experts: the stacks must be contiguous");
+  const int64_t tokens = x.size(0), dim = x.size(1), k = indices.size(1), hidden = down.size(2);
+  const int64_t experts = gate_up.size(0), pairs = tokens * k;
+  const auto choice = indices.contiguous();
+  const auto gate = weights.to(at::kFloat).contiguous();
+  const int64_t* chosen = choice.data_ptr<int64_t>();
+  // Pairs in expert order (stable: by token within an expert); slot[p] is pair p's place in that order.
+  std::vector<int64_t> counts(experts + 1, 0), slot(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(chosen[p] >= 0 && chosen[p] < experts, "routed_experts: expert index out of range");
+    ++counts[chosen[p] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) counts[e + 1] += counts[e];
+  std::vector<int64_t> next(counts.begin(), counts.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) slot[p] = next[chosen[p]]++;
+  auto out = torch::empty({tokens, dim}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
+    using T = scalar_t;
+    const auto input = x.contiguous();
+    std::vector<ExpertRun<T>> up_runs, down_runs;
+    for (int64_t e = 0; e < experts; ++e)
+      if (counts[e + 1] > counts[e]) {
+        up_runs.push_back({gate_up.data_ptr<T>() + e * 2 * hidden * dim, counts[e], counts[e + 1] - counts[e]});
+        down_runs.push_back({down.data_ptr<T>() + e * dim * hidden, counts[e], counts[e + 1] - counts[e]});
+      }
+    std::vector<float> inputs(pairs * dim), projected(pairs * 2 * hidden), activations(pairs * hidden), outputs(pairs * dim);
+    // Per-pair and per-token steps are split over the threads too: at prefill sizes they are not small.
+    const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) to_float(input.data_ptr<T>() + (p / k) * dim, dim, inputs.data() + slot[p] * dim);
+    });
+    expert_products(up_runs, inputs.data(), dim, 2 * hidden, projected.data());
+    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {  // silu_and_mul_rows's arithmetic on the rounded products
+        const float* row = projected.data() + p * 2 * hidden;
+        for (int64_t i = 0; i < hidden; ++i) {
+          const float g = rounded<T>(row[i]);
+          activations[p * hidden + i] = rounded<T>(rounded<T>(g / (1.f + vector_exp(-g))) * rounded<T>(row[hidden + i]));
+        }
+      }
+    });
+    expert_products(down_runs, activations.data(), hidden, dim, outputs.data());
+    const float* gates = gate.data_ptr<float>();
+    T* result = out.data_ptr<T>();
+    at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t d = 0; d < dim; ++d) {
+          float sum = 0.f;
+          for (int64_t j = 0; j < k; ++j)
+            sum += rounded<T>(gates[t * k + j]) * rounded<T>(outputs[slot[t * k + j] * dim + d]);
+          result[t * dim + d] = static_cast<T>(sum);
+        }
+    });
+  });
+  return out;
+}
+
 // torch.argmax(x, dim=-1) for greedy decoding: the first maximum per row, int64 [...]. fp32, bf16 or
 // fp16 read as they are (no widened copy), one thread: a 32k vocabulary in L2 per row.
 torch::Tensor argmax(const torch::Tensor& x) {
@@ -562,4 +785,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads");
 }
