@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
-from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8
+from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import greedy_tokens
 from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
@@ -269,35 +270,60 @@ def test_routing_equals_pytorch(kernels, name):
     torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("tokens", [1, 3, 70])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dtype, tokens, threads):
-    """The fused layer against the executable specification (naive_forward), on sizes off every block
-    width: 72-wide rows (16-lane vectors plus a tail), 2 x 22 gate/up rows and 72 down rows (not
-    multiples of the 4-row blocks), 70 tokens (tiles of 6 vectors plus a rest), experts shared between
-    tokens and unused ones; with two threads the split of rows falls inside experts."""
+    """The fused layer against the executable specification (naive_forward, in fp32 from the same
+    rounded or quantized weights), on sizes off every block width: 72-wide rows (16-lane vectors plus a
+    tail), 2 x 22 gate/up rows and 72 down rows (not multiples of the 4-row blocks), 70 tokens (tiles
+    of 6 vectors plus a rest), experts shared between tokens and unused ones; with two threads the
+    split of rows falls inside experts. int8: per-row scales, bf16 activations."""
     experts = RoutedExperts(tiny_config("v3", hidden_size=72, moe_intermediate_size=22, n_routed_experts=7,
                                         num_experts_per_tok=3, n_group=1, topk_group=1))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.2, generator=generator)
         experts.down_proj.normal_(0, 0.2, generator=generator)
-    experts = experts.to(dtype)
-    x = torch.randn(tokens, 72, generator=generator).to(dtype)
-    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    activations = torch.bfloat16 if dtype == torch.int8 else dtype
+    x = torch.randn(tokens, 72, generator=generator).to(activations)
     indices = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])  # expert 6 unused
     weights = torch.rand(tokens, 3, generator=generator)
+    if dtype == torch.int8:
+        (gate_up, gate_up_scale), (down, down_scale) = quantize_int8(experts.gate_up_proj), quantize_int8(experts.down_proj)
+        scales = (gate_up_scale, down_scale)
+        with torch.no_grad():  # the reference reads the dequantized weights
+            experts.gate_up_proj.copy_(gate_up * gate_up_scale[..., None])
+            experts.down_proj.copy_(down * down_scale[..., None])
+    else:
+        experts = experts.to(dtype)
+        gate_up, down, scales = experts.gate_up_proj.detach(), experts.down_proj.detach(), ()
     torch.set_num_threads(threads)
     with torch.no_grad():
-        got = kernels.routed_experts(x, gate_up, down, indices, weights)
-        with pytorch_ops():  # in fp32 from the same (rounded) weights: bf16's naive sum rounds at every step
+        got = kernels.routed_experts(x, gate_up, down, indices, weights, *scales)
+        with pytorch_ops():
             expected = experts.float().naive_forward(x.float(), weights, indices)
-    assert got.dtype == dtype and got.shape == (tokens, 72)
+    assert got.dtype == activations and got.shape == (tokens, 72)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
     torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=tolerance)
     with pytest.raises(RuntimeError, match="expert index out of range"):
-        kernels.routed_experts(x, gate_up, down, indices + 7, weights)
+        kernels.routed_experts(x, gate_up, down, indices + 7, weights, *scales)
+
+
+def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(kernels, monkeypatch):
+    """An int8 model with bf16 activations (the products' own dtype) runs its MoE layers through the
+    kernel (int8 weights, fp32 copies of the scales) and decodes the tokens of one int8 product per
+    expert."""
+    model = quantize_model(peaky_model("v3"), "int8", dtype=torch.bfloat16)
+    calls = []
+    fused = kernels.routed_experts
+    monkeypatch.setattr(kernels, "routed_experts", lambda *args: calls.append(args[1].dtype) or fused(*args))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = Engine(model, max_num_seqs=2).generate([[5, 6, 7], [9, 10]], params)
+    with pytorch_ops():
+        expected = Engine(model, max_num_seqs=2).generate([[5, 6, 7], [9, 10]], params)
+    assert calls and set(calls) == {torch.int8}
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
 
 
 @pytest.mark.parametrize("dtype, tokens, expected", [
@@ -365,6 +391,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", failing_build)
+    monkeypatch.setattr(cpu_ops, "_import_built", lambda name: None)  # no finished build in the cache
     model = build_model(tiny_config("qwen2"), seed=0).eval()
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad(), pytest.warns(UserWarning, match="fused CPU kernels unavailable.*Ninja is required"):
@@ -394,6 +421,28 @@ def test_a_build_is_kept_per_cpu_and_torch_version(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(cpu_ops, "_cpu_flags", lambda: "flags : another cpu")
     assert cpu_ops.build_name_and_flags()[0] != name
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_ops, "SOURCE", Path(__file__))  # another source: another name, never a stale import
+    assert cpu_ops.build_name_and_flags()[0] != name
+
+
+def test_a_finished_build_is_imported_without_ninja(kernels, monkeypatch, tmp_path):
+    """A process finding a finished build of the current source imports it directly (no ninja
+    subprocess under a file lock at every start); a build in progress (its lock file) or none at all
+    goes through torch's `load`, which builds or waits."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = cpu_ops.build_name_and_flags()[0]
+    module = cpu_ops._import_built(name)
+    assert module is not None and module.__file__ == kernels.__file__
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock.touch()
+    try:
+        assert cpu_ops._import_built(name) is None
+    finally:
+        lock.unlink()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_ops._import_built(name) is None
 
 
 def test_long_caches_keep_the_batched_matmuls(kernels):

@@ -156,7 +156,7 @@ class PackedRoutedExperts(RoutedExperts):
     def weights_require_grad(self) -> bool:
         return False  # never trained
 
-    def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
         return self.stacks if self.streamed and self.stacks[0].dtype == dtype else None
 
     def expert_bytes(self) -> int:

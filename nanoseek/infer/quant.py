@@ -179,6 +179,20 @@ class QuantizedRoutedExperts(RoutedExperts):
     def expert_forward(self, x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight) -> torch.Tensor:
         return down.linear(silu_and_mul(gate_up.linear(x)))
 
+    def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
+        """int8 stacks and their scales in fp32 (converted once, again if a scale tensor changes) for
+        the fused CPU kernel, which computes in INT8_KERNEL_DTYPE like `int8_linear`."""
+        stacks = (self.gate_up_proj, self.down_proj)
+        scales = (self.gate_up_scale, self.down_scale)
+        if (dtype != INT8_KERNEL_DTYPE or any(s.dtype != torch.int8 or not s.is_contiguous() for s in stacks)
+                or any(s.dtype != INT8_KERNEL_DTYPE for s in scales)):
+            return None
+        key = tuple((id(s), s._version) for s in scales)
+        cached = self.__dict__.get("_float_scales")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_float_scales"] = (key, tuple(s.float().contiguous() for s in scales))
+        return (*stacks, *cached[1])
+
 
 # ----- quantizing a model in memory ----------------------------------------------------------------
 def _quantize(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ warning is printed and the PyTorch code runs instead.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -63,8 +64,9 @@ def load() -> ModuleType | None:
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
         name, flags = build_name_and_flags()
-        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        _module = build(name, sources=[str(SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp, verbose=False)
+        _module = _import_built(name)
+        if _module is None:
+            _module = build(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=_ldflags(flags), verbose=False)
         _state = "loaded"
     except Exception as error:  # no compiler, no ninja, read-only cache...: the PyTorch code still runs
         warnings.warn(f"nanoseek: fused CPU kernels unavailable ({type(error).__name__}: {str(error)[:200]}); "
@@ -80,12 +82,45 @@ def build_name_and_flags() -> tuple[str, list[str]]:
     (`-march=native`), so the name carries a fingerprint of the CPU and of torch's version: a cache
     directory shared between machines, or kept across a torch upgrade (torch's own cache key covers
     only the sources and flags), gets a build of its own instead of loading one made for another CPU
-    or another libtorch. No FMA contraction, so fused kernels round like the PyTorch ops they replace."""
+    or another libtorch. The fingerprint also covers the source and the flags, so a build under this
+    name is current and is imported without asking ninja (`_import_built`). No FMA contraction, so
+    fused kernels round like the PyTorch ops they replace (routed_experts' products lift it locally).
+    On Linux with OpenMP, so `at::parallel_for` runs on torch's threads (the runtime torch loaded)."""
     flags = ["-O3", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
-    fingerprint = platform.machine() + platform.processor() + _cpu_flags() + torch.__version__
+    if sys.platform.startswith("linux"):
+        flags.append("-fopenmp")
+    fingerprint = (platform.machine() + platform.processor() + _cpu_flags() + torch.__version__ + " ".join(flags)
+                   + SOURCE.read_text())
     return f"nanoseek_cpu_ops_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}", flags
+
+
+def _ldflags(flags: list[str]) -> list[str]:
+    return [flag for flag in flags if flag == "-fopenmp"]
+
+
+def _import_built(name: str) -> ModuleType | None:
+    """The extension `name` if a finished build of it is in torch's extension cache, imported directly:
+    `torch.utils.cpp_extension.load` would run ninja under a file lock in every process (a subprocess
+    per process start; the ranks of a torchrun job each do it). None when there is no such build, or
+    one is in progress (its lock file exists), or torch's cache layout is not the one expected: then
+    `load` builds or waits."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        directory = Path(_get_build_directory(name, verbose=False))
+    except Exception:
+        return None
+    library = directory / f"{name}.so"
+    if not library.is_file() or (directory / "lock").exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cpu_flags() -> str:

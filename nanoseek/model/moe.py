@@ -166,7 +166,8 @@ class RoutedExperts(nn.Module):
                 dtype = compute_dtype(x)
                 stacks = self.streamable_stacks(dtype)
                 if stacks is not None and (dtype == torch.float32 or indices.shape[0] <= EXPERT_KERNEL_MAX_BF16_TOKENS):
-                    return kernels.routed_experts(x.to(dtype), *stacks, indices, weights)
+                    gate_up, down, *scales = stacks
+                    return kernels.routed_experts(x.to(dtype), gate_up, down, indices, weights, *scales)
             if self.all_at_once_pays(indices):
                 return self.all_experts_forward(x, weights, indices)
             if indices.numel() <= FEW_PAIRS:
@@ -239,10 +240,10 @@ class RoutedExperts(nn.Module):
         stacked = torch.cat([by_pair[token, expert] for token, experts in enumerate(choices) for expert in experts])
         return torch.bmm(weights.to(stacked.dtype).unsqueeze(1), stacked.view(*indices.shape, -1)).squeeze(1)
 
-    def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stacks as plain contiguous [E, 2I, D] and [E, D, I] tensors of `dtype` (fp32 or bf16),
-        which the CPU kernel for few tokens streams itself; None where it cannot (another dtype, FP8's
-        matmul swapped in)."""
+    def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
+        """What the fused CPU kernel streams for activations of `dtype`: the stacks as plain contiguous
+        [E, 2I, D] and [E, D, I] tensors of that dtype (fp32 or bf16), followed by their fp32 row scales
+        [E, 2I] and [E, D] for int8 stacks; None where it cannot (another dtype, FP8's matmul swapped in)."""
         stacks = self.gate_up_proj, self.down_proj
         if self.linear is not linear or dtype not in (torch.float32, torch.bfloat16):
             return None

@@ -7,6 +7,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -301,6 +305,11 @@ inline Vector16 load16(const T* p) {
     std::memcpy(&bits, p, sizeof bits);
     const Mask16 wide = __builtin_convertvector(bits, Mask16) << 16;
     std::memcpy(&v, &wide, sizeof v);
+#if defined(__AVX512F__)
+  } else if constexpr (std::is_same_v<T, int8_t>) {  // GCC 12 turns __builtin_convertvector of bytes into scalar code
+    const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    std::memcpy(&v, &wide, sizeof v);
+#endif
   } else {
     for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(p[l]);
   }
@@ -355,7 +364,7 @@ inline Vector4 lane_sums4(const Vector16& a, const Vector16& b, const Vector16& 
 }
 
 template <int ROWS, int VECTORS, typename T>
-void product_block(const T* w, int64_t n, const float* xs, float* out, int64_t out_stride) {
+void product_block(const T* w, const float* scale, int64_t n, const float* xs, float* out, int64_t out_stride) {
   const int64_t whole = n / 16 * 16;
   Vector16 sums[ROWS][VECTORS] = {};
   for (int64_t i = 0; i < whole; i += 16) {
@@ -377,26 +386,28 @@ void product_block(const T* w, int64_t n, const float* xs, float* out, int64_t o
     }
     for (int r = 0; r < ROWS; ++r) {
       for (int64_t i = whole; i < n; ++i) row_sums[r] += static_cast<float>(w[r * n + i]) * xs[v * n + i];
-      out[v * out_stride + r] = row_sums[r];
+      out[v * out_stride + r] = scale == nullptr ? row_sums[r] : row_sums[r] * scale[r];
     }
   }
 }
 
 // The last `count` (< VECTORS_AT_ONCE) vectors as one block.
 template <int ROWS, int VECTORS, typename T>
-void product_rest(const T* w, int64_t n, const float* xs, int64_t count, float* out, int64_t out_stride) {
+void product_rest(const T* w, const float* scale, int64_t n, const float* xs, int64_t count, float* out,
+                  int64_t out_stride) {
   if constexpr (VECTORS > 0) {
-    if (count == VECTORS) return product_block<ROWS, VECTORS>(w, n, xs, out, out_stride);
-    product_rest<ROWS, VECTORS - 1>(w, n, xs, count, out, out_stride);
+    if (count == VECTORS) return product_block<ROWS, VECTORS>(w, scale, n, xs, out, out_stride);
+    product_rest<ROWS, VECTORS - 1>(w, scale, n, xs, count, out, out_stride);
   }
 }
 
 template <int ROWS, typename T>
-void product_rows(const T* w, int64_t n, const float* xs, int64_t vectors, float* out, int64_t out_stride) {
+void product_rows(const T* w, const float* scale, int64_t n, const float* xs, int64_t vectors, float* out,
+                  int64_t out_stride) {
   int64_t v = 0;
   for (; v + VECTORS_AT_ONCE <= vectors; v += VECTORS_AT_ONCE)
-    product_block<ROWS, VECTORS_AT_ONCE>(w, n, xs + v * n, out + v * out_stride, out_stride);
-  product_rest<ROWS, VECTORS_AT_ONCE - 1>(w, n, xs + v * n, vectors - v, out + v * out_stride, out_stride);
+    product_block<ROWS, VECTORS_AT_ONCE>(w, scale, n, xs + v * n, out + v * out_stride, out_stride);
+  product_rest<ROWS, VECTORS_AT_ONCE - 1>(w, scale, n, xs + v * n, vectors - v, out + v * out_stride, out_stride);
 }
 
 // out[v][r] = w[r] . xs[v] for rows [from, to) of w and `vectors` vectors xs [vectors][n].
@@ -406,8 +417,8 @@ constexpr int64_t TILE_VECTORS = 6;
 constexpr int64_t TILE_ROWS = 64;
 
 template <typename T>
-void matrix_vectors(const T* w, int64_t n, const float* xs, int64_t vectors, int64_t from, int64_t to, float* out,
-                    int64_t out_stride) {
+void matrix_vectors(const T* w, const float* scale, int64_t n, const float* xs, int64_t vectors, int64_t from,
+                    int64_t to, float* out, int64_t out_stride) {
   for (int64_t rows = from; rows < to; rows += TILE_ROWS) {
     const int64_t rows_end = std::min(to, rows + TILE_ROWS);
     for (int64_t v = 0; v < vectors; v += TILE_VECTORS) {
@@ -416,18 +427,19 @@ void matrix_vectors(const T* w, int64_t n, const float* xs, int64_t vectors, int
       float* tile_out = out + v * out_stride;
       int64_t r = rows;
       for (; r + MATRIX_ROWS <= rows_end; r += MATRIX_ROWS)
-        product_rows<MATRIX_ROWS>(w + r * n, n, tile, count, tile_out + r, out_stride);
-      for (; r < rows_end; ++r) product_rows<1>(w + r * n, n, tile, count, tile_out + r, out_stride);
+        product_rows<MATRIX_ROWS>(w + r * n, scale ? scale + r : nullptr, n, tile, count, tile_out + r, out_stride);
+      for (; r < rows_end; ++r) product_rows<1>(w + r * n, scale ? scale + r : nullptr, n, tile, count, tile_out + r, out_stride);
     }
   }
 }
 
-// Every used expert's [rows][n] matrix times its run of vectors: runs[u] = (matrix, first vector, count)
+// Every used expert's [rows][n] matrix times its run of vectors: runs[u] = (matrix, scale, first vector, count)
 // over xs [vectors][n] -> out [vectors][rows]. The rows of all used matrices are split over torch's
 // threads as one range, so both threads stream (different) weights.
 template <typename T>
 struct ExpertRun {
   const T* matrix;
+  const float* scale;  // int8 matrices: a scale per row (the product is sum * scale); else nullptr
   int64_t first, count;
 };
 
@@ -438,7 +450,7 @@ void expert_products(const std::vector<ExpertRun<T>>& runs, const float* xs, int
     for (int64_t at = begin; at < end;) {
       const ExpertRun<T>& run = runs[at / rows];
       const int64_t from = at % rows, to = std::min(rows, from + (end - at));
-      matrix_vectors(run.matrix, n, xs + run.first * n, run.count, from, to, out + run.first * rows, rows);
+      matrix_vectors(run.matrix, run.scale, n, xs + run.first * n, run.count, from, to, out + run.first * rows, rows);
       at += to - from;
     }
   });
@@ -684,78 +696,109 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
   return {weights, indices, scores};
 }
 
+namespace {
+
+// routed_experts for activations T and weights W (T, or int8 with a float scale per row).
+template <typename T, typename W>
+void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* gate_up_scale, const W* down,
+                         const float* down_scale, int64_t hidden, const std::vector<int64_t>& counts,
+                         const std::vector<int64_t>& slot, int64_t k, const float* gates, torch::Tensor& out) {
+  const int64_t tokens = x.size(0), dim = x.size(1), pairs = tokens * k;
+  const int64_t experts = static_cast<int64_t>(counts.size()) - 1;
+  std::vector<ExpertRun<W>> up_runs, down_runs;
+  for (int64_t e = 0; e < experts; ++e)
+    if (counts[e + 1] > counts[e]) {
+      const int64_t first = counts[e], count = counts[e + 1] - counts[e];
+      up_runs.push_back({gate_up + e * 2 * hidden * dim, gate_up_scale ? gate_up_scale + e * 2 * hidden : nullptr, first, count});
+      down_runs.push_back({down + e * dim * hidden, down_scale ? down_scale + e * dim : nullptr, first, count});
+    }
+  const auto input = x.contiguous();
+  std::vector<float> inputs(pairs * dim), projected(pairs * 2 * hidden), activations(pairs * hidden), outputs(pairs * dim);
+  // Per-pair and per-token steps are split over the threads too: at prefill sizes they are not small.
+  const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) to_float(input.data_ptr<T>() + (p / k) * dim, dim, inputs.data() + slot[p] * dim);
+  });
+  expert_products(up_runs, inputs.data(), dim, 2 * hidden, projected.data());
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {  // silu_and_mul_rows's arithmetic on the rounded products
+      const float* row = projected.data() + p * 2 * hidden;
+      for (int64_t i = 0; i < hidden; ++i) {
+        const float g = rounded<T>(row[i]);
+        activations[p * hidden + i] = rounded<T>(rounded<T>(g / (1.f + vector_exp(-g))) * rounded<T>(row[hidden + i]));
+      }
+    }
+  });
+  expert_products(down_runs, activations.data(), hidden, dim, outputs.data());
+  T* result = out.data_ptr<T>();
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t d = 0; d < dim; ++d) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < k; ++j)
+          sum += rounded<T>(gates[t * k + j]) * rounded<T>(outputs[slot[t * k + j] * dim + d]);
+        result[t * dim + d] = static_cast<T>(sum);
+      }
+  });
+}
+
+}  // namespace
+
 // A routed-experts layer at inference, as one call: out[t] = sum_j weights[t, j] down[e] (silu(gate[e]
 // x_t) * up[e] x_t), e = indices[t, j], over the stacks gate_up [E, 2I, D] (gate rows first) and down
-// [E, D, I], fp32 or bf16 like x. (token, expert) pairs are grouped by expert and each used expert's
-// matrices stream once for all of its tokens (`expert_products`), with no call per expert (a oneDNN
-// or MKL call costs ~9 us beyond its reading at these sizes) and both threads reading. Sums in fp32,
-// rounded to T where the PyTorch path rounds (each product's output, the activation, the
-// gate-weighted sum over a token's experts, in choice order).
+// [E, D, I]: fp32 or bf16 like x, or int8 with fp32 scales per row (gate_up_scale [E, 2I], down_scale
+// [E, D]; x bf16, the dtype nanoseek.infer.quant's int8 products compute in). (token, expert) pairs
+// are grouped by expert and each used expert's matrices stream once for all of its tokens
+// (`expert_products`), with no call per expert (a oneDNN or MKL call costs ~9 us beyond its reading at
+// these sizes) and both threads reading. Sums in fp32, rounded to x's dtype where the PyTorch path
+// rounds (each product's output, the activation, the gate-weighted sum over a token's experts, in
+// choice order).
 torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
-                             const torch::Tensor& indices, const torch::Tensor& weights) {
+                             const torch::Tensor& indices, const torch::Tensor& weights,
+                             const c10::optional<torch::Tensor>& gate_up_scale,
+                             const c10::optional<torch::Tensor>& down_scale) {
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0) &&
                   gate_up.size(2) == x.size(1) && down.size(1) == x.size(1) && gate_up.size(1) == 2 * down.size(2),
               "routed_experts: x [T, D], gate_up [E, 2I, D], down [E, D, I]");
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0) && indices.scalar_type() == at::kLong &&
                   weights.sizes() == indices.sizes(),
               "routed_experts: indices (int64) and weights must be [T, k]");
-  TORCH_CHECK(gate_up.scalar_type() == x.scalar_type() && down.scalar_type() == x.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "routed_experts: x and the stacks must share a dtype, fp32 or bf16");
+  const bool int8 = gate_up.scalar_type() == at::kChar;
+  TORCH_CHECK(down.scalar_type() == gate_up.scalar_type() && (int8 ? x.scalar_type() == at::kBFloat16
+              : gate_up.scalar_type() == x.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)),
+              "routed_experts: fp32 or bf16 stacks like x, or int8 stacks with bf16 x");
+  TORCH_CHECK(int8 == (gate_up_scale.has_value() && down_scale.has_value()), "routed_experts: int8 stacks need their scales");
+  if (int8)
+    TORCH_CHECK(gate_up_scale->scalar_type() == at::kFloat && down_scale->scalar_type() == at::kFloat &&
+                    gate_up_scale->is_contiguous() && down_scale->is_contiguous() &&
+                    gate_up_scale->sizes() == gate_up.sizes().slice(0, 2) && down_scale->sizes() == down.sizes().slice(0, 2),
+                "routed_experts: scales must be contiguous fp32 [E, rows]");
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "routed_experts: the stacks must be contiguous");
-  const int64_t tokens = x.size(0), dim = x.size(1), k = indices.size(1), hidden = down.size(2);
-  const int64_t experts = gate_up.size(0), pairs = tokens * k;
+  const int64_t tokens = x.size(0), k = indices.size(1), hidden = down.size(2), experts = gate_up.size(0);
   const auto choice = indices.contiguous();
   const auto gate = weights.to(at::kFloat).contiguous();
   const int64_t* chosen = choice.data_ptr<int64_t>();
   // Pairs in expert order (stable: by token within an expert); slot[p] is pair p's place in that order.
-  std::vector<int64_t> counts(experts + 1, 0), slot(pairs);
-  for (int64_t p = 0; p < pairs; ++p) {
+  std::vector<int64_t> counts(experts + 1, 0), slot(tokens * k);
+  for (int64_t p = 0; p < tokens * k; ++p) {
     TORCH_CHECK(chosen[p] >= 0 && chosen[p] < experts, "routed_experts: expert index out of range");
     ++counts[chosen[p] + 1];
   }
   for (int64_t e = 0; e < experts; ++e) counts[e + 1] += counts[e];
   std::vector<int64_t> next(counts.begin(), counts.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) slot[p] = next[chosen[p]]++;
-  auto out = torch::empty({tokens, dim}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
-    using T = scalar_t;
-    const auto input = x.contiguous();
-    std::vector<ExpertRun<T>> up_runs, down_runs;
-    for (int64_t e = 0; e < experts; ++e)
-      if (counts[e + 1] > counts[e]) {
-        up_runs.push_back({gate_up.data_ptr<T>() + e * 2 * hidden * dim, counts[e], counts[e + 1] - counts[e]});
-        down_runs.push_back({down.data_ptr<T>() + e * dim * hidden, counts[e], counts[e + 1] - counts[e]});
-      }
-    std::vector<float> inputs(pairs * dim), projected(pairs * 2 * hidden), activations(pairs * hidden), outputs(pairs * dim);
-    // Per-pair and per-token steps are split over the threads too: at prefill sizes they are not small.
-    const int64_t grain = std::max<int64_t>(1, 16384 / dim);
-    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) to_float(input.data_ptr<T>() + (p / k) * dim, dim, inputs.data() + slot[p] * dim);
+  for (int64_t p = 0; p < tokens * k; ++p) slot[p] = next[chosen[p]]++;
+  auto out = torch::empty({tokens, x.size(1)}, x.options());
+  const float* gates = gate.data_ptr<float>();
+  if (int8) {
+    routed_experts_rows<c10::BFloat16, int8_t>(x, gate_up.data_ptr<int8_t>(), gate_up_scale->data_ptr<float>(),
+                                               down.data_ptr<int8_t>(), down_scale->data_ptr<float>(), hidden, counts,
+                                               slot, k, gates, out);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
+      routed_experts_rows<scalar_t, scalar_t>(x, gate_up.data_ptr<scalar_t>(), nullptr, down.data_ptr<scalar_t>(),
+                                              nullptr, hidden, counts, slot, k, gates, out);
     });
-    expert_products(up_runs, inputs.data(), dim, 2 * hidden, projected.data());
-    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {  // silu_and_mul_rows's arithmetic on the rounded products
-        const float* row = projected.data() + p * 2 * hidden;
-        for (int64_t i = 0; i < hidden; ++i) {
-          const float g = rounded<T>(row[i]);
-          activations[p * hidden + i] = rounded<T>(rounded<T>(g / (1.f + vector_exp(-g))) * rounded<T>(row[hidden + i]));
-        }
-      }
-    });
-    expert_products(down_runs, activations.data(), hidden, dim, outputs.data());
-    const float* gates = gate.data_ptr<float>();
-    T* result = out.data_ptr<T>();
-    at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t d = 0; d < dim; ++d) {
-          float sum = 0.f;
-          for (int64_t j = 0; j < k; ++j)
-            sum += rounded<T>(gates[t * k + j]) * rounded<T>(outputs[slot[t * k + j] * dim + d]);
-          result[t * dim + d] = static_cast<T>(sum);
-        }
-    });
-  });
+  }
   return out;
 }
 
@@ -785,5 +828,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
-  m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads");
+  m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
+        py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
+        py::arg("gate_up_scale") = py::none(), py::arg("down_scale") = py::none());
 }
