@@ -63,10 +63,12 @@ def load() -> ModuleType | None:
         if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
-        name, flags = build_name_and_flags()
-        _module = _import_built(name)
-        if _module is None:
-            _module = build(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=_ldflags(flags), verbose=False)
+        try:
+            _module = _load_or_build(build, openmp=sys.platform.startswith("linux"))
+        except Exception:  # a compiler without OpenMP (clang without libomp): the kernels run on one thread
+            if not sys.platform.startswith("linux"):
+                raise
+            _module = _load_or_build(build, openmp=False)
         _state = "loaded"
     except Exception as error:  # no compiler, no ninja, read-only cache...: the PyTorch code still runs
         warnings.warn(f"nanoseek: fused CPU kernels unavailable ({type(error).__name__}: {str(error)[:200]}); "
@@ -77,7 +79,15 @@ def load() -> ModuleType | None:
     return _module if _state == "loaded" else None
 
 
-def build_name_and_flags() -> tuple[str, list[str]]:
+def _load_or_build(build, openmp: bool) -> ModuleType:
+    name, flags = build_name_and_flags(openmp)
+    module = _import_built(name)
+    if module is None:
+        module = build(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=_ldflags(flags), verbose=False)
+    return module
+
+
+def build_name_and_flags(openmp: bool = sys.platform.startswith("linux")) -> tuple[str, list[str]]:
     """The extension's name and compiler flags. On x86-64 it is compiled for this CPU's vector units
     (`-march=native`), so the name carries a fingerprint of the CPU and of torch's version: a cache
     directory shared between machines, or kept across a torch upgrade (torch's own cache key covers
@@ -85,11 +95,12 @@ def build_name_and_flags() -> tuple[str, list[str]]:
     or another libtorch. The fingerprint also covers the source and the flags, so a build under this
     name is current and is imported without asking ninja (`_import_built`). No FMA contraction, so
     fused kernels round like the PyTorch ops they replace (routed_experts' products lift it locally).
-    On Linux with OpenMP, so `at::parallel_for` runs on torch's threads (the runtime torch loaded)."""
+    With `openmp` (tried first on Linux), `at::parallel_for` runs on torch's threads (the OpenMP runtime
+    torch loaded); without, the kernels that use it run on the calling thread."""
     flags = ["-O3", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
-    if sys.platform.startswith("linux"):
+    if openmp:
         flags.append("-fopenmp")
     fingerprint = (platform.machine() + platform.processor() + _cpu_flags() + torch.__version__ + " ".join(flags)
                    + SOURCE.read_text())

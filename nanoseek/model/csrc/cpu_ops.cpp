@@ -349,6 +349,13 @@ inline float lane_sum(const Vector16& v) {
   return (four[0] + four[2]) + (four[1] + four[3]);
 }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)  // Clang, GCC >= 12
+#define NANOSEEK_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef NANOSEEK_SHUFFLEVECTOR
 // The lane sums of four vectors at once, by halving all four together (15 shuffles and adds for four
 // results instead of ~8 operations each: at n = 256 they would cost half as much as the products).
 inline Vector4 lane_sums4(const Vector16& a, const Vector16& b, const Vector16& c, const Vector16& d) {
@@ -362,6 +369,7 @@ inline Vector4 lane_sums4(const Vector16& a, const Vector16& b, const Vector16& 
                        __builtin_shufflevector(fours, fours, 1, 3, 5, 7, 9, 11, 13, 15);
   return __builtin_shufflevector(twos, twos, 0, 2, 4, 6) + __builtin_shufflevector(twos, twos, 1, 3, 5, 7);
 }
+#endif
 
 template <int ROWS, int VECTORS, typename T>
 void product_block(const T* w, const float* scale, int64_t n, const float* xs, float* out, int64_t out_stride) {
@@ -372,16 +380,21 @@ void product_block(const T* w, const float* scale, int64_t n, const float* xs, f
     for (int r = 0; r < ROWS; ++r) weights[r] = load16(w + r * n + i);
     for (int v = 0; v < VECTORS; ++v) {
       Vector16 x = load16(xs + v * n + i);
+#if defined(__x86_64__) && defined(__AVX512F__)
       asm("" : "+v"(x));  // held in a register: otherwise GCC reloads it for each row (more loads than FMAs)
+#endif
       for (int r = 0; r < ROWS; ++r) sums[r][v] += weights[r] * x;
     }
   }
   for (int v = 0; v < VECTORS; ++v) {
     float row_sums[ROWS];
+#ifdef NANOSEEK_SHUFFLEVECTOR
     if constexpr (ROWS == 4) {
       const Vector4 four = lane_sums4(sums[0][v], sums[1][v], sums[2][v], sums[3][v]);
       for (int r = 0; r < 4; ++r) row_sums[r] = four[r];
-    } else {
+    } else
+#endif
+    {
       for (int r = 0; r < ROWS; ++r) row_sums[r] = lane_sum(sums[r][v]);
     }
     for (int r = 0; r < ROWS; ++r) {
@@ -456,7 +469,9 @@ void expert_products(const std::vector<ExpertRun<T>>& runs, const float* xs, int
   });
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
 
