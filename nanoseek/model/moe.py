@@ -98,9 +98,9 @@ class Router(nn.Module):
 FEW_PAIRS = 16
 
 # Without the fused kernels: when most experts are busy, one matmul over all of them (the gate weights
-# zero the unchosen ones) can cost less than one call per busy expert: it reads every expert once at the GEMM's full rate instead of
-# paying a call's overhead per expert, but reads the idle ones too and computes every expert for every
-# token. Per expert, one by one costs the call overhead c plus the read time r (bytes / bandwidth); all
+# zero the unchosen ones) can cost less than one call per busy expert: it reads every expert once at
+# the GEMM's full rate instead of paying a call's overhead per expert, but reads the idle ones too and
+# computes every expert for every token. Per expert, one by one costs the call overhead c plus the read time r (bytes / bandwidth); all
 # at once costs r (1 + tokens / DENSE_TOKENS) for all E experts. So all at once from
 # E r / (c + r) (1 + tokens / DENSE_TOKENS) busy experts, and never beyond DENSE_MAX_TOKENS tokens: only
 # small experts get there. Measured per MoE layer on the 2-core EPYC: `small` (32 experts of 512 -> 256,
