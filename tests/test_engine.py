@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +533,19 @@ def test_a_model_that_stays_in_cache_decodes_with_single_linear_calls(monkeypatc
         assert seen and all(value == engine.few_row_products for value in seen)
     assert outputs[0] == outputs[packing.CACHE_RESIDENT_BYTES]
     assert layers._few_row_products.get()  # outside the engine's steps: the default
+
+
+def test_a_process_exits_cleanly_with_a_background_engine_still_decoding():
+    """A script that leaves a started engine decoding exits with 0: the engine is closed at exit.
+    (Without that, Python ends the daemon thread inside torch at shutdown by unwinding through C++ that
+    may not unwind, and the process aborts: 'terminate called without an active exception', 4 of 4.)"""
+    script = "\n".join([
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})",
+        "from engine_fixtures import peaky_model",
+        "from nanoseek.infer import Engine, SamplingParams",
+        "engine = Engine(peaky_model('v3'), max_num_seqs=1).start()",
+        "handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=250, ignore_eos=True))",
+        "next(iter(handle))",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "terminate" not in result.stderr, result.stderr[-2000:]

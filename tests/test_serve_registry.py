@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -15,6 +16,7 @@ from serve_fixtures import ANSWER, live_server, model_root
 from nanoseek.cli import build_parser
 from nanoseek.errors import NanoseekError
 from nanoseek.serve.app import config_from_args, create_app
+from nanoseek.serve.registry import in_own_thread
 
 HELLO = [{"role": "user", "content": "hi"}]
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -149,3 +151,20 @@ def test_prefix_caching_flag_reaches_the_engines(flags, caching):
         assert engine.prefix_caching is caching
     finally:
         engine.close()
+
+
+def test_torch_work_outside_the_engines_runs_in_a_thread_that_ends():
+    """Model builds and prompt log-probs run in a thread of their own that exits after (its OpenMP pool
+    with it), not in a long-lived executor worker (see `in_own_thread`)."""
+    seen = []
+
+    def work(value):
+        seen.append(threading.current_thread())
+        return value * 2
+
+    async def run():
+        return await in_own_thread(work, 21)
+
+    assert asyncio.run(run()) == 42
+    seen[0].join(timeout=10)
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()

@@ -29,12 +29,14 @@ absorbed attention path; Qwen2/Llama cache grouped-query keys and values (see ca
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import itertools
 import logging
 import queue
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +74,14 @@ from nanoseek.model.layers import FusedProjection, few_row_products, fusable
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
 DEFAULT_CACHE_MEMORY = 1 << 30
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose background thread runs
+
+
+@atexit.register
+def _close_running_engines() -> None:
+    """Stop background engines before the interpreter finalizes (see `Engine.start`)."""
+    for engine in list(_RUNNING):
+        engine.close()
 logger = logging.getLogger(__name__)
 
 
@@ -524,11 +534,21 @@ class Engine:
                 self._drain_inbox()
 
     def start(self) -> Engine:
-        """Run the engine loop in a background thread (for servers). Returns self."""
+        """Run the engine loop in a background thread (for servers). Returns self.
+
+        Closed at interpreter exit if still running: Python ends a daemon thread that is inside torch
+        at shutdown by unwinding through C++ code that may not unwind, and the process aborts
+        ("terminate called without an active exception") instead of exiting.
+
+        Torch work done before in the calling thread gives it an OpenMP thread pool that outlives the
+        work; with more pooled OpenMP threads than CPUs libgomp stops spinning between parallel
+        regions, and this thread's steps slow down (1.5x on 2 cores): build the model in a thread that
+        exits, as the server does (`nanoseek.serve.registry.in_own_thread`)."""
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         return self
 
     def close(self) -> None:
@@ -538,6 +558,7 @@ class Engine:
             self._wakeup.set()
             self._thread.join()
             self._thread = None
+            _RUNNING.discard(self)
         with self._step_lock:
             self._drain_inbox()
             for sequence in list(self._running) + list(self._waiting):

@@ -31,7 +31,7 @@ from nanoseek.infer import RequestHandle, SamplingParams, StreamEvent
 from nanoseek.serve.metrics import ServerMetrics
 from nanoseek.serve.moderation import Moderator
 from nanoseek.serve.protocol import ServeError
-from nanoseek.serve.registry import Deployment, Lease
+from nanoseek.serve.registry import Deployment, Lease, in_own_thread
 from nanoseek.tokenizer import THINK_END, THINK_START, Tokenizer
 
 OUTCOME_SEVERITY = ("stop", "length", "content_filter", "error")  # a request's outcome: its worst completion
@@ -240,7 +240,7 @@ async def prompt_logprobs(deployment: Deployment, prompt_ids: list[int], top_n: 
     """The prompt's tokens, each with its log-probability given the ones before it (echo + logprobs,
     lm-evaluation-harness's loglikelihood requests). One forward between engine steps, off the event loop."""
     try:
-        token_ids, values, top = await asyncio.to_thread(deployment.engine.prompt_logprobs, prompt_ids, top_n)
+        token_ids, values, top = await in_own_thread(deployment.engine.prompt_logprobs, prompt_ids, top_n)
     except GenerationError as error:
         raise ServeError(400, str(error)) from None
     return [TokenLogprob(token, value, top[i] if top else None)
