@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -28,7 +29,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from nanoseek.checkpoint import load_pretrained
 from nanoseek.data.tasks import task_documents
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import build_model
+from nanoseek.serve.registry import in_own_thread
 from nanoseek.tokenizer import Tokenizer
 
 CHECKPOINT = Path("runs/bench-serve-small")
@@ -156,20 +157,6 @@ def start_server(directory: Path, threads: int | None) -> tuple[subprocess.Popen
         time.sleep(0.2)
 
 
-def in_thread(function, *args, **kwargs):
-    """`function(...)` in a thread that ends with it, as the server loads its models
-    (`nanoseek.serve.registry.in_own_thread`): torch work in this main thread would give it an OpenMP
-    pool, and with more pooled OpenMP threads than CPUs the offline engine's thread decodes ~1.5x
-    slower (libgomp stops spinning between parallel regions)."""
-    box = []
-    thread = threading.Thread(target=lambda: box.append(function(*args, **kwargs)))
-    thread.start()
-    thread.join()
-    if not box:
-        raise RuntimeError(f"{function.__name__} failed (see the traceback above)")
-    return box[0]
-
-
 def offline(engine: Engine, all_prompts: list[list[int]], numbers: list[int]) -> tuple[dict[int, str], float]:
     """The same requests submitted at once to an engine that runs as many together as there were clients,
     stepping in its background thread as in the server.
@@ -198,7 +185,9 @@ def main() -> None:
     directory = checkpoint()
     tokenizer = Tokenizer.from_pretrained(directory)
     all_prompts = prompts(tokenizer, max(args.clients) * args.requests_per_client)
-    model = in_thread(load_pretrained, directory)
+    # Torch work in this main thread would give it an OpenMP pool and slow the offline engines' threads
+    # (see nanoseek.serve.registry.in_own_thread): models and engines are built as the server builds them.
+    model = asyncio.run(in_own_thread(load_pretrained, directory))
     server, url = start_server(directory, args.threads)
     try:
         asyncio.run(load(url, all_prompts, 1, 1, args.seconds))  # warm-up
@@ -209,7 +198,8 @@ def main() -> None:
                 results, seconds = asyncio.run(load(url, all_prompts, clients, args.requests_per_client, args.seconds))
                 done = [r for r in results if r.error is None]
                 server_runs.append((sum(r.tokens for r in done) / seconds, seconds, results))
-                with in_thread(Engine, model, tokenizer, max_num_seqs=clients, max_model_len=MAX_MODEL_LEN).start() as engine:
+                build = functools.partial(Engine, model, tokenizer, max_num_seqs=clients, max_model_len=MAX_MODEL_LEN)
+                with asyncio.run(in_own_thread(build)).start() as engine:
                     expected, offline_seconds = offline(engine, all_prompts, [r.prompt for r in done])
                 offline_runs.append((len(done) * NEW_TOKENS / offline_seconds, offline_seconds))
                 identical = identical and all(r.text == expected[r.prompt] for r in done)

@@ -511,8 +511,8 @@ def test_reasoning_is_split_from_the_answer_even_across_deltas():
 
 def test_a_model_that_stays_in_cache_decodes_with_single_linear_calls(monkeypatch):
     """An fp32 model whose weights fit CACHE_RESIDENT_BYTES decodes with F.linear calls instead of
-    `linear`'s transposed few-row product (measured on the MTP nano models: 1.39x at 9 MB, 0.95x at
-    21 MB); a bigger one keeps the product. The engine's steps set it; the tokens are the same."""
+    `linear`'s transposed few-row product (measurements beside the constant); a bigger one keeps the
+    product. The engine's steps set it; the tokens are the same."""
     model = peaky_model("v3")
     seen = []
     original = layers.linear

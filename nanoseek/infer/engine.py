@@ -75,6 +75,7 @@ from nanoseek.model.transformer import CausalLM, ModelOutput
 
 DEFAULT_CACHE_MEMORY = 1 << 30
 _RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose background thread runs
+logger = logging.getLogger(__name__)
 
 
 @atexit.register
@@ -82,7 +83,6 @@ def _close_running_engines() -> None:
     """Stop background engines before the interpreter finalizes (see `Engine.start`)."""
     for engine in list(_RUNNING):
         engine.close()
-logger = logging.getLogger(__name__)
 
 
 # ----- monitoring ---------------------------------------------------------------------------------
