@@ -16,7 +16,7 @@ from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import greedy_tokens
-from nanoseek.model import build_model, cpu_ops
+from nanoseek.model import build_model, cpu_ops, transformer
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import EXPERT_KERNEL_MAX_BF16_TOKENS, RoutedExperts, Router
 
@@ -164,15 +164,41 @@ def test_int8_linear_is_the_same_ops_in_one_call(kernels, dtype, with_bias):
     assert fused.dtype == expected.dtype and torch.equal(fused, expected)
 
 
-def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels, monkeypatch):
+def count_decode_path(kernels, monkeypatch, path: str, kernel: str, calls: list) -> None:
+    """Record in `calls` each decode-step attention of `path`: "modules" (the layer's modules call the
+    kernel `kernel`, whether it got read slots: the only int64 tensor among its arguments) or
+    "decode_layer" (the whole layer as one C++ call, `nanoseek.model.decode_layer`, which always reads
+    the pool; whether it ran, for each decode step)."""
+    if path == "modules":
+        monkeypatch.setattr(transformer, "fused_decode_step", lambda *args: None)
+        fused = getattr(kernels, kernel)
+
+        def recorded(*args):
+            calls.append(any(isinstance(a, torch.Tensor) and a.dtype == torch.int64 for a in args))
+            return fused(*args)
+
+        monkeypatch.setattr(kernels, kernel, recorded)
+    else:
+        step = transformer.fused_decode_step
+
+        def stepped(layer, x, *args):
+            result = step(layer, x, *args)
+            if x.shape[1] == 1 and cpu_ops.for_inference(x) is not None:  # a decode step with the kernels on
+                calls.append(result is not None)
+            return result
+
+        monkeypatch.setattr(transformer, "fused_decode_step", stepped)
+
+
+@pytest.mark.parametrize("path", ["modules", "decode_layer"])
+def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels, monkeypatch, path):
     """A model the engine does not pack (small fp32, or one a trainer keeps updating) still decodes
     through the MLA kernel, with fp32 copies of its absorbed weights that are remade when kv_b_proj
     changes in place (as an optimizer step changes it): the tokens and log-probs of the PyTorch code
-    before and after the change."""
+    before and after the change, through the modules and as whole-layer calls."""
     model = peaky_model("v3")
     calls = []
-    fused = kernels.mla_decode_attention
-    monkeypatch.setattr(kernels, "mla_decode_attention", lambda *args: calls.append(1) or fused(*args))
+    count_decode_path(kernels, monkeypatch, path, "mla_decode_attention", calls)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
 
     def decode():
@@ -187,7 +213,7 @@ def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels
         got = decode()
         with pytorch_ops():
             expected = decode()
-        assert calls and model.model.layers[0].self_attn.frozen_absorbed is None
+        assert calls and all(calls) and model.model.layers[0].self_attn.frozen_absorbed is None
         assert got.token_ids == expected.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-4)
 
@@ -218,22 +244,17 @@ def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, qu
     torch.testing.assert_close(fused.float(), expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
 
 
+@pytest.mark.parametrize("path", ["modules", "decode_layer"])
 @pytest.mark.parametrize("name, kernel", [("v3", "mla_decode_attention"), ("qwen2", "gqa_decode_attention"),
                                           ("llama3", "gqa_decode_attention")])
-def test_decoding_reads_the_paged_pool(kernels, monkeypatch, name, kernel):
+def test_decoding_reads_the_paged_pool(kernels, monkeypatch, name, kernel, path):
     """Decode steps read the cache where it lies in the engine's block pool (the kernel gets the pool
     and the read slots, no gathered copy), with the tokens and log-probs of the PyTorch code: MLA's
-    latent cache, Qwen2/Llama's keys and values. Blocks of 4 tokens, so every sequence spans several
-    non-adjacent blocks."""
+    latent cache, Qwen2/Llama's keys and values; through the modules and as whole-layer calls. Blocks
+    of 4 tokens, so every sequence spans several non-adjacent blocks."""
     model = peaky_model(name)
     calls = []
-    fused = getattr(kernels, kernel)
-
-    def recorded(*args):  # whether the call got read slots (the only int64 tensor among its arguments)
-        calls.append(any(isinstance(a, torch.Tensor) and a.dtype == torch.int64 for a in args))
-        return fused(*args)
-
-    monkeypatch.setattr(kernels, kernel, recorded)
+    count_decode_path(kernels, monkeypatch, path, kernel, calls)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
 

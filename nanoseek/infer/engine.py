@@ -70,6 +70,7 @@ from nanoseek.infer.sampling import (
 )
 from nanoseek.infer.speculative import accept_drafts, mtp_forward
 from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.decode_layer import enable_fused_decode
 from nanoseek.model.layers import FusedProjection, few_row_products, fusable
 from nanoseek.model.transformer import CausalLM, ModelOutput
 
@@ -393,6 +394,7 @@ class Engine:
             fuse_projections(model)
         if pack_weights:
             pack_model(model)
+        enable_fused_decode(model)
         self.model = model  # train/eval mode is irrelevant here (no labels, no dropout): left as the caller set it
         self.config = config
         self.tokenizer = tokenizer

@@ -117,6 +117,10 @@ class PackedLinear(nn.Module):
         _refuse_training(self)
         return packed_linear(x, self.packed_weight, self.bias)
 
+    def decode_product(self) -> tuple:
+        """("packed", weight, bias, None): how `forward` runs, for `nanoseek.model.decode_layer`."""
+        return "packed", self.packed_weight, self.bias, None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
         if self.bias is not None:
@@ -238,8 +242,8 @@ def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
     for module in model.modules():
         fused = getattr(module, "fused", None)
         if fused is not None and fused.linear is not packed_linear and worth_packing(fused.weight.shape, fused.weight.dtype):
-            settings.append((fused, {key: getattr(fused, key) for key in ("weight", "linear", "parameter_slots", "pointers")}))
-            fused.weight, fused.linear = pack_weight(fused.weight), packed_linear
+            settings.append((fused, {key: getattr(fused, key) for key in ("weight", "linear", "kind", "parameter_slots", "pointers")}))
+            fused.weight, fused.linear, fused.kind = pack_weight(fused.weight), packed_linear, "packed"
             fused.parameter_slots, fused.pointers = [], []  # its layers are replaced (or small): no checks needed
         if isinstance(module, MultiHeadLatentAttention):
             settings.append((module, {"frozen_absorbed": module.frozen_absorbed}))

@@ -91,12 +91,17 @@ class QuantizedWeight:
         return F.linear(x, dequantize_blocks(self.weight, self.scale, dtype=x.dtype))
 
 
+def int8_kernel_layout(q: torch.Tensor) -> bool:
+    """Whether an int8 [out, in] weight suits the packed int8 kernel. torch 2.13's CPU kernel crashes
+    (SIGSEGV) when in_features is 8 more than a multiple of 16 (8, 24, 40... tested: tests/test_quant.py),
+    so not just "% 8"."""
+    return q.shape[1] % 16 == 0 and q.is_contiguous()
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ (q * scale)^T (+ bias), computed in `scale`'s dtype; returns x's dtype."""
     out_features, in_features = q.shape
-    # The packed kernel's requirements. torch 2.13's CPU kernel crashes (SIGSEGV) when in_features is
-    # 8 more than a multiple of 16 (8, 24, 40... tested: tests/test_quant.py), so not just "% 8".
-    packed_layout = in_features % 16 == 0 and q.is_contiguous()
+    packed_layout = int8_kernel_layout(q)
     if packed_layout and (kernels := cpu_ops.for_inference(x)) is not None:  # the same ops below, in one call
         return kernels.int8_linear(x, q, scale, bias)
     rows = x.reshape(-1, in_features).to(scale.dtype)
@@ -123,6 +128,12 @@ class QuantizedLinear(nn.Module):
         out = QuantizedWeight(self.weight, self.weight_scale).linear(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    def decode_product(self) -> tuple | None:
+        """("int8", weight, bias, scale) where `forward` takes the int8 kernel (`nanoseek.model.decode_layer`)."""
+        if self.weight.dtype == torch.int8 and int8_kernel_layout(self.weight):
+            return "int8", self.weight, self.bias, self.weight_scale
+        return None
+
 
 def int8_fusable(linears: list[nn.Module]) -> bool:
     """int8 layers of one input size on one device, all with or all without bias (see `fuse_int8`)."""
@@ -145,6 +156,7 @@ def fuse_int8(linears: list[QuantizedLinear]) -> FusedProjection:
     weight, scale, bias = (concatenate_rows(linears, name, sizes) for name in names)
     fused = FusedProjection(weight, bias, sizes, linears, names)
     fused.linear = lambda x, q, bias: int8_linear(x, q, scale, bias)
+    fused.kind, fused.scale = "int8", scale
     return fused
 
 

@@ -56,7 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= (FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD):
+    if not 0 < rows <= few_row_limit():
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
@@ -64,6 +64,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     columns = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
     out = columns[:, :1] if rows == 1 else columns
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def few_row_limit() -> int:
+    """Up to how many rows `linear` takes its transposed product here and now (0: never)."""
+    if not _few_row_products.get():
+        return 0
+    return FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD
 
 
 class Linear(nn.Linear):
@@ -118,6 +125,9 @@ class FusedProjection:
         ]
         self.pointers = self._pointers()
         self.linear = linear  # called as linear(x, weight, bias); packing and int8 fusion swap in their kernels
+        # ...and say which, for the fused decode layer (`nanoseek.model.decode_layer.product_of`): "linear",
+        # "packed" or "int8" (with its row scales)
+        self.kind, self.scale = "linear", None
 
     @classmethod
     @torch.no_grad()

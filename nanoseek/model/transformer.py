@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GroupedQueryAttention, KVCache, MultiHeadLatentAttention
+from nanoseek.model.decode_layer import fused_decode_step
 from nanoseek.model.kernels import linear_cross_entropy
 from nanoseek.model.layers import Linear, RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU, is_plain_linear
 from nanoseek.model.moe import MoE, RoutedExperts, Router, RouterStats
@@ -38,6 +39,7 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fused_decode = False  # decode steps as one C++ call (`decode_layer`), set by the inference engine
 
     def forward(
         self,
@@ -49,6 +51,9 @@ class DecoderLayer(nn.Module):
         absorb: bool | None = None,
         balance_loss: bool = False,
     ) -> tuple[torch.Tensor, RouterStats | None]:
+        if self.fused_decode and (fused := fused_decode_step(self, x, angles, cache, mask, absorb)) is not None:
+            out, indices = fused
+            return out, None if indices is None else RouterStats(indices, self.mlp.gate.num_experts, None)
         x = x + self.self_attn(self.input_layernorm(x), angles, cache, positions, mask, absorb)
         hidden = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):

@@ -834,6 +834,145 @@ torch::Tensor argmax(const torch::Tensor& x) {
   return out;
 }
 
+
+// ----- a whole decoder layer of a decode step ------------------------------------------------------
+// What DecoderLayer.forward runs for the few rows of a decode or verify step over the paged cache, as
+// one call: the same ATen ops and kernels in the same order (so the same numbers), without the Python
+// between them (module calls, views, checks: ~120 of a `small` MoE layer's ~470 us). nanoseek/model/
+// decode_layer.py builds a DecodeLayer from a layer's modules and decides when it applies.
+
+namespace {
+
+// One linear layer, run as the Python module runs it. kind: 0 F.linear; 1 nanoseek.model.layers.linear
+// (fp32 few rows as the transposed product); 2 a oneDNN-packed weight (packing.packed_linear); 3 int8
+// with per-row scales (quant.int8_linear's packed-kernel path).
+struct Product {
+  int64_t kind = -1;
+  torch::Tensor weight;
+  c10::optional<torch::Tensor> bias, scale;
+
+  torch::Tensor operator()(const torch::Tensor& x, int64_t few_rows) const;
+};
+
+torch::Tensor linear_pointwise(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias, std::string("none"), c10::List<c10::optional<c10::Scalar>>(),
+                          c10::optional<std::string>(std::string())};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+torch::Tensor Product::operator()(const torch::Tensor& x, int64_t few_rows) const {
+  if (kind == 2) {
+    if (x.scalar_type() == weight.scalar_type()) return linear_pointwise(x, weight, bias);
+    c10::optional<torch::Tensor> converted;
+    if (bias.has_value()) converted = bias->to(weight.scalar_type());
+    return linear_pointwise(x.to(weight.scalar_type()), weight, converted).to(x.scalar_type());
+  }
+  if (kind == 3) return int8_linear(x, weight, *scale, bias);
+  if (kind == 1 && few_rows > 0 && weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+      weight.is_contiguous() && x.size(-1) > 0) {
+    const int64_t rows = x.numel() / x.size(-1);
+    if (rows > 0 && rows <= few_rows) {
+      auto flat = x.reshape({rows, x.size(-1)});
+      if (rows == 1) flat = at::cat({flat, flat});
+      auto columns = bias.has_value() ? at::addmm(bias->unsqueeze(1), weight, flat.t()) : at::mm(weight, flat.t());
+      auto out = rows == 1 ? columns.slice(1, 0, 1) : columns;
+      auto sizes = x.sizes().vec();
+      sizes.back() = weight.size(0);
+      return out.t().contiguous().view(sizes);
+    }
+  }
+  return at::linear(x, weight, bias);
+}
+
+}  // namespace
+
+struct DecodeLayer {
+  // the norms around attention
+  torch::Tensor input_norm, post_norm;
+  double input_eps = 1e-6, post_eps = 1e-6;
+  // attention: the input projections (one fused product split in `first_sizes`, or one product each)
+  bool mla = true;
+  Product fused_input;
+  std::vector<Product> inputs;  // q (or q_a) and kv_a for MLA; q, k, v for GQA; empty when fused
+  std::vector<int64_t> input_sizes;
+  // MLA
+  c10::optional<torch::Tensor> q_norm;
+  double q_eps = 1e-6, kv_eps = 1e-6, scale = 1.0;
+  Product q_b;
+  torch::Tensor kv_norm, w_uk, w_uv_t;
+  int64_t heads = 0, nope = 0, rope_dim = 0, kv_rank = 0, kv_heads = 0, head_dim = 0;
+  bool interleaved = true;
+  Product o;
+  // feed-forward: SwiGLU (the dense MLP, or the MoE's shared experts) and the routed experts
+  bool moe = false, has_mlp = false;
+  Product gate_up, down;
+  torch::Tensor router;
+  c10::optional<torch::Tensor> router_bias;
+  bool sigmoid = true, group_top2 = true, normalize = true;
+  int64_t n_group = 1, topk_group = 1, top_k = 1;
+  double scaling = 1.0;
+  torch::Tensor stack_gate_up, stack_down;
+  c10::optional<torch::Tensor> stack_gate_up_scale, stack_down_scale;
+
+  std::vector<torch::Tensor> input_products(const torch::Tensor& h, int64_t few_rows) const {
+    if (inputs.empty()) return fused_input(h, few_rows).split_with_sizes(input_sizes, -1);
+    std::vector<torch::Tensor> outs;
+    for (const auto& product : inputs) outs.push_back(product(h, few_rows));
+    return outs;
+  }
+
+  torch::Tensor attention(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
+                          torch::Tensor& first_pool, torch::Tensor& second_pool, const torch::Tensor& write_slots,
+                          const torch::Tensor& read_slots, const torch::Tensor& mask, int64_t few_rows) const {
+    const auto parts = input_products(h, few_rows);
+    if (!mla) {  // GroupedQueryAttention.forward with the fused q/k/v
+      const auto query_key = rope(parts[0].unflatten(-1, {heads + kv_heads, head_dim}), cos, sin, false);
+      const auto split = query_key.split_with_sizes({heads, kv_heads}, 2);
+      const auto value = parts[1].unflatten(-1, {kv_heads, head_dim});
+      first_pool.index_copy_(0, write_slots, split[1].flatten(0, 1).to(first_pool.scalar_type()));
+      second_pool.index_copy_(0, write_slots, value.flatten(0, 1).to(second_pool.scalar_type()));
+      return o(gqa_decode_attention(split[0], first_pool, second_pool, read_slots, mask, scale).flatten(2), few_rows);
+    }
+    // MultiHeadLatentAttention.forward -> attend_from_pool
+    auto q = q_norm.has_value() ? q_b(rms_norm(parts[0], *q_norm, q_eps), few_rows) : parts[0];
+    const auto q_split = q.unflatten(-1, {heads, -1}).split_with_sizes({nope, rope_dim}, -1);
+    const auto q_pe = rope(q_split[1], cos, sin, interleaved);
+    const auto kv_split = parts[1].split_with_sizes({kv_rank, rope_dim}, -1);
+    const auto latent = rms_norm(kv_split[0], kv_norm, kv_eps);
+    const auto k_pe = rope(kv_split[1], cos, sin, interleaved);
+    first_pool.index_copy_(0, write_slots, latent.flatten(0, 1).to(first_pool.scalar_type()));
+    second_pool.index_copy_(0, write_slots, k_pe.flatten(0, 1).to(second_pool.scalar_type()));
+    const auto out = mla_decode_attention(q_split[0], q_pe, first_pool, second_pool, read_slots, mask, w_uk, w_uv_t, scale);
+    return o(out.flatten(2), few_rows);
+  }
+
+  torch::Tensor swiglu(const torch::Tensor& x, int64_t few_rows) const {
+    return down(silu_and_mul(gate_up(x, few_rows)), few_rows);
+  }
+
+  // (the layer's output [b, s, D], the routed experts' indices [b * s, k] or an undefined tensor)
+  std::tuple<torch::Tensor, c10::optional<torch::Tensor>> forward(
+      const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor first_pool,
+      torch::Tensor second_pool, const torch::Tensor& write_slots, const torch::Tensor& read_slots,
+      const torch::Tensor& mask, int64_t few_rows) const {
+    const auto h = rms_norm(x, input_norm, input_eps);
+    const auto residual = x + attention(h, cos, sin, first_pool, second_pool, write_slots, read_slots, mask, few_rows);
+    const auto hidden = rms_norm(residual, post_norm, post_eps);
+    if (!moe) return {residual + swiglu(hidden, few_rows), c10::nullopt};
+    // MoE.forward: router, routed experts (the fused kernel), shared experts
+    const auto flat = hidden.reshape({-1, hidden.size(-1)});
+    const auto logits = at::linear(flat.to(at::kFloat), router.to(at::kFloat));
+    const auto routing = route(logits, router_bias, sigmoid, n_group, topk_group, group_top2, top_k, normalize, scaling);
+    const auto dtype = stack_gate_up.scalar_type() == at::kChar ? at::kBFloat16 : stack_gate_up.scalar_type();
+    auto out = routed_experts(flat.to(dtype), stack_gate_up, stack_down, routing[1], routing[0], stack_gate_up_scale,
+                              stack_down_scale).view(hidden.sizes());
+    if (has_mlp) out = out + swiglu(hidden, few_rows);
+    return {residual + out, routing[1]};
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
@@ -846,4 +985,53 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
         py::arg("gate_up_scale") = py::none(), py::arg("down_scale") = py::none());
+  py::class_<Product>(m, "Product")
+      .def(py::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                       c10::optional<torch::Tensor> scale) { return Product{kind, weight, bias, scale}; }),
+           py::arg("kind"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none())
+      .def("__call__", &Product::operator(), py::arg("x"), py::arg("few_rows") = 0);
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<>())
+      .def_readwrite("input_norm", &DecodeLayer::input_norm)
+      .def_readwrite("post_norm", &DecodeLayer::post_norm)
+      .def_readwrite("input_eps", &DecodeLayer::input_eps)
+      .def_readwrite("post_eps", &DecodeLayer::post_eps)
+      .def_readwrite("mla", &DecodeLayer::mla)
+      .def_readwrite("fused_input", &DecodeLayer::fused_input)
+      .def_readwrite("inputs", &DecodeLayer::inputs)
+      .def_readwrite("input_sizes", &DecodeLayer::input_sizes)
+      .def_readwrite("q_norm", &DecodeLayer::q_norm)
+      .def_readwrite("q_eps", &DecodeLayer::q_eps)
+      .def_readwrite("kv_eps", &DecodeLayer::kv_eps)
+      .def_readwrite("scale", &DecodeLayer::scale)
+      .def_readwrite("q_b", &DecodeLayer::q_b)
+      .def_readwrite("kv_norm", &DecodeLayer::kv_norm)
+      .def_readwrite("w_uk", &DecodeLayer::w_uk)
+      .def_readwrite("w_uv_t", &DecodeLayer::w_uv_t)
+      .def_readwrite("heads", &DecodeLayer::heads)
+      .def_readwrite("nope", &DecodeLayer::nope)
+      .def_readwrite("rope_dim", &DecodeLayer::rope_dim)
+      .def_readwrite("kv_rank", &DecodeLayer::kv_rank)
+      .def_readwrite("kv_heads", &DecodeLayer::kv_heads)
+      .def_readwrite("head_dim", &DecodeLayer::head_dim)
+      .def_readwrite("interleaved", &DecodeLayer::interleaved)
+      .def_readwrite("o", &DecodeLayer::o)
+      .def_readwrite("moe", &DecodeLayer::moe)
+      .def_readwrite("has_mlp", &DecodeLayer::has_mlp)
+      .def_readwrite("gate_up", &DecodeLayer::gate_up)
+      .def_readwrite("down", &DecodeLayer::down)
+      .def_readwrite("router", &DecodeLayer::router)
+      .def_readwrite("router_bias", &DecodeLayer::router_bias)
+      .def_readwrite("sigmoid", &DecodeLayer::sigmoid)
+      .def_readwrite("group_top2", &DecodeLayer::group_top2)
+      .def_readwrite("normalize", &DecodeLayer::normalize)
+      .def_readwrite("n_group", &DecodeLayer::n_group)
+      .def_readwrite("topk_group", &DecodeLayer::topk_group)
+      .def_readwrite("top_k", &DecodeLayer::top_k)
+      .def_readwrite("scaling", &DecodeLayer::scaling)
+      .def_readwrite("stack_gate_up", &DecodeLayer::stack_gate_up)
+      .def_readwrite("stack_down", &DecodeLayer::stack_down)
+      .def_readwrite("stack_gate_up_scale", &DecodeLayer::stack_gate_up_scale)
+      .def_readwrite("stack_down_scale", &DecodeLayer::stack_down_scale)
+      .def("__call__", &DecodeLayer::forward);
 }

@@ -1,0 +1,265 @@
+"""A decoder layer's decode step as one C++ call.
+
+Decoding a few rows on CPU, a `small` MoE layer spent ~120 of its ~470 us in Python between its ops
+(module calls, views, splits, checks), while the weights stream in a fraction of the rest. When the
+engine turns this on (`enable_fused_decode`), `DecoderLayer.forward` hands a decode or verify step over
+the paged cache to `cpu_ops`' DecodeLayer, which runs the same ATen ops and fused kernels in the same
+order as the modules would (so the same numbers: tests/test_decode_layer.py compares outputs and cache
+writes bit for bit), from C++. Every other case (training, prefill, long contexts, GPUs, layers this
+does not know, such as FP8 weights or forward hooks) runs the modules.
+
+The C++ object holds the layer's tensors, not copies: in-place updates (an optimizer step on a model
+the engine shares with a trainer) reach it. It is rebuilt when anything it was built from is replaced
+(a packed or quantized module swapped in, a parameter assigned anew, a fused projection broken up),
+which `_sources` sees by identity at every call.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+from torch.utils.hooks import RemovableHandle
+
+from nanoseek.model import cpu_ops
+from nanoseek.model.attention import (
+    FUSED_ATTENTION_MAX_QUERIES,
+    FUSED_GQA_MAX_SCORES,
+    FUSED_MLA_MAX_SCORES,
+    MultiHeadLatentAttention,
+)
+from nanoseek.model.layers import (
+    FusedProjection,
+    Linear,
+    RotaryAngles,
+    SwiGLU,
+    apply_rope_interleaved,
+    few_row_limit,
+)
+from nanoseek.model.moe import MoE
+
+# layer -> its _Plan: outside the module, so that copying or pickling a model never meets a C++ object.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# How `cpu_ops.Product` runs a linear layer: F.linear, our `linear`, a oneDNN-packed weight, int8.
+PRODUCT_KINDS = {"f_linear": 0, "linear": 1, "packed": 2, "int8": 3}
+
+
+def product_of(module) -> tuple | None:
+    """(kind, weight, bias, scale) of a linear layer or fused projection as its forward runs it at
+    inference, or None for one DecodeLayer cannot run (FP8, a broken-up fused projection...)."""
+    if isinstance(module, FusedProjection):
+        return (module.kind, module.weight, module.bias, module.scale) if module.usable else None
+    if type(module) is Linear:
+        return "linear", module.weight, module.bias, None
+    if type(module) is nn.Linear:
+        return "f_linear", module.weight, module.bias, None
+    decode_product = getattr(module, "decode_product", None)
+    return decode_product() if decode_product is not None else None
+
+
+def _products(modules) -> list[tuple] | None:
+    products = [product_of(module) for module in modules]
+    return None if any(p is None or p[0] not in PRODUCT_KINDS or _has_hooks(m) for p, m in zip(products, modules, strict=True)) else products
+
+
+def _has_hooks(module) -> bool:
+    return isinstance(module, nn.Module) and bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _swiglu_products(mlp: SwiGLU) -> list[tuple] | None:
+    return None if mlp.fused is None or _has_hooks(mlp) else _products([mlp.fused, mlp.down_proj])
+
+
+def _sources(layer, dtype: torch.dtype) -> tuple | None:
+    """Everything the layer's decode step reads, in a fixed order, or None if DecodeLayer cannot run it."""
+    attention, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if any(_has_hooks(m) for m in (layer, attention, mlp, *norms)) or any(n.weight.dtype != dtype for n in norms):
+        return None
+    if attention.fused is not None and attention.fused.usable:
+        inputs = _products([attention.fused])
+    else:
+        inputs = _products(attention.fusable_projections())
+    if inputs is None:
+        return None
+    if isinstance(attention, MultiHeadLatentAttention):
+        absorbed = attention.kernel_weights()
+        q_b = None if attention.q_lora_rank is None else _products([attention.q_b_proj])
+        if absorbed is None or (attention.q_lora_rank is not None and q_b is None) or any(
+            n.weight.dtype != dtype for n in (attention.kv_a_layernorm, getattr(attention, "q_a_layernorm", None)) if n is not None
+        ):
+            return None
+        attention_sources = (absorbed, q_b and q_b[0], attention.kv_a_layernorm.weight,
+                             attention.q_a_layernorm.weight if attention.q_lora_rank is not None else None)
+    else:
+        attention_sources = ()
+    output = _products([attention.o_proj])
+    if output is None:
+        return None
+    if isinstance(mlp, MoE):
+        shared = None if mlp.shared_experts is None else _swiglu_products(mlp.shared_experts)
+        stacks = mlp.experts.streamable_stacks(dtype)
+        if stacks is None or (mlp.shared_experts is not None and shared is None) or _has_hooks(mlp.experts) or _has_hooks(mlp.gate):
+            return None
+        mlp_sources = ("moe", shared, stacks, mlp.gate.weight, mlp.gate.e_score_correction_bias)
+    elif isinstance(mlp, SwiGLU):
+        products = _swiglu_products(mlp)
+        if products is None:
+            return None
+        mlp_sources = ("swiglu", products)
+    else:
+        return None
+    return (norms[0].weight, norms[1].weight, inputs, attention_sources, output, mlp_sources)
+
+
+def _same(a, b) -> bool:
+    """Whether two `_sources` results hold the same objects."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b
+
+
+def _product(spec: tuple):
+    kind, weight, bias, scale = spec
+    return cpu_ops.load().Product(PRODUCT_KINDS[kind], weight, bias, scale)
+
+
+def _build(layer, sources: tuple):
+    """A cpu_ops.DecodeLayer for `layer` from `_sources(layer, ...)`."""
+    kernels = cpu_ops.load()
+    norm_in, norm_post, inputs, attention_sources, output, (mlp_kind, *mlp_rest) = sources
+    attention, mlp = layer.self_attn, layer.mlp
+    plan = kernels.DecodeLayer()
+    plan.input_norm, plan.post_norm = norm_in, norm_post
+    plan.input_eps, plan.post_eps = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+    if len(inputs) == 1:
+        plan.fused_input = _product(inputs[0])
+    else:
+        plan.inputs = [_product(spec) for spec in inputs]
+    plan.scale = attention.softmax_scale
+    plan.o = _product(output[0])
+    if isinstance(attention, MultiHeadLatentAttention):
+        absorbed, q_b, kv_norm, q_norm = attention_sources
+        plan.mla = True
+        plan.input_sizes = attention.fused.sizes if len(inputs) == 1 else []
+        plan.w_uk, plan.w_uv_t = absorbed
+        if q_b is not None:
+            plan.q_b, plan.q_norm, plan.q_eps = _product(q_b), q_norm, attention.q_a_layernorm.eps
+        plan.kv_norm, plan.kv_eps = kv_norm, attention.kv_a_layernorm.eps
+        plan.heads, plan.nope, plan.rope_dim = attention.num_heads, attention.qk_nope_head_dim, attention.qk_rope_head_dim
+        plan.kv_rank, plan.interleaved = attention.kv_lora_rank, attention.apply_rope is apply_rope_interleaved
+    else:
+        plan.mla = False
+        if len(inputs) != 1:  # the GQA path rotates queries and keys of the fused projection together
+            return None
+        heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        plan.input_sizes = [(heads + kv_heads) * dim, kv_heads * dim]
+        plan.heads, plan.kv_heads, plan.head_dim = heads, kv_heads, dim
+    if mlp_kind == "moe":
+        shared, stacks, router, bias = mlp_rest
+        gate = mlp.gate
+        plan.moe = True
+        plan.has_mlp = shared is not None
+        if shared is not None:
+            plan.gate_up, plan.down = (_product(spec) for spec in shared)
+        plan.router = router
+        plan.router_bias = bias if gate.topk_method == "noaux_tc" else None
+        plan.sigmoid, plan.group_top2 = gate.scoring_func == "sigmoid", gate.topk_method == "noaux_tc"
+        plan.n_group, plan.topk_group, plan.top_k = gate.n_group, gate.topk_group, gate.top_k
+        plan.normalize, plan.scaling = gate.norm_topk_prob, gate.routed_scaling_factor
+        plan.stack_gate_up, plan.stack_down, *scales = stacks
+        if scales:
+            plan.stack_gate_up_scale, plan.stack_down_scale = scales
+    else:
+        plan.has_mlp = True
+        plan.gate_up, plan.down = (_product(spec) for spec in mlp_rest[0])
+    return plan
+
+
+def enable_fused_decode(model: nn.Module, enabled: bool = True) -> None:
+    """Let (or stop) every decoder layer of `model` run decode steps as one C++ call."""
+    for module in model.modules():
+        if hasattr(module, "fused_decode"):
+            module.fused_decode = enabled
+
+
+def _volatile(layer, dtype: torch.dtype) -> tuple:
+    """What may change under a built DecodeLayer without a module, parameter, buffer or hook being
+    registered: fused projections broken up (`.data =`, `.to()`), MLA's absorbed copies and int8 expert
+    scales remade after an in-place update."""
+    attention, mlp = layer.self_attn, layer.mlp
+    shared = mlp.shared_experts if isinstance(mlp, MoE) else mlp
+    fused = tuple(f.weight if f is not None and f.usable else None for f in (attention.fused, getattr(shared, "fused", None)))
+    absorbed = attention.kernel_weights() if isinstance(attention, MultiHeadLatentAttention) else ()
+    stacks = mlp.experts.streamable_stacks(dtype) if isinstance(mlp, MoE) else ()
+    return (*fused, *(absorbed or (None,)), *(stacks or (None,)))
+
+
+def _registrations() -> tuple[int, int]:
+    """Counters that move whenever any module, parameter, buffer (`_count_registration`) or hook
+    (torch's handle ids) is registered anywhere."""
+    return _registered, RemovableHandle.next_id
+
+
+_registered = 0
+
+
+def _count_registration(*_) -> None:
+    global _registered
+    _registered += 1
+
+
+for _register in (register_module_module_registration_hook, register_module_parameter_registration_hook,
+                  register_module_buffer_registration_hook):
+    _register(_count_registration)
+
+
+def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask: torch.Tensor | None,
+                      absorb: bool | None):
+    """(output, routed-expert indices or None) of `layer` for this step through its DecodeLayer, or None
+    where the modules must run it: no paged cache or mask, more than FUSED_ATTENTION_MAX_QUERIES rows,
+    too many cached positions for the attention kernel, naive MLA forced, autocast, or a layer it
+    cannot run."""
+    if mask is None or absorb is False or not hasattr(cache, "write") or cache.dtype != x.dtype:
+        return None
+    queries = x.shape[0] * x.shape[1]
+    is_mla = isinstance(layer.self_attn, MultiHeadLatentAttention)
+    max_scores = FUSED_MLA_MAX_SCORES.get(x.dtype, 0) if is_mla else FUSED_GQA_MAX_SCORES
+    if (queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores
+            or cpu_ops.for_inference(x) is None or torch.is_autocast_enabled("cpu")):
+        return None
+    registrations, volatile = _registrations(), _volatile(layer, x.dtype)
+    cached = _PLANS.get(layer)
+    if (cached is None or cached.plan is None or cached.registrations != registrations or cached.dtype != x.dtype
+            or len(volatile) != len(cached.volatile) or not all(map(operator.is_, volatile, cached.volatile))):
+        sources = _sources(layer, x.dtype)
+        if cached is None or not _same(cached.sources, sources):
+            plan = None if sources is None else _build(layer, sources)
+        else:
+            plan = cached.plan
+        cached = _PLANS[layer] = _Plan(registrations, x.dtype, volatile, sources, plan)
+    if cached.plan is None:
+        return None
+    pools = cache.layers[layer.self_attn.layer_index]
+    return cached.plan(x, angles.cos, angles.sin, pools[0], pools[1], cache.write_slots, cache.read_slots, mask,
+                       few_row_limit())
+
+
+@dataclass
+class _Plan:
+    """A layer's DecodeLayer (None: the modules run it) and what it was built from."""
+
+    registrations: tuple[int, int]
+    dtype: torch.dtype
+    volatile: tuple
+    sources: tuple | None
+    plan: object | None
