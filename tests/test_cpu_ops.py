@@ -18,7 +18,7 @@ from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, 
 from nanoseek.infer.sampling import greedy_tokens
 from nanoseek.model import build_model, cpu_ops, transformer
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
-from nanoseek.model.moe import EXPERT_KERNEL_MAX_BF16_TOKENS, RoutedExperts, Router
+from nanoseek.model.moe import EXPERT_KERNEL_MAX_TOKENS, RoutedExperts, Router
 
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
 
@@ -292,22 +292,22 @@ def test_routing_equals_pytorch(kernels, name):
     torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype, activations", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.int8, torch.bfloat16), (torch.int8, torch.float32)])
 @pytest.mark.parametrize("tokens", [1, 3, 70])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dtype, tokens, threads):
+def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dtype, activations, tokens, threads):
     """The fused layer against the executable specification (naive_forward, in fp32 from the same
     rounded or quantized weights), on sizes off every block width: 72-wide rows (16-lane vectors plus a
     tail), 2 x 22 gate/up rows and 72 down rows (not multiples of the 4-row blocks), 70 tokens (tiles
     of 6 vectors plus a rest), experts shared between tokens and unused ones; with two threads the
-    split of rows falls inside experts. int8: per-row scales, bf16 activations."""
+    split of rows falls inside experts. int8: per-row scales, bf16 or fp32 activations."""
     experts = RoutedExperts(tiny_config("v3", hidden_size=72, moe_intermediate_size=22, n_routed_experts=7,
                                         num_experts_per_tok=3, n_group=1, topk_group=1))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.2, generator=generator)
         experts.down_proj.normal_(0, 0.2, generator=generator)
-    activations = torch.bfloat16 if dtype == torch.int8 else dtype
     x = torch.randn(tokens, 72, generator=generator).to(activations)
     indices = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])  # expert 6 unused
     weights = torch.rand(tokens, 3, generator=generator)
@@ -332,11 +332,12 @@ def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dt
         kernels.routed_experts(x, gate_up, down, indices + 7, weights, *scales)
 
 
-def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(kernels, monkeypatch):
-    """An int8 model with bf16 activations (the products' own dtype) runs its MoE layers through the
-    kernel (int8 weights, fp32 copies of the scales) and decodes the tokens of one int8 product per
-    expert."""
-    model = quantize_model(peaky_model("v3"), "int8", dtype=torch.bfloat16)
+@pytest.mark.parametrize("activations", [torch.bfloat16, None])
+def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(kernels, monkeypatch, activations):
+    """An int8 model with bf16 activations (the products' own dtype) or fp32 ones (`quantize_model`'s
+    default) runs its MoE layers through the kernel (int8 weights, fp32 copies of the scales) and
+    decodes the tokens of one int8 product per expert."""
+    model = quantize_model(peaky_model("v3"), "int8", dtype=activations)
     calls = []
     fused = kernels.routed_experts
     monkeypatch.setattr(kernels, "routed_experts", lambda *args: calls.append(args[1].dtype) or fused(*args))
@@ -350,10 +351,10 @@ def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(
 
 @pytest.mark.parametrize("dtype, tokens, expected", [
     (torch.float32, 1, True), (torch.float32, 300, True),
-    (torch.bfloat16, EXPERT_KERNEL_MAX_BF16_TOKENS, True), (torch.bfloat16, EXPERT_KERNEL_MAX_BF16_TOKENS + 1, False),
+    (torch.bfloat16, EXPERT_KERNEL_MAX_TOKENS, True), (torch.bfloat16, EXPERT_KERNEL_MAX_TOKENS + 1, False),
 ])
 def test_moe_layers_take_the_routed_experts_kernel_at_inference(kernels, monkeypatch, dtype, tokens, expected):
-    """fp32 at any token count, bf16 up to EXPERT_KERNEL_MAX_BF16_TOKENS (oneDNN's bf16 products win
+    """fp32 at any token count, bf16 up to EXPERT_KERNEL_MAX_TOKENS (oneDNN's bf16 products win
     beyond); never with gradients recorded (training runs the grouped PyTorch path)."""
     model = peaky_model("v3").to(dtype)
     calls = []

@@ -63,16 +63,17 @@ def assert_same_as_modules(engine: Engine, fused_steps: list[bool], **kwargs) ->
 
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy",
                                   "qwen2", "llama3"])
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int8-fp32-activations"])
 def test_decode_layer_gives_the_bits_of_the_modules(kernels, fused_steps, name, weights):
     """Every family (MLA with and without a query LoRA, sigmoid / softmax / group-limited routing,
     one and two shared experts, a dense first layer; Qwen2 with q/k/v biases, Llama 3), fp32, bf16
-    (oneDNN-packed) and int8 weights: two ragged requests in blocks of 4 tokens."""
+    (oneDNN-packed) and int8 weights (bf16 or fp32 activations): two ragged requests in blocks of 4
+    tokens."""
     model = peaky_model(name)
     if weights == "bf16":
         model = model.to(torch.bfloat16)
-    elif weights == "int8":
-        model = quantize_model(model, "int8", dtype=torch.bfloat16)
+    elif weights.startswith("int8"):
+        model = quantize_model(model, "int8", dtype=torch.bfloat16 if weights == "int8" else None)
     engine = Engine(model, max_num_seqs=2, block_size=4, prefix_caching=False)
     assert_same_as_modules(engine, fused_steps)
 

@@ -132,7 +132,7 @@ class PackedRoutedExperts(RoutedExperts):
 
     With the fused CPU kernels (`nanoseek.model.cpu_ops`) the stacks stay as they are, shared with the
     model's parameters (no copy): the routed-experts kernel streams them (fp32 at any token count, bf16
-    up to EXPERT_KERNEL_MAX_BF16_TOKENS; figures in nanoseek.model.moe), and larger bf16 steps multiply
+    up to EXPERT_KERNEL_MAX_TOKENS; figures in nanoseek.model.moe), and larger bf16 steps multiply
     each expert's matrices unpacked (prefill of 512 tokens: 4.9 ms per `small` layer against 4.6 ms
     packed). Without the kernels each expert's two matrices are packed, and steps where most experts
     are busy (a decode batch of 16 requests on `small`'s 32 experts) run every expert in one pair of

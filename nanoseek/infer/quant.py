@@ -193,10 +193,11 @@ class QuantizedRoutedExperts(RoutedExperts):
 
     def streamable_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
         """int8 stacks and their scales in fp32 (converted once, again if a scale tensor changes) for
-        the fused CPU kernel, which computes in INT8_KERNEL_DTYPE like `int8_linear`."""
+        the fused CPU kernel, which rounds each product's input and output to INT8_KERNEL_DTYPE like
+        `int8_linear`; for fp32 or INT8_KERNEL_DTYPE activations."""
         stacks = (self.gate_up_proj, self.down_proj)
         scales = (self.gate_up_scale, self.down_scale)
-        if (dtype != INT8_KERNEL_DTYPE or any(s.dtype != torch.int8 or not s.is_contiguous() for s in stacks)
+        if (dtype not in (torch.float32, INT8_KERNEL_DTYPE) or any(s.dtype != torch.int8 or not s.is_contiguous() for s in stacks)
                 or any(s.dtype != INT8_KERNEL_DTYPE for s in scales)):
             return None
         key = tuple((id(s), s._version) for s in scales)

@@ -116,14 +116,14 @@ EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS, DENSE_MAX_TOKENS = 38e
 
 # Inference on CPU runs a routed-experts layer as one fused kernel (`cpu_ops`' routed_experts: each used
 # expert streamed once by torch's threads, no call per expert) for fp32 at any token count and for bf16
-# up to EXPERT_KERNEL_MAX_BF16_TOKENS, beyond which oneDNN's bf16 dot-product instructions win. Per
+# up to EXPERT_KERNEL_MAX_TOKENS, beyond which oneDNN's bf16 dot-product instructions win. Per
 # `small` MoE layer (32 experts of 512 -> 256, 4 chosen, random choices), 2 threads, kernel vs one
 # oneDNN-packed call per expert vs one plain call per expert: fp32 1 token 159 / 300 / 276 us, 16 tokens
 # 1.33 / 2.13 / 1.90 ms, 64 tokens 1.9 / 2.7 / 3.7 ms, 512 tokens 10.7 / 9.1 / 16.9 ms; bf16 1 token
 # 111 / 232 / 281 us, 16 tokens 0.88 / 1.72 / 2.04 ms, 128 tokens 2.3 / 2.5 / 2.9 ms, 512 tokens 7.2 /
 # 4.6 / 4.9 ms. It comes before running all experts at once (below), which it beats at `small`'s 16
 # tokens (fp32 1.33 vs 1.54 ms), so that path is the fallback where the kernels are unavailable.
-EXPERT_KERNEL_MAX_BF16_TOKENS = 128
+EXPERT_KERNEL_MAX_TOKENS = 128
 
 
 def all_at_once_threshold(expert_bytes: int, num_experts: int, tokens: int) -> float:
@@ -140,7 +140,7 @@ class RoutedExperts(nn.Module):
     Tokens are grouped by expert (one sort), each expert runs one matmul over all of its tokens,
     and results are scattered back weighted by the gate: no Python loop over tokens, and experts
     no token chose are never read (decode touches only the chosen experts' weights). At inference on
-    CPU the fused routed-experts kernel does all of this in one call (EXPERT_KERNEL_MAX_BF16_TOKENS);
+    CPU the fused routed-experts kernel does all of this in one call (EXPERT_KERNEL_MAX_TOKENS);
     without it, experts small enough that a call costs more than reading them run all at once when
     most are busy (`all_at_once_threshold`); V2/V3-sized experts never do.
     """
@@ -165,7 +165,7 @@ class RoutedExperts(nn.Module):
             if (kernels := cpu_ops.for_inference(x)) is not None:
                 dtype = compute_dtype(x)
                 stacks = self.streamable_stacks(dtype)
-                if stacks is not None and (dtype == torch.float32 or indices.shape[0] <= EXPERT_KERNEL_MAX_BF16_TOKENS):
+                if stacks is not None and (stacks[0].dtype == torch.float32 or indices.shape[0] <= EXPERT_KERNEL_MAX_TOKENS):
                     gate_up, down, *scales = stacks
                     return kernels.routed_experts(x.to(dtype), gate_up, down, indices, weights, *scales)
             if self.all_at_once_pays(indices):

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -713,8 +714,9 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits, const c10::optiona
 
 namespace {
 
-// routed_experts for activations T and weights W (T, or int8 with a float scale per row).
-template <typename T, typename W>
+// routed_experts for activations T and weights W (T, or int8 with a float scale per row), each product's
+// input and output rounded to P (T; bf16 for int8 weights, which int8_linear multiplies in bf16).
+template <typename T, typename W, typename P>
 void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* gate_up_scale, const W* down,
                          const float* down_scale, int64_t hidden, const std::vector<int64_t>& counts,
                          const std::vector<int64_t>& slot, int64_t k, const float* gates, torch::Tensor& out) {
@@ -732,15 +734,21 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
   // Per-pair and per-token steps are split over the threads too: at prefill sizes they are not small.
   const int64_t grain = std::max<int64_t>(1, 16384 / dim);
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) to_float(input.data_ptr<T>() + (p / k) * dim, dim, inputs.data() + slot[p] * dim);
+    for (int64_t p = begin; p < end; ++p) {
+      float* row = inputs.data() + slot[p] * dim;
+      to_float(input.data_ptr<T>() + (p / k) * dim, dim, row);
+      if constexpr (!std::is_same_v<T, P>)
+        for (int64_t d = 0; d < dim; ++d) row[d] = rounded<P>(row[d]);
+    }
   });
   expert_products(up_runs, inputs.data(), dim, 2 * hidden, projected.data());
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {  // silu_and_mul_rows's arithmetic on the rounded products
       const float* row = projected.data() + p * 2 * hidden;
       for (int64_t i = 0; i < hidden; ++i) {
-        const float g = rounded<T>(row[i]);
-        activations[p * hidden + i] = rounded<T>(rounded<T>(g / (1.f + vector_exp(-g))) * rounded<T>(row[hidden + i]));
+        const float g = rounded<P>(row[i]);
+        activations[p * hidden + i] =
+            rounded<P>(rounded<T>(rounded<T>(g / (1.f + vector_exp(-g))) * rounded<P>(row[hidden + i])));
       }
     }
   });
@@ -751,7 +759,7 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
       for (int64_t d = 0; d < dim; ++d) {
         float sum = 0.f;
         for (int64_t j = 0; j < k; ++j)
-          sum += rounded<T>(gates[t * k + j]) * rounded<T>(outputs[slot[t * k + j] * dim + d]);
+          sum += rounded<T>(gates[t * k + j]) * rounded<T>(rounded<P>(outputs[slot[t * k + j] * dim + d]));
         result[t * dim + d] = static_cast<T>(sum);
       }
   });
@@ -762,12 +770,12 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
 // A routed-experts layer at inference, as one call: out[t] = sum_j weights[t, j] down[e] (silu(gate[e]
 // x_t) * up[e] x_t), e = indices[t, j], over the stacks gate_up [E, 2I, D] (gate rows first) and down
 // [E, D, I]: fp32 or bf16 like x, or int8 with fp32 scales per row (gate_up_scale [E, 2I], down_scale
-// [E, D]; x bf16, the dtype nanoseek.infer.quant's int8 products compute in). (token, expert) pairs
-// are grouped by expert and each used expert's matrices stream once for all of its tokens
-// (`expert_products`), with no call per expert (a oneDNN or MKL call costs ~9 us beyond its reading at
-// these sizes) and both threads reading. Sums in fp32, rounded to x's dtype where the PyTorch path
-// rounds (each product's output, the activation, the gate-weighted sum over a token's experts, in
-// choice order).
+// [E, D]; x fp32 or bf16, each product's input and output rounded to bf16 as nanoseek.infer.quant's
+// int8_linear rounds them). (token, expert) pairs are grouped by expert and each used expert's matrices
+// stream once for all of its tokens (`expert_products`), with no call per expert (a oneDNN or MKL call
+// costs ~9 us beyond its reading at these sizes) and both threads reading. Sums in fp32, rounded to x's
+// dtype where the PyTorch path rounds (each product's output, the activation, the gate-weighted sum over
+// a token's experts, in choice order).
 torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
                              const torch::Tensor& indices, const torch::Tensor& weights,
                              const c10::optional<torch::Tensor>& gate_up_scale,
@@ -779,9 +787,9 @@ torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_u
                   weights.sizes() == indices.sizes(),
               "routed_experts: indices (int64) and weights must be [T, k]");
   const bool int8 = gate_up.scalar_type() == at::kChar;
-  TORCH_CHECK(down.scalar_type() == gate_up.scalar_type() && (int8 ? x.scalar_type() == at::kBFloat16
-              : gate_up.scalar_type() == x.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)),
-              "routed_experts: fp32 or bf16 stacks like x, or int8 stacks with bf16 x");
+  TORCH_CHECK(down.scalar_type() == gate_up.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+              (int8 || gate_up.scalar_type() == x.scalar_type()),
+              "routed_experts: fp32 or bf16 stacks like x, or int8 stacks with fp32 or bf16 x");
   TORCH_CHECK(int8 == (gate_up_scale.has_value() && down_scale.has_value()), "routed_experts: int8 stacks need their scales");
   if (int8)
     TORCH_CHECK(gate_up_scale->scalar_type() == at::kFloat && down_scale->scalar_type() == at::kFloat &&
@@ -805,13 +813,15 @@ torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_u
   auto out = torch::empty({tokens, x.size(1)}, x.options());
   const float* gates = gate.data_ptr<float>();
   if (int8) {
-    routed_experts_rows<c10::BFloat16, int8_t>(x, gate_up.data_ptr<int8_t>(), gate_up_scale->data_ptr<float>(),
-                                               down.data_ptr<int8_t>(), down_scale->data_ptr<float>(), hidden, counts,
-                                               slot, k, gates, out);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
+      routed_experts_rows<scalar_t, int8_t, c10::BFloat16>(x, gate_up.data_ptr<int8_t>(), gate_up_scale->data_ptr<float>(),
+                                                           down.data_ptr<int8_t>(), down_scale->data_ptr<float>(), hidden,
+                                                           counts, slot, k, gates, out);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
-      routed_experts_rows<scalar_t, scalar_t>(x, gate_up.data_ptr<scalar_t>(), nullptr, down.data_ptr<scalar_t>(),
-                                              nullptr, hidden, counts, slot, k, gates, out);
+      routed_experts_rows<scalar_t, scalar_t, scalar_t>(x, gate_up.data_ptr<scalar_t>(), nullptr, down.data_ptr<scalar_t>(),
+                                                        nullptr, hidden, counts, slot, k, gates, out);
     });
   }
   return out;
@@ -965,8 +975,7 @@ struct DecodeLayer {
     const auto flat = hidden.reshape({-1, hidden.size(-1)});
     const auto logits = at::linear(flat.to(at::kFloat), router.to(at::kFloat));
     const auto routing = route(logits, router_bias, sigmoid, n_group, topk_group, group_top2, top_k, normalize, scaling);
-    const auto dtype = stack_gate_up.scalar_type() == at::kChar ? at::kBFloat16 : stack_gate_up.scalar_type();
-    auto out = routed_experts(flat.to(dtype), stack_gate_up, stack_down, routing[1], routing[0], stack_gate_up_scale,
+    auto out = routed_experts(flat, stack_gate_up, stack_down, routing[1], routing[0], stack_gate_up_scale,
                               stack_down_scale).view(hidden.sizes());
     if (has_mlp) out = out + swiglu(hidden, few_rows);
     return {residual + out, routing[1]};
