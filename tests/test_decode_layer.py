@@ -16,7 +16,7 @@ from torch import nn
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import quantize_model
-from nanoseek.model import cpu_ops, transformer
+from nanoseek.model import cpu_ops, decode_layer, transformer
 from nanoseek.model.decode_layer import enable_fused_decode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -175,3 +175,23 @@ def test_a_model_that_decoded_through_the_decode_layer_still_copies_and_pickles(
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         got = outputs(Engine(twin, max_num_seqs=2, block_size=4, pack_weights=False), True)
         assert [tokens for tokens, *_ in got] == [tokens for tokens, *_ in expected]
+
+
+@pytest.mark.parametrize("case", ["fp8", "int8-off-layout"])
+def test_layers_it_cannot_run_take_the_modules_without_checking_again(kernels, fused_steps, monkeypatch, case):
+    """FP8 weights, and int8 projections whose input width the packed int8 kernel cannot take (72 = 8
+    more than a multiple of 16, which crashes torch's kernel): the modules run every step, with their
+    own output, and the layer is examined once, not at every step."""
+    if case == "fp8":
+        model = quantize_model(peaky_model("v3"), "fp8")
+    else:
+        model = quantize_model(peaky_model("qwen2", hidden_size=72), "int8", dtype=torch.bfloat16)
+    engine = Engine(model, max_num_seqs=2, block_size=4, prefix_caching=False)
+    expected = outputs(engine, False)
+    examined = []
+    sources = decode_layer._sources
+    monkeypatch.setattr(decode_layer, "_sources", lambda layer, dtype: examined.append(layer) or sources(layer, dtype))
+    fused_steps.clear()
+    assert outputs(engine, True) == expected
+    assert fused_steps and not any(fused_steps)
+    assert len(examined) == len(set(map(id, examined))) == len(engine.model.model.layers)

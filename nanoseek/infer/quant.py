@@ -156,7 +156,7 @@ def fuse_int8(linears: list[QuantizedLinear]) -> FusedProjection:
     weight, scale, bias = (concatenate_rows(linears, name, sizes) for name in names)
     fused = FusedProjection(weight, bias, sizes, linears, names)
     fused.linear = lambda x, q, bias: int8_linear(x, q, scale, bias)
-    fused.kind, fused.scale = "int8", scale
+    fused.kind, fused.scale = "int8" if int8_kernel_layout(weight) else "int8-unpacked", scale
     return fused
 
 

@@ -68,27 +68,31 @@ def product_of(module) -> tuple | None:
 
 def _products(modules) -> list[tuple] | None:
     products = [product_of(module) for module in modules]
-    return None if any(p is None or p[0] not in PRODUCT_KINDS or _has_hooks(m) for p, m in zip(products, modules, strict=True)) else products
-
-
-def _has_hooks(module) -> bool:
-    return isinstance(module, nn.Module) and bool(module._forward_hooks or module._forward_pre_hooks)
+    return None if any(p is None or p[0] not in PRODUCT_KINDS for p in products) else products
 
 
 def _swiglu_products(mlp: SwiGLU) -> list[tuple] | None:
-    return None if mlp.fused is None or _has_hooks(mlp) else _products([mlp.fused, mlp.down_proj])
+    return None if mlp.fused is None else _products([mlp.fused, mlp.down_proj])
 
 
-def _sources(layer, dtype: torch.dtype) -> tuple | None:
-    """Everything the layer's decode step reads, in a fixed order, or None if DecodeLayer cannot run it."""
+HOOKED = "hooked"
+
+
+def _sources(layer, dtype: torch.dtype) -> tuple | str | None:
+    """Everything the layer's decode step reads, in a fixed order; None if DecodeLayer cannot run it,
+    HOOKED while a module of the layer has forward hooks (they must see the modules run)."""
+    if any(module._forward_hooks or module._forward_pre_hooks for module in layer.modules()):
+        return HOOKED
     attention, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if any(_has_hooks(m) for m in (layer, attention, mlp, *norms)) or any(n.weight.dtype != dtype for n in norms):
+    if any(n.weight.dtype != dtype for n in norms):
         return None
     if attention.fused is not None and attention.fused.usable:
         inputs = _products([attention.fused])
-    else:
+    elif isinstance(attention, MultiHeadLatentAttention):  # GQA rotates the fused queries and keys together
         inputs = _products(attention.fusable_projections())
+    else:
+        return None
     if inputs is None:
         return None
     if isinstance(attention, MultiHeadLatentAttention):
@@ -108,7 +112,7 @@ def _sources(layer, dtype: torch.dtype) -> tuple | None:
     if isinstance(mlp, MoE):
         shared = None if mlp.shared_experts is None else _swiglu_products(mlp.shared_experts)
         stacks = mlp.experts.streamable_stacks(dtype)
-        if stacks is None or (mlp.shared_experts is not None and shared is None) or _has_hooks(mlp.experts) or _has_hooks(mlp.gate):
+        if stacks is None or (mlp.shared_experts is not None and shared is None):
             return None
         mlp_sources = ("moe", shared, stacks, mlp.gate.weight, mlp.gate.e_score_correction_bias)
     elif isinstance(mlp, SwiGLU):
@@ -159,8 +163,6 @@ def _build(layer, sources: tuple):
         plan.kv_rank, plan.interleaved = attention.kv_lora_rank, attention.apply_rope is apply_rope_interleaved
     else:
         plan.mla = False
-        if len(inputs) != 1:  # the GQA path rotates queries and keys of the fused projection together
-            return None
         heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
         plan.input_sizes = [(heads + kv_heads) * dim, kv_heads * dim]
         plan.heads, plan.kv_heads, plan.head_dim = heads, kv_heads, dim
@@ -239,11 +241,11 @@ def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask:
         return None
     registrations, volatile = _registrations(), _volatile(layer, x.dtype)
     cached = _PLANS.get(layer)
-    if (cached is None or cached.plan is None or cached.registrations != registrations or cached.dtype != x.dtype
+    if (cached is None or cached.sources is HOOKED or cached.registrations != registrations or cached.dtype != x.dtype
             or len(volatile) != len(cached.volatile) or not all(map(operator.is_, volatile, cached.volatile))):
-        sources = _sources(layer, x.dtype)
+        sources = _sources(layer, x.dtype)  # hooks are looked for at every step while there are some
         if cached is None or not _same(cached.sources, sources):
-            plan = None if sources is None else _build(layer, sources)
+            plan = None if sources is None or sources is HOOKED else _build(layer, sources)
         else:
             plan = cached.plan
         cached = _PLANS[layer] = _Plan(registrations, x.dtype, volatile, sources, plan)
@@ -261,5 +263,5 @@ class _Plan:
     registrations: tuple[int, int]
     dtype: torch.dtype
     volatile: tuple
-    sources: tuple | None
+    sources: tuple | str | None
     plan: object | None

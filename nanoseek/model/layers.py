@@ -126,7 +126,7 @@ class FusedProjection:
         self.pointers = self._pointers()
         self.linear = linear  # called as linear(x, weight, bias); packing and int8 fusion swap in their kernels
         # ...and say which, for the fused decode layer (`nanoseek.model.decode_layer.product_of`): "linear",
-        # "packed" or "int8" (with its row scales)
+        # "packed" or "int8" (with its row scales; "int8-unpacked" where the packed int8 kernel cannot run)
         self.kind, self.scale = "linear", None
 
     @classmethod
