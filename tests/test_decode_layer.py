@@ -82,17 +82,22 @@ def test_decode_layer_gives_the_bits_of_the_modules(kernels, fused_steps, name, 
 @pytest.mark.parametrize("products", ["packed", "few_rows"])
 def test_decode_layer_runs_products_as_the_modules_do(kernels, fused_steps, monkeypatch, name, products):
     """fp32 weights packed for oneDNN, and plain ones through `linear`'s transposed few-row product
-    (the engine picks it for models that do not stay in cache), with one and two threads."""
+    (the engine picks it for models that do not stay in cache), with one and two threads; and from two
+    rows on only, as for models a little larger than the cache."""
     if products == "packed":
         monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
         monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)
     else:
-        monkeypatch.setattr("nanoseek.infer.engine.weights_stay_in_cache", lambda model: False)
+        monkeypatch.setattr("nanoseek.infer.engine.few_row_start", lambda model: 1)
     engine = Engine(peaky_model(name), max_num_seqs=2, block_size=4, prefix_caching=False)
     if products == "packed":
         assert type(engine.model.model.layers[0].self_attn.o_proj).__name__ == "PackedLinear"
     for threads in (1, 2):
         torch.set_num_threads(threads)
+        assert_same_as_modules(engine, fused_steps)
+    if products == "few_rows":
+        engine.few_row_start = 2
+        assert_same_as_modules(engine, fused_steps, prompts=PROMPTS[:1])  # single rows: F.linear
         assert_same_as_modules(engine, fused_steps)
 
 

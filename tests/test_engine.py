@@ -509,30 +509,33 @@ def test_reasoning_is_split_from_the_answer_even_across_deltas():
     assert list(opened.feed("step</think>done")) == [("reasoning", "step"), ("answer", "done")]
 
 
-def test_a_model_that_stays_in_cache_decodes_with_single_linear_calls(monkeypatch):
+def test_models_that_stay_in_cache_decode_with_single_linear_calls(monkeypatch):
     """An fp32 model whose weights fit CACHE_RESIDENT_BYTES decodes with F.linear calls instead of
-    `linear`'s transposed few-row product (measurements beside the constant); a bigger one keeps the
-    product. The engine's steps set it; the tokens are the same."""
+    `linear`'s transposed few-row product, one up to SINGLE_ROW_RESIDENT_BYTES does so for single rows
+    (measurements beside the constants), a bigger one keeps the product. The engine's steps set it;
+    the tokens are the same."""
     model = peaky_model("v3")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
     seen = []
     original = layers.linear
 
     def spy(*args):
-        seen.append(layers._few_row_products.get())
+        seen.append(layers._few_row_start.get())
         return original(*args)
 
     monkeypatch.setattr(layers, "linear", spy)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = {}
-    for resident_bytes in (packing.CACHE_RESIDENT_BYTES, 0):
-        monkeypatch.setattr(packing, "CACHE_RESIDENT_BYTES", resident_bytes)
+    for resident, single_row, start in [(size, size, layers.FEW_ROWS_NEVER), (0, size, 2), (0, 0, 1)]:
+        monkeypatch.setattr(packing, "CACHE_RESIDENT_BYTES", resident)
+        monkeypatch.setattr(packing, "SINGLE_ROW_RESIDENT_BYTES", single_row)
         engine = Engine(model, max_num_seqs=1)
-        assert engine.few_row_products == (resident_bytes == 0)
+        assert engine.few_row_start == start
         seen.clear()
-        outputs[resident_bytes] = engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
-        assert seen and all(value == engine.few_row_products for value in seen)
-    assert outputs[0] == outputs[packing.CACHE_RESIDENT_BYTES]
-    assert layers._few_row_products.get()  # outside the engine's steps: the default
+        outputs[start] = engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+        assert seen and all(value == start for value in seen)
+    assert outputs[1] == outputs[2] == outputs[layers.FEW_ROWS_NEVER]
+    assert layers._few_row_start.get() == 1  # outside the engine's steps: the default
 
 
 def test_a_process_exits_cleanly_with_a_background_engine_still_decoding():

@@ -109,21 +109,25 @@ def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
         torch.testing.assert_close(layers.linear(x, layer.weight.t().contiguous().t()), expected - (layer.bias if bias else 0))
 
 
-def test_few_row_products_can_be_turned_off(monkeypatch):
-    """Inside `few_row_products(False)` (an engine decoding a model that stays in cache) a few-row
-    product is one F.linear call, with the same values; outside, the transposed product again."""
+def test_few_row_products_start_where_they_are_told(monkeypatch):
+    """Inside `few_row_products(FEW_ROWS_NEVER)` (an engine decoding a model that stays in cache) a
+    few-row product is one F.linear call; inside `few_row_products(2)` one row is and two rows are not;
+    outside, the transposed product from one row again. The same values every way."""
     layer = Linear(48, 80)
-    x = torch.randn(2, 1, 48)
     calls = []
     original = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or original(*args))
     with torch.no_grad():
-        expected = original(x, layer.weight, layer.bias)
-        with layers.few_row_products(False):
-            torch.testing.assert_close(layer(x), expected)
-        assert len(calls) == 1
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1
+        for start, rows, single_call in [(layers.FEW_ROWS_NEVER, 2, True), (2, 1, True), (2, 2, False), (1, 1, False)]:
+            x = torch.randn(rows, 1, 48)
+            expected = original(x, layer.weight, layer.bias)
+            calls.clear()
+            with layers.few_row_products(start):
+                torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            assert len(calls) == (1 if single_call else 0), (start, rows)
+        calls.clear()
+        layer(torch.randn(1, 1, 48))
+    assert len(calls) == 0
 
 
 # ----- MLA: naive vs absorbed (fact 7) ---------------------------------------------------------

@@ -55,7 +55,7 @@ from nanoseek.infer.outputs import (
     RequestOutput,
     StreamEvent,
 )
-from nanoseek.infer.packing import pack_model, weights_stay_in_cache
+from nanoseek.infer.packing import few_row_start, pack_model
 from nanoseek.infer.quant import fuse_int8, int8_fusable
 from nanoseek.infer.sampling import (
     PenaltyState,
@@ -389,7 +389,7 @@ class Engine:
     ):
         config = model.config
         device = model.lm_head.weight.device
-        self.few_row_products = not weights_stay_in_cache(model)  # see nanoseek.model.layers.linear
+        self.few_row_start = few_row_start(model)  # see nanoseek.model.layers.linear
         if fuse:
             fuse_projections(model)
         if pack_weights:
@@ -659,7 +659,7 @@ class Engine:
     # ----- the step -----------------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
         """Admit, prefill and decode once; return the events produced (also delivered to their handles)."""
-        with self._step_lock, torch.inference_mode(), few_row_products(self.few_row_products):
+        with self._step_lock, torch.inference_mode(), few_row_products(self.few_row_start):
             self._drain_inbox()
             events: list[StreamEvent] = []
             try:

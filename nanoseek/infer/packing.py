@@ -32,7 +32,7 @@ from nanoseek.errors import TrainingError
 from nanoseek.model import cpu_ops
 from nanoseek.model.attention import MultiHeadLatentAttention, absorbed_dtype
 from nanoseek.model.kernels import compute_dtype
-from nanoseek.model.layers import is_plain_linear, linear
+from nanoseek.model.layers import FEW_ROWS_NEVER, is_plain_linear, linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
 
@@ -47,17 +47,25 @@ FP32_PACK_MIN_ELEMENTS = 32768
 FP32_PACK_MIN_PARAMETERS = 1 << 24
 
 
-# Models whose weights take at most this many bytes stay in this CPU's cache (32 MB L3) between decode
-# steps: the engine then runs their few-row products as single F.linear calls, not `linear`'s
-# transposed product. Measured on the MTP nano models, plain decoding: 9 MB, 1.29x faster with F.linear
-# (1,066 -> 826 ms); 21 MB, 0.91x (2,969 -> 3,277 ms: once its weights stream from memory, MKL's
-# one-thread call runs long enough for the OpenMP worker to fall asleep, and the next parallel op wakes it).
+# How unpacked fp32 models run their few-row products in the engine (`nanoseek.model.layers.linear`):
+# models whose weights take at most CACHE_RESIDENT_BYTES stay in this CPU's cache (32 MB L3) between
+# decode steps, and F.linear's single call beats the transposed product at every row count; up to
+# SINGLE_ROW_RESIDENT_BYTES it still wins for one row. In-process A/B of plain decoding with each
+# layer's step as one call (`nanoseek.model.decode_layer`), 2 threads, F.linear against the transposed
+# product: `nano` with 4 layers (8.8 MB) 1.22x at 1 row; 12 layers (20.5 MB) 1.27x at 1 row, even at 2;
+# 24 layers (38 MB) 1.14x at 1 row, 0.89x at 4; 36 layers (56 MB) 0.93x at 1 row. (Before the fused
+# decode layer the 20.5 MB model ran 0.91x with F.linear at 1 row: the Python between the ops let the
+# OpenMP worker fall asleep during MKL's one-thread call.)
 CACHE_RESIDENT_BYTES = 12 << 20
+SINGLE_ROW_RESIDENT_BYTES = 40 << 20
 
 
-def weights_stay_in_cache(model: CausalLM) -> bool:
-    """Whether `model`'s parameters fit CACHE_RESIDENT_BYTES (on CPU; a GPU never takes `linear`'s path)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) <= CACHE_RESIDENT_BYTES
+def few_row_start(model: CausalLM) -> int:
+    """From how many rows the engine's steps let `linear` take its transposed product for `model`."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size <= CACHE_RESIDENT_BYTES:
+        return FEW_ROWS_NEVER
+    return 2 if size <= SINGLE_ROW_RESIDENT_BYTES else 1
 
 
 def worth_packing(matrix_shape: torch.Size, dtype: torch.dtype) -> bool:

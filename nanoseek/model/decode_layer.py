@@ -42,7 +42,7 @@ from nanoseek.model.layers import (
     RotaryAngles,
     SwiGLU,
     apply_rope_interleaved,
-    few_row_limit,
+    few_row_range,
 )
 from nanoseek.model.moe import MoE
 
@@ -253,7 +253,7 @@ def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask:
         return None
     pools = cache.layers[layer.self_attn.layer_index]
     return cached.plan(x, angles.cos, angles.sin, pools[0], pools[1], cache.write_slots, cache.read_slots, mask,
-                       few_row_limit())
+                       *few_row_range())
 
 
 @dataclass

@@ -18,19 +18,21 @@ from nanoseek.model import cpu_ops
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
-# ...unless the caller turned the product off (`few_row_products`): for a model whose weights stay in
-# cache, F.linear's single call wins (see `weights_stay_in_cache`).
-_few_row_products = contextvars.ContextVar("few_row_products", default=True)
+# ...and from this many (`few_row_products`): for a model whose weights stay in cache, F.linear's single
+# call wins at every row count, for one a little larger at one row (nanoseek.infer.packing.few_row_start).
+_few_row_start = contextvars.ContextVar("few_row_start", default=1)
+FEW_ROWS_NEVER = 1 << 62
 
 
 @contextlib.contextmanager
-def few_row_products(enabled: bool) -> Iterator[None]:
-    """Let `linear` use its transposed product for few rows (the default) or not, in this block."""
-    token = _few_row_products.set(enabled)
+def few_row_products(start: int) -> Iterator[None]:
+    """Let `linear` use its transposed product from `start` rows on (1: the default; FEW_ROWS_NEVER:
+    never) in this block."""
+    token = _few_row_start.set(start)
     try:
         yield
     finally:
-        _few_row_products.reset(token)
+        _few_row_start.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,11 +54,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (  # training and GPUs leave here, after two cheap checks
         torch.is_grad_enabled() or x.device.type != "cpu"
         or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
-        or not _few_row_products.get()
     ):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= few_row_limit():
+    start, end = few_row_range()
+    if not start <= rows <= end:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
@@ -66,11 +68,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def few_row_limit() -> int:
-    """Up to how many rows `linear` takes its transposed product here and now (0: never)."""
-    if not _few_row_products.get():
-        return 0
-    return FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD
+def few_row_range() -> tuple[int, int]:
+    """(fewest, most) rows for which `linear` takes its transposed product here and now."""
+    return _few_row_start.get(), FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD
 
 
 class Linear(nn.Linear):
