@@ -23,14 +23,6 @@ from nanoseek.model.moe import EXPERT_KERNEL_MAX_TOKENS, RoutedExperts, Router
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_ops.load()
-    if module is None:
-        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
-    return module
-
-
 @contextlib.contextmanager
 def pytorch_ops():
     """Run the PyTorch code the kernels replace."""

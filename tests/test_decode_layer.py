@@ -24,14 +24,6 @@ PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=
 
 
 @pytest.fixture
-def kernels():
-    module = cpu_ops.load()
-    if module is None:
-        pytest.skip("the fused CPU kernels could not be built here")
-    return module
-
-
-@pytest.fixture
 def fused_steps(monkeypatch) -> list[bool]:
     """For each decode step of a layer with the kernels on: whether DecodeLayer ran it."""
     steps: list[bool] = []

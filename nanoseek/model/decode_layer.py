@@ -1,17 +1,20 @@
 """A decoder layer's decode step as one C++ call.
 
-Decoding a few rows on CPU, a `small` MoE layer spent ~120 of its ~470 us in Python between its ops
-(module calls, views, splits, checks), while the weights stream in a fraction of the rest. When the
-engine turns this on (`enable_fused_decode`), `DecoderLayer.forward` hands a decode or verify step over
-the paged cache to `cpu_ops`' DecodeLayer, which runs the same ATen ops and fused kernels in the same
-order as the modules would (so the same numbers: tests/test_decode_layer.py compares outputs and cache
-writes bit for bit), from C++. Every other case (training, prefill, long contexts, GPUs, layers this
-does not know, such as FP8 weights or forward hooks) runs the modules.
+Decoding a few rows on CPU is bound by the Python between the ops as much as by the ops: a `small` MoE
+layer's step took 241 us through its modules (module calls, views, splits, checks) and takes 174 us as
+one call (hot loop; batch-1 `small` decodes 1.21x faster). When the engine turns this on
+(`enable_fused_decode`), `DecoderLayer.forward` hands a decode or verify step over the paged cache to
+`cpu_ops`' DecodeLayer, which runs the same ATen ops and fused kernels in the same order as the modules
+would (so the same numbers: tests/test_decode_layer.py compares token ids and log-probs with ==), from
+C++. Every other case (training, prefill, long contexts, GPUs, layers it cannot run, such as FP8 weights,
+or layers with forward hooks) runs the modules.
 
 The C++ object holds the layer's tensors, not copies: in-place updates (an optimizer step on a model
-the engine shares with a trainer) reach it. It is rebuilt when anything it was built from is replaced
-(a packed or quantized module swapped in, a parameter assigned anew, a fused projection broken up),
-which `_sources` sees by identity at every call.
+the engine shares with a trainer) reach it. It is rebuilt when anything it was built from is replaced:
+a module, parameter, buffer or hook registered anywhere moves a counter (`_registrations`, checked at
+every call), and what can change without a registration (a fused projection broken up by `.data =`,
+MLA's absorbed copies and int8 expert scales remade after an in-place update) is compared by identity
+(`_volatile`, ~4 us a layer); only then is the layer examined again (`_sources`).
 """
 
 from __future__ import annotations
