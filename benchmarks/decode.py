@@ -33,7 +33,9 @@ And once:
                         on nano models whose MTP layer was trained here on generated task text
                         (cached in runs/bench-mtp-nano-L*): the 4-layer preset, and a 12-layer one in
                         which the MTP block is a more realistic share of the model (V3: 1 of 62
-                        blocks; nano: 1 of 5), with 1, 2 and 3 drafts per step (--mtp-drafts; beyond
+                        blocks; nano: 1 of 5); both stay in a 32 MB cache, where a step costs by rows,
+                        so `--mtp-layers 48 --mtp-seconds 2100` adds a 73 MB one whose steps read
+                        weights from memory, as V3's do (35 minutes of training the first time), with 1, 2 and 3 drafts per step (--mtp-drafts; beyond
                         the first the depth drafts from its own output, as vLLM does with V3's single
                         MTP layer); notes: acceptance rate (the share of drafts accepted), mean
                         accepted length (tokens emitted per verify forward)
