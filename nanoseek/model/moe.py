@@ -115,8 +115,8 @@ EXPERT_CALL_SECONDS, READ_BYTES_PER_SECOND, DENSE_TOKENS, DENSE_MAX_TOKENS = 38e
 
 
 # Inference on CPU runs a routed-experts layer as one fused kernel (`cpu_ops`' routed_experts: each used
-# expert streamed once by torch's threads, no call per expert) for fp32 at any token count and for bf16
-# up to EXPERT_KERNEL_MAX_TOKENS, beyond which oneDNN's bf16 dot-product instructions win. Per
+# expert streamed once by torch's threads, no call per expert) for fp32 stacks at any token count and for
+# bf16 and int8 ones up to EXPERT_KERNEL_MAX_TOKENS, beyond which oneDNN's bf16 dot-product instructions win. Per
 # `small` MoE layer (32 experts of 512 -> 256, 4 chosen, random choices), 2 threads, kernel vs one
 # oneDNN-packed call per expert vs one plain call per expert: fp32 1 token 159 / 300 / 276 us, 16 tokens
 # 1.33 / 2.13 / 1.90 ms, 64 tokens 1.9 / 2.7 / 3.7 ms, 512 tokens 10.7 / 9.1 / 16.9 ms; bf16 1 token
