@@ -34,10 +34,10 @@ from torch.utils.hooks import RemovableHandle
 
 from nanoseek.model import cpu_ops
 from nanoseek.model.attention import (
-    FUSED_ATTENTION_MAX_QUERIES,
     FUSED_GQA_MAX_SCORES,
     FUSED_MLA_MAX_SCORES,
     MultiHeadLatentAttention,
+    decode_attention_kernels,
 )
 from nanoseek.model.layers import (
     FusedProjection,
@@ -231,16 +231,14 @@ for _register in (register_module_module_registration_hook, register_module_para
 def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask: torch.Tensor | None,
                       absorb: bool | None):
     """(output, routed-expert indices or None) of `layer` for this step through its DecodeLayer, or None
-    where the modules must run it: no paged cache or mask, more than FUSED_ATTENTION_MAX_QUERIES rows,
+    where the modules must run it: no paged cache or mask, more rows than the attention kernels take,
     too many cached positions for the attention kernel, naive MLA forced, autocast, or a layer it
     cannot run."""
-    if mask is None or absorb is False or not hasattr(cache, "write") or cache.dtype != x.dtype:
+    if absorb is False or not hasattr(cache, "write") or cache.dtype != x.dtype or torch.is_autocast_enabled("cpu"):
         return None
-    queries = x.shape[0] * x.shape[1]
     is_mla = isinstance(layer.self_attn, MultiHeadLatentAttention)
     max_scores = FUSED_MLA_MAX_SCORES.get(x.dtype, 0) if is_mla else FUSED_GQA_MAX_SCORES
-    if (queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores
-            or cpu_ops.for_inference(x) is None or torch.is_autocast_enabled("cpu")):
+    if decode_attention_kernels(x, mask, max_scores) is None:  # the attention kernels' own limits
         return None
     registrations, volatile = _registrations(), _volatile(layer, x.dtype)
     cached = _PLANS.get(layer)
