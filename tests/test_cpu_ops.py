@@ -213,27 +213,59 @@ def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3), (12, 1)])
-def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, queries, heads, kv_heads):
+@pytest.mark.parametrize("batch, keys, dim", [(2, 37, 16), (9, 70, 24), (3, 45, 64)])
+def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, queries, heads, kv_heads, batch, keys,
+                                                              dim):
     """The fused grouped-query attention of a decode (1 query) or verify step (3) reading keys and
-    values in a pool through scattered slots, against gathering them and SDPA: a ragged batch (the
-    shorter row's padding keys masked), groups of 4, 2 and 12 query heads (past one 8-head vector),
-    37 keys (not a multiple of the kernel's 8 in flight), the query a strided view."""
+    values in a pool through scattered slots, against gathering them and SDPA: a ragged batch (shorter
+    rows' padding keys masked), groups of 4, 2 and 12 query heads, key counts not a multiple of the
+    kernel's 4-key blocks, head dims of one, one and a half, and four 16-value vectors, the query a
+    strided view; 9 x 70 is enough work for the kernel to split (sequence, KV head) pairs over threads."""
     generator = torch.Generator().manual_seed(7)
-    dim, keys, pool_slots = 16, 37, 200
+    pool_slots = 1000
     key_pool, value_pool = (torch.randn(pool_slots, kv_heads, dim, generator=generator).to(dtype) for _ in range(2))
-    slots = torch.stack([torch.randperm(pool_slots, generator=generator)[:keys] for _ in range(2)])
-    query = torch.randn(2, queries, heads + 3, dim, generator=generator).to(dtype)[:, :, 3:]
-    positions = torch.tensor([[keys - queries + i for i in range(queries)], [20 - queries + i for i in range(queries)]])
+    slots = torch.stack([torch.randperm(pool_slots, generator=generator)[:keys] for _ in range(batch)])
+    query = torch.randn(batch, queries, heads + 3, dim, generator=generator).to(dtype)[:, :, 3:]
+    lengths = [keys] + torch.randint(queries, keys, (batch - 1,), generator=generator).tolist()
+    positions = torch.tensor([[length - queries + i for i in range(queries)] for length in lengths])
     mask = (torch.arange(keys)[None, None, :] <= positions[:, :, None])[:, None]
     with torch.no_grad():
         fused = kernels.gqa_decode_attention(query, key_pool, value_pool, slots, mask, dim**-0.5)
-        key, value = (pool[slots.flatten()].view(2, keys, kv_heads, dim) for pool in (key_pool, value_pool))
+        key, value = (pool[slots.flatten()].view(batch, keys, kv_heads, dim) for pool in (key_pool, value_pool))
         expected = F.scaled_dot_product_attention(
             query.transpose(1, 2).float(), key.transpose(1, 2).float(), value.transpose(1, 2).float(),
             attn_mask=mask, scale=dim**-0.5, enable_gqa=True,
         ).transpose(1, 2)
     assert fused.shape == query.shape and fused.dtype == dtype
     torch.testing.assert_close(fused.float(), expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
+
+
+@pytest.mark.parametrize("path", ["modules", "decode_layer"])
+def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels, monkeypatch, path):
+    """A model the engine does not pack (small fp32, or one a trainer keeps updating) still decodes
+    through the MLA kernel, with fp32 copies of its absorbed weights that are remade when kv_b_proj
+    changes in place (as an optimizer step changes it): the tokens and log-probs of the PyTorch code
+    before and after the change, through the modules and as whole-layer calls."""
+    model = peaky_model("v3")
+    calls = []
+    count_decode_path(kernels, monkeypatch, path, "mla_decode_attention", calls)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+
+    def decode():
+        return Engine(model, max_num_seqs=2, pack_weights=False).generate([[5, 6, 7, 8]], params)[0].outputs[0]
+
+    for step in range(2):
+        if step:
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+        calls.clear()
+        got = decode()
+        with pytorch_ops():
+            expected = decode()
+        assert calls and all(calls) and model.model.layers[0].self_attn.frozen_absorbed is None
+        assert got.token_ids == expected.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", ["modules", "decode_layer"])
@@ -461,15 +493,12 @@ def test_a_finished_build_is_imported_without_ninja(kernels, monkeypatch, tmp_pa
     assert cpu_ops._import_built(name) is None
 
 
-def test_long_caches_keep_the_batched_matmuls(kernels):
-    """The fused attention kernels are for decode steps over caches of modest length; beyond
-    FUSED_MLA_MAX_SCORES (MLA, per cache dtype) or FUSED_GQA_MAX_SCORES (query, position) pairs, or
-    with many queries, the batched matmuls (MLA) or gathering the history and SDPA (GQA) run instead."""
-    from nanoseek.model.attention import (
-        FUSED_ATTENTION_MAX_QUERIES,
-        FUSED_GQA_MAX_SCORES,
-        FUSED_MLA_MAX_SCORES,
-    )
+def test_which_attention_steps_take_the_fused_kernels(kernels):
+    """MLA's fused attention kernel is for decode steps over caches of modest length; beyond
+    FUSED_MLA_MAX_SCORES (query, position) pairs (per cache dtype), or with many queries in a batch,
+    the batched matmuls run instead. The grouped-query kernel takes decode and verify steps of any
+    batch and cache length, up to FUSED_ATTENTION_MAX_QUERIES queries per sequence."""
+    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_MLA_MAX_SCORES
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
@@ -492,7 +521,10 @@ def test_long_caches_keep_the_batched_matmuls(kernels):
     grouped = build_model(tiny_config("qwen2"), seed=0).model.layers[0].self_attn
     cache = PagedKVCache(tiny_config("qwen2"), num_blocks=4, block_size=4)
     query = torch.zeros(1, 1, grouped.num_heads, grouped.head_dim)
+    batched = torch.zeros(64, FUSED_ATTENTION_MAX_QUERIES, grouped.num_heads, grouped.head_dim)
+    too_many = torch.zeros(1, FUSED_ATTENTION_MAX_QUERIES + 1, grouped.num_heads, grouped.head_dim)
     with torch.no_grad():
-        assert grouped.decode_kernels(query, cache, mask(1, FUSED_GQA_MAX_SCORES)) is kernels
-        assert grouped.decode_kernels(query, cache, mask(1, FUSED_GQA_MAX_SCORES + 1)) is None
+        assert grouped.decode_kernels(query, cache, mask(1, 100_000)) is kernels
+        assert grouped.decode_kernels(batched, cache, mask(FUSED_ATTENTION_MAX_QUERIES, 4096)) is kernels
+        assert grouped.decode_kernels(too_many, cache, mask(FUSED_ATTENTION_MAX_QUERIES + 1, 8)) is None
         assert grouped.decode_kernels(query.bfloat16(), cache, mask(1, 8)) is None  # a cache of another dtype

@@ -40,34 +40,39 @@ class KVCache(Protocol):
 
 # Largest [batch, heads, queries, keys] score tensor the eager path materializes (fp32: 256 MB).
 EAGER_ATTENTION_MAX_SCORES = 1 << 26
-# Attention takes the fused CPU kernels (one thread) up to this many queries in a batch (batch-1
-# decode and speculative verification); beyond, the batched matmuls' GEMM efficiency wins (MLA, 16
-# requests, `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel
-# spread over both threads by OpenMP).
+# MLA takes its fused CPU kernel (one thread) up to this many queries in a batch (batch-1 decode and
+# speculative verification); beyond, the batched matmuls' GEMM efficiency wins (MLA, 16 requests,
+# `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel spread over both
+# threads by OpenMP). Grouped-query attention takes its kernel up to this many queries per sequence,
+# in any batch: it splits sequences (or one sequence's KV heads) over the threads.
 FUSED_ATTENTION_MAX_QUERIES = 4
-# ...and up to this many (query, cached position) pairs: its work grows with both, on one thread,
+# ...and MLA up to this many (query, cached position) pairs: its work grows with both, on one thread,
 # while the matmuls' GEMMs use every thread (`small`, kernel alone vs matmuls: 1 query 1.97x fp32 /
 # 2.58x bf16 at 192 keys, 1.26x / 1.77x at 512, 0.97x / 1.26x at 1,024; 4 queries 1.43x / 1.70x at
 # 64 keys, 0.95x / 1.18x at 192). A bf16/fp16 cache goes further: the matmul path first converts every
 # cached row to fp32 (whole decode steps at 960-1,088 cached positions: 1.19x bf16, 0.98x fp32).
 FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16: 2048}
-# Grouped-query attention takes its kernel (reading keys and values in the paged pool) under the
-# same query limit and up to this many (query, cached position) pairs: single-threaded, it loses
-# to gathering the history and SDPA over two threads beyond (`qwen2-small`, batch 1, whole decode
-# steps fp32 / bf16: 1.07x / 1.15x at 64-192 cached positions, 1.02x at 400-528, 0.94x / 0.91x at
-# 800-928; 2 or 4 requests at 64-192: 1.01x).
-FUSED_GQA_MAX_SCORES = 512
+# The grouped-query kernel has no such limit: reading keys and values where they lie in the paged
+# pool, it beats gathering the history and SDPA at every length measured (`qwen2-small`, fp32, whole
+# decode steps: 1 request 1.00x at 64 cached positions, 1.02x at 900, 0.98x at 3,500 (there both read
+# the cache from memory); 16 requests 1.15x at 64-128, 1.23x at 900; 64 requests 1.15x; bf16 16
+# requests 1.15-1.31x; the kernel alone, cache in L3: 4-6x).
 
 
-def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max_scores: int):
-    """The fused CPU kernels if the attention of `query` [b, s, ...] may take them: at most
-    FUSED_ATTENTION_MAX_QUERIES queries and `max_scores` (query, cached position) pairs, a mask given
-    (decode or verify), no gradient, CPU; else None."""
+def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max_scores: int | None):
+    """The fused CPU kernels if the attention of `query` [b, s, ...] may take them: a mask given (decode
+    or verify), no gradient, CPU, and either (MLA, `max_scores` given) at most FUSED_ATTENTION_MAX_QUERIES
+    queries and `max_scores` (query, cached position) pairs in all, or (grouped-query, None) at most
+    FUSED_ATTENTION_MAX_QUERIES queries per sequence; else None."""
     if mask is None:
         return None
-    queries = query.shape[0] * query.shape[1]
-    if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores:
-        return None
+    if max_scores is None:
+        if query.shape[1] > FUSED_ATTENTION_MAX_QUERIES:
+            return None
+    else:
+        queries = query.shape[0] * query.shape[1]
+        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores:
+            return None
     return cpu_ops.for_inference(query)
 
 
@@ -371,7 +376,8 @@ class GroupedQueryAttention(nn.Module):
 
     def decode_kernels(self, query: torch.Tensor, cache: KVCache, mask: torch.Tensor | None):
         """The fused CPU kernels when this step's attention may read the paged pool through them: a
-        decode or verify step (few queries) over a cache of modest length, no gradient; else None."""
+        decode or verify step (FUSED_ATTENTION_MAX_QUERIES queries per sequence at most, any batch and
+        cache length), a cache in the query's dtype, no gradient; else None."""
         if not hasattr(cache, "write") or cache.dtype != query.dtype:
             return None
-        return decode_attention_kernels(query, mask, FUSED_GQA_MAX_SCORES)
+        return decode_attention_kernels(query, mask, None)

@@ -34,7 +34,6 @@ from torch.utils.hooks import RemovableHandle
 
 from nanoseek.model import cpu_ops
 from nanoseek.model.attention import (
-    FUSED_GQA_MAX_SCORES,
     FUSED_MLA_MAX_SCORES,
     MultiHeadLatentAttention,
     decode_attention_kernels,
@@ -231,13 +230,13 @@ for _register in (register_module_module_registration_hook, register_module_para
 def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask: torch.Tensor | None,
                       absorb: bool | None):
     """(output, routed-expert indices or None) of `layer` for this step through its DecodeLayer, or None
-    where the modules must run it: no paged cache or mask, more rows than the attention kernels take,
-    too many cached positions for the attention kernel, naive MLA forced, autocast, or a layer it
-    cannot run."""
+    where the modules must run it: no paged cache or mask, more queries than the attention kernels take
+    (MLA: in all; grouped-query: per sequence), too many cached positions for the MLA kernel, naive MLA
+    forced, autocast, or a layer it cannot run."""
     if absorb is False or not hasattr(cache, "write") or cache.dtype != x.dtype or torch.is_autocast_enabled("cpu"):
         return None
     is_mla = isinstance(layer.self_attn, MultiHeadLatentAttention)
-    max_scores = FUSED_MLA_MAX_SCORES.get(x.dtype, 0) if is_mla else FUSED_GQA_MAX_SCORES
+    max_scores = FUSED_MLA_MAX_SCORES.get(x.dtype, 0) if is_mla else None
     if decode_attention_kernels(x, mask, max_scores) is None:  # the attention kernels' own limits
         return None
     registrations, volatile = _registrations(), _volatile(layer, x.dtype)

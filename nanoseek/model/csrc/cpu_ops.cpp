@@ -217,58 +217,6 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   }
 }
 
-// Grouped-query attention for the few queries of a decode or verify step, in fp32, reading keys and
-// values where they lie in the paged pool (key/value pools [slots, kv_heads, dim], `slots` [b, >= t]
-// mapping each row's positions). Per sequence and KV head, its cached rows are converted to fp32 once
-// and shared by the group's query heads: scores over all of them at once (vectors of heads, as MLA),
-// softmax, then each head's weighted sum of the value rows.
-template <typename T>
-void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, const torch::Tensor& value_pool,
-                     const torch::Tensor& slots, const torch::Tensor& mask, float scale, torch::Tensor& out) {
-  const int64_t batch = query.size(0), seq = query.size(1), heads = query.size(2), dim = query.size(3);
-  const int64_t kv_heads = key_pool.size(1), group = heads / kv_heads, keys = mask.size(3);
-  const int64_t lanes = (group + HEAD_LANES - 1) / HEAD_LANES * HEAD_LANES;
-  const int64_t padded_keys = (keys + KEYS_IN_FLIGHT - 1) / KEYS_IN_FLIGHT * KEYS_IN_FLIGHT;
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  // Per KV head: its cached keys [padded_keys][dim] (pad rows zero) and values [keys][dim].
-  std::vector<float> cached_keys(kv_heads * padded_keys * dim, 0.f), cached_values(kv_heads * keys * dim),
-      query_t(dim * lanes, 0.f), scores(keys * lanes), head_out(dim), peak(lanes), total(lanes);
-  const bool* allowed = mask.data_ptr<bool>();
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < keys; ++t) {  // one pass over the rows, each read whole (all KV heads) in pool order
-      const int64_t row = slot[b * slots.stride(0) + t];
-      if (t + PREFETCH_ROWS_AHEAD < keys) {  // the pool is cold; its blocks are scattered
-        const int64_t ahead = slot[b * slots.stride(0) + t + PREFETCH_ROWS_AHEAD];
-        prefetch(key_pool.data_ptr<T>() + ahead * key_pool.stride(0), key_pool.stride(0));
-        prefetch(value_pool.data_ptr<T>() + ahead * value_pool.stride(0), value_pool.stride(0));
-      }
-      const T* key_row = key_pool.data_ptr<T>() + row * key_pool.stride(0);
-      const T* value_row = value_pool.data_ptr<T>() + row * value_pool.stride(0);
-      for (int64_t g = 0; g < kv_heads; ++g) {
-        to_float(key_row + g * key_pool.stride(1), dim, cached_keys.data() + (g * padded_keys + t) * dim);
-        to_float(value_row + g * value_pool.stride(1), dim, cached_values.data() + (g * keys + t) * dim);
-      }
-    }
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const float* group_keys = cached_keys.data() + g * padded_keys * dim;
-      const float* group_values = cached_values.data() + g * keys * dim;
-      for (int64_t s = 0; s < seq; ++s) {
-        const T* q = query.data_ptr<T>() + b * query.stride(0) + s * query.stride(1) + g * group * query.stride(2);
-        for (int64_t h = 0; h < group; ++h)
-          for (int64_t d = 0; d < dim; ++d) query_t[d * lanes + h] = static_cast<float>(q[h * query.stride(2) + d]);
-        head_scores(query_t.data(), lanes, group_keys, dim, keys, scale, scores.data());
-        const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
-        softmax_over_keys(scores.data(), keys, lanes, row_mask, mask.stride(3), peak.data(), total.data());
-        for (int64_t h = 0; h < group; ++h) {
-          weighted_rows(scores.data() + h, lanes, group_values, dim, keys, dim, head_out.data());
-          T* o = out.data_ptr<T>() + ((b * seq + s) * heads + g * group + h) * dim;
-          for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(head_out[d]);
-        }
-      }
-    }
-  }
-}
-
 // Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
 // [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
 // the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
@@ -470,11 +418,191 @@ void expert_products(const std::vector<ExpertRun<T>>& runs, const float* xs, int
   });
 }
 
+// scores[v][k] = keys[k] . queries[v] for 4 key rows (pointers, each n values of T, read in place)
+// and VECTORS fp32 query rows [VECTORS][n]: 4 x VECTORS sums in registers, summed across lanes four
+// keys at a time.
+template <int VECTORS, typename T>
+void key_scores_block(const T* const* keys, const float* queries, int64_t n, float* scores, int64_t score_stride) {
+  constexpr int KEYS = 4;
+  const int64_t whole = n / 16 * 16;
+  Vector16 sums[KEYS][VECTORS] = {};
+  for (int64_t i = 0; i < whole; i += 16) {
+    Vector16 key[KEYS];
+    for (int k = 0; k < KEYS; ++k) key[k] = load16(keys[k] + i);
+    for (int v = 0; v < VECTORS; ++v) {
+      Vector16 q = load16(queries + v * n + i);
+#if defined(__x86_64__) && defined(__AVX512F__)
+      asm("" : "+v"(q));  // held in a register (as in product_block)
+#endif
+      for (int k = 0; k < KEYS; ++k) sums[k][v] += key[k] * q;
+    }
+  }
+  for (int v = 0; v < VECTORS; ++v) {
+    float key_sums[KEYS];
+#ifdef NANOSEEK_SHUFFLEVECTOR
+    const Vector4 four = lane_sums4(sums[0][v], sums[1][v], sums[2][v], sums[3][v]);
+    for (int k = 0; k < KEYS; ++k) key_sums[k] = four[k];
+#else
+    for (int k = 0; k < KEYS; ++k) key_sums[k] = lane_sum(sums[k][v]);
+#endif
+    for (int k = 0; k < KEYS; ++k) {
+      for (int64_t i = whole; i < n; ++i) key_sums[k] += static_cast<float>(keys[k][i]) * queries[v * n + i];
+      scores[v * score_stride + k] = key_sums[k];
+    }
+  }
+}
+
+// scores [vectors][score_stride] for `count` keys (pointers) against fp32 query rows [vectors][n],
+// in blocks of 4 keys: score_stride >= count rounded up to 4, the keys past `count` being `zeros`
+// (n values of T). Rows PREFETCH_ROWS_AHEAD keys ahead are requested while a block is scored.
+template <typename T>
+void key_scores(const T* const* keys, int64_t count, const T* zeros, const float* queries, int64_t vectors, int64_t n,
+                float* scores, int64_t score_stride) {
+  for (int64_t t = 0; t < count; t += 4) {
+    const T* block[4];
+    for (int k = 0; k < 4; ++k) {
+      block[k] = t + k < count ? keys[t + k] : zeros;
+      if (t + k + PREFETCH_ROWS_AHEAD < count) prefetch(keys[t + k + PREFETCH_ROWS_AHEAD], n);
+    }
+    int64_t v = 0;
+    for (; v + 4 <= vectors; v += 4) key_scores_block<4>(block, queries + v * n, n, scores + v * score_stride + t, score_stride);
+    for (; v < vectors; ++v) key_scores_block<1>(block, queries + v * n, n, scores + v * score_stride + t, score_stride);
+  }
+}
+
+// out[r][0:n] = sum_t p[r * p_stride + t] * values[t][0:n] for R rows of weights (a softmax's
+// probabilities) over `count` value rows (pointers, read in place): 64 outputs of all R rows at a
+// time in registers, so each value row is loaded once per 64 outputs.
+template <int R, typename T>
+void weighted_sums(const float* p, int64_t p_stride, const T* const* values, int64_t n, int64_t count, float* out,
+                   int64_t out_stride) {
+  const int64_t whole = n / 16 * 16;
+  for (int64_t from = 0; from < whole; from += 64) {
+    const int chunks = static_cast<int>(std::min<int64_t>(4, (whole - from) / 16));
+    Vector16 sums[R][4] = {};
+    for (int64_t t = 0; t < count; ++t) {
+      if (from == 0 && t + PREFETCH_ROWS_AHEAD < count) prefetch(values[t + PREFETCH_ROWS_AHEAD], n);
+      Vector16 row[4] = {};
+      for (int c = 0; c < chunks; ++c) row[c] = load16(values[t] + from + 16 * c);
+      for (int r = 0; r < R; ++r) {
+        const float weight = p[r * p_stride + t];
+        for (int c = 0; c < 4; ++c) sums[r][c] += weight * row[c];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < chunks; ++c) std::memcpy(out + r * out_stride + from + 16 * c, &sums[r][c], sizeof(Vector16));
+  }
+  for (int64_t i = whole; i < n; ++i)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < count; ++t) sum += p[r * p_stride + t] * static_cast<float>(values[t][i]);
+      out[r * out_stride + i] = sum;
+    }
+}
+
+template <typename T>
+void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values, int64_t n, int64_t count, int64_t rows,
+                       float* out, int64_t out_stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) weighted_sums<4>(p + r * p_stride, p_stride, values, n, count, out + r * out_stride, out_stride);
+  for (; r < rows; ++r) weighted_sums<1>(p + r * p_stride, p_stride, values, n, count, out + r * out_stride, out_stride);
+}
+
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
+
+// In place, one query's scores[0:keys] -> scale-d, masked (row_mask[t * mask_stride]), softmaxed
+// probabilities (masked keys 0): maxima and sums in vectors of 16 lanes across the keys.
+void softmax_row(float* scores, int64_t keys, float scale, const bool* row_mask, int64_t mask_stride) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < keys; ++t) scores[t] = row_mask[t * mask_stride] ? scores[t] * scale : lowest;
+  const int64_t whole = keys / 16 * 16;
+  Vector16 peaks = Vector16{} + lowest;
+  for (int64_t t = 0; t < whole; t += 16) {
+    const Vector16 v = load16(scores + t);
+    peaks = v > peaks ? v : peaks;
+  }
+  float peak = lowest;
+  for (int l = 0; l < 16; ++l) peak = std::max(peak, peaks[l]);
+  for (int64_t t = whole; t < keys; ++t) peak = std::max(peak, scores[t]);
+  if (peak == lowest) {  // every key masked
+    std::fill(scores, scores + keys, 0.f);
+    return;
+  }
+  for (int64_t t = 0; t < keys; ++t) scores[t] = vector_exp(scores[t] - peak);
+  Vector16 totals = {};
+  for (int64_t t = 0; t < whole; t += 16) totals += load16(scores + t);
+  float total = lane_sum(totals);
+  for (int64_t t = whole; t < keys; ++t) total += scores[t];
+  const float inverse = 1.f / total;
+  for (int64_t t = 0; t < keys; ++t) scores[t] *= inverse;
+}
+
+constexpr int64_t GQA_PARALLEL_MIN_SCORES = 512;  // (query, position) pairs from which threads share the work
+
+// Grouped-query attention for the few queries of a decode or verify step, in fp32, reading keys and
+// values where they lie in the paged pool (key/value pools [slots, kv_heads, dim], `slots` [b, >= t]
+// mapping each row's positions; bf16/fp16 rows widened as they are loaded). Per sequence and KV head,
+// the scores of all its query rows (group heads x queries) are one small register-blocked product
+// over the cached keys (4 keys x 4 query rows of sums at a time: no lanes wasted when a group has
+// fewer heads than a vector), then a softmax along each row and the weighted sums of the value rows,
+// several query rows per pass. Each (sequence, KV head) is independent: with enough work they are
+// split over torch's threads (a batched step's sequences, or one long sequence's KV heads).
+template <typename T>
+void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, const torch::Tensor& value_pool,
+                     const torch::Tensor& slots, const torch::Tensor& mask, float scale, torch::Tensor& out) {
+  const int64_t batch = query.size(0), seq = query.size(1), heads = query.size(2), dim = query.size(3);
+  const int64_t kv_heads = key_pool.size(1), group = heads / kv_heads, keys = mask.size(3), rows = seq * group;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const bool* allowed = mask.data_ptr<bool>();
+  const T* key_data = key_pool.data_ptr<T>();
+  const T* value_data = value_pool.data_ptr<T>();
+  const T* query_data = query.data_ptr<T>();
+  T* out_data = out.data_ptr<T>();
+  const int64_t slot_stride = slots.stride(0), key_row = key_pool.stride(0), key_head = key_pool.stride(1);
+  const int64_t value_row = value_pool.stride(0), value_head = value_pool.stride(1);
+  const int64_t q_batch = query.stride(0), q_seq = query.stride(1), q_head = query.stride(2);
+  const int64_t mask_batch = mask.stride(0), mask_seq = mask.stride(2), mask_key = mask.stride(3);
+  auto pairs = [&](int64_t first, int64_t last) {
+    std::vector<const T*> key_rows(keys), value_rows(keys);
+    std::vector<T> zeros(dim, T(0));
+    const int64_t score_stride = (keys + 3) / 4 * 4;
+    std::vector<float> query_rows(rows * dim), scores(rows * score_stride), mixed(rows * dim);
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t b = pair / kv_heads, g = pair % kv_heads;
+      const int64_t* positions = slot + b * slot_stride;
+      for (int64_t t = 0; t < keys; ++t) {
+        key_rows[t] = key_data + positions[t] * key_row + g * key_head;
+        value_rows[t] = value_data + positions[t] * value_row + g * value_head;
+      }
+      for (int64_t s = 0; s < seq; ++s)  // row s * group + h: query s of head g * group + h
+        for (int64_t h = 0; h < group; ++h)
+          to_float(query_data + b * q_batch + s * q_seq + (g * group + h) * q_head, dim,
+                   query_rows.data() + (s * group + h) * dim);
+      key_scores(key_rows.data(), keys, zeros.data(), query_rows.data(), rows, dim, scores.data(), score_stride);
+      for (int64_t s = 0; s < seq; ++s)
+        for (int64_t h = 0; h < group; ++h)
+          softmax_row(scores.data() + (s * group + h) * score_stride, keys, scale, allowed + b * mask_batch + s * mask_seq,
+                      mask_key);
+      weighted_sums_any(scores.data(), score_stride, value_rows.data(), dim, keys, rows, mixed.data(), dim);
+      for (int64_t s = 0; s < seq; ++s)
+        for (int64_t h = 0; h < group; ++h) {
+          T* o = out_data + ((b * seq + s) * heads + g * group + h) * dim;
+          const float* m = mixed.data() + (s * group + h) * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(m[d]);
+        }
+    }
+  };
+  if (batch * seq * keys >= GQA_PARALLEL_MIN_SCORES)
+    at::parallel_for(0, batch * kv_heads, 1, pairs);
+  else
+    pairs(0, batch * kv_heads);
+}
+
 
 template <typename T>
 inline float rounded(float value) {
