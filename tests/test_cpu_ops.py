@@ -241,34 +241,6 @@ def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, qu
 
 
 @pytest.mark.parametrize("path", ["modules", "decode_layer"])
-def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels, monkeypatch, path):
-    """A model the engine does not pack (small fp32, or one a trainer keeps updating) still decodes
-    through the MLA kernel, with fp32 copies of its absorbed weights that are remade when kv_b_proj
-    changes in place (as an optimizer step changes it): the tokens and log-probs of the PyTorch code
-    before and after the change, through the modules and as whole-layer calls."""
-    model = peaky_model("v3")
-    calls = []
-    count_decode_path(kernels, monkeypatch, path, "mla_decode_attention", calls)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-
-    def decode():
-        return Engine(model, max_num_seqs=2, pack_weights=False).generate([[5, 6, 7, 8]], params)[0].outputs[0]
-
-    for step in range(2):
-        if step:
-            with torch.no_grad():
-                for layer in model.model.layers:
-                    layer.self_attn.kv_b_proj.weight.mul_(-1.5)
-        calls.clear()
-        got = decode()
-        with pytorch_ops():
-            expected = decode()
-        assert calls and all(calls) and model.model.layers[0].self_attn.frozen_absorbed is None
-        assert got.token_ids == expected.token_ids
-        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("path", ["modules", "decode_layer"])
 @pytest.mark.parametrize("name, kernel", [("v3", "mla_decode_attention"), ("qwen2", "gqa_decode_attention"),
                                           ("llama3", "gqa_decode_attention")])
 def test_decoding_reads_the_paged_pool(kernels, monkeypatch, name, kernel, path):
