@@ -10,7 +10,7 @@ import torch
 from model_configs import tiny_config
 
 from nanoseek import ModelConfig
-from nanoseek.model import IGNORE_INDEX, build_model, layers
+from nanoseek.model import IGNORE_INDEX, build_model, kernels, layers
 from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
@@ -130,6 +130,62 @@ def test_few_row_products_start_where_they_are_told(monkeypatch):
     assert len(calls) == 0
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_fp32_products_take_onednn_forward_and_backward(bias, monkeypatch):
+    """fp32 CPU products from ONEDNN_MIN_MACS multiply-adds run on oneDNN's GEMM: with gradients
+    (forward and both backward products) and without (rows past the few-row range). Values and
+    gradients of x, weight and bias equal F.linear's; an input that is a transposed view, a frozen
+    weight or an input without gradient work; smaller products and autocast stay on F.linear."""
+    layer = Linear(64, 96, bias=bias)
+    rows = -(-kernels.ONEDNN_MIN_MACS // (64 * 96))
+    calls = []
+    original = kernels.onednn_product
+    for module in (kernels, layers):
+        monkeypatch.setattr(module, "onednn_product", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(2, rows, 64, requires_grad=True)
+    upstream = torch.randn(2, rows, 96)
+
+    def gradients(function, inputs):
+        for tensor in (inputs, layer.weight, layer.bias):
+            if tensor is not None:
+                tensor.grad = None
+        out = function(inputs)
+        out.backward(upstream)
+        return [out] + [t.grad for t in (inputs, layer.weight, layer.bias) if t is not None]
+
+    def reference(inputs):
+        return torch.nn.functional.linear(inputs, layer.weight, layer.bias)
+
+    transposed = torch.randn(2, 64, rows).transpose(1, 2).requires_grad_()
+    for inputs in (x, transposed):
+        calls.clear()
+        ours = gradients(layer, inputs)
+        assert len(calls) == 3 and type(ours[0].grad_fn).__name__ == "_OneDNNLinearBackward"
+        for got, want in zip(ours, gradients(reference, inputs), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    expected = reference(x).detach()
+    layer.weight.requires_grad_(False)
+    layer.weight.grad = None
+    calls.clear()
+    layer(x).backward(upstream)  # the input's gradient only
+    assert len(calls) == 2 and layer.weight.grad is None
+    layer.weight.requires_grad_(True)
+    calls.clear()
+    layer(x.detach()).backward(upstream)  # the weight's gradient only
+    assert len(calls) == 2 and layer.weight.grad is not None
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+        assert len(calls) == 1
+        layer(x[:, :2])  # few rows: the transposed product
+        layer(torch.randn(layers.FEW_ROWS + 1, 8, 64)[:, :1])  # past the few-row range, below the size
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert len(calls) == 1
+
+
 # ----- MLA: naive vs absorbed (fact 7) ---------------------------------------------------------
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm"])
 def test_mla_absorbed_path_equals_naive_path(name):
@@ -220,9 +276,11 @@ def _expert_gradients(experts, forward, x, weights, indices) -> list[torch.Tenso
     return [out.float(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
 
 
-def test_grouped_expert_kernel_gradients_equal_naive_loop():
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])
+def test_grouped_expert_kernel_gradients_equal_naive_loop(gemm, monkeypatch):
     """Training runs kernels.grouped_swiglu: same outputs and gradients as the per-token specification,
-    and zero gradient for an expert no token chose."""
+    and zero gradient for an expert no token chose; with its products on the BLAS or on oneDNN."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0 if gemm == "onednn" else 1 << 62)
     experts = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp.experts
     x = torch.randn(12, 64)
     indices = torch.randint(0, 7, (12, 2), generator=torch.Generator().manual_seed(1))  # expert 7 unused
@@ -458,6 +516,29 @@ def test_model_losses_without_logits_equal_losses_from_logits():
         results.append([output.lm_loss, output.mtp_loss] + [p.grad for p in model.parameters()])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("name", ["v3", "qwen2"])
+def test_onednn_gemms_give_the_blas_losses_and_gradients(name, monkeypatch):
+    """Every fp32 training product on oneDNN (linear layers, the fused head, the grouped experts:
+    ONEDNN_MIN_MACS = 0) gives the losses and gradients of the BLAS (torch.mm / F.linear) path."""
+    model = build_model(tiny_config(name), seed=0).train()
+    ids, labels = tokens(model.config.vocab_size, seq=12), tokens(model.config.vocab_size, seq=12, seed=5)
+    calls = []
+    original = kernels.onednn_product
+    for module in (kernels, layers):
+        monkeypatch.setattr(module, "onednn_product", lambda *args: calls.append(1) or original(*args))
+    results = []
+    for threshold in (1 << 62, 0):
+        monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", threshold)
+        model.zero_grad(set_to_none=True)
+        output = model(ids, labels=labels)
+        output.loss.backward()
+        results.append([output.loss] + [p.grad for p in model.parameters()])
+        assert bool(calls) == (threshold == 0)
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["v3", "qwen2"])

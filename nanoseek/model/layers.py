@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model import cpu_ops
+from nanoseek.model.kernels import onednn_fits, onednn_linear, onednn_product
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
@@ -36,7 +37,9 @@ def few_row_products(start: int) -> Iterator[None]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), faster for the few rows of a decode step on CPU.
+    """F.linear(x, weight, bias), faster on CPU in fp32: oneDNN's GEMM for products large enough
+    (forward and backward, `nanoseek.model.kernels.onednn_linear`), and a transposed product for the
+    few rows of a decode step.
 
     x @ weight^T with one row sends the CPU BLAS down its matrix-vector path, which runs on one
     thread and reads the [out, in] weight with per-row dot products; with a few rows, MKL's GEMM
@@ -47,25 +50,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two), 0.73-1.42x at 8, about even
     from 16 to 128 rows in isolation (0.86-1.16x), and 0-4% faster for 32-64-row decode steps in the
     engine than with the limit at 16; with one thread 1.1-3x faster for 1 to 4 rows, 0.57-1.24x at
-    8. Inference only (no autograd graph goes through it) and fp32 only (bf16 and int8 have packed
-    kernels); the engine packs the fp32 weights of models from 16M parameters for oneDNN
+    8. The engine packs the fp32 weights of models from 16M parameters for oneDNN
     (`nanoseek.infer.packing`), so this serves smaller models and engines that share a trainer's model.
     """
-    if (  # training and GPUs leave here, after two cheap checks
-        torch.is_grad_enabled() or x.device.type != "cpu"
-        or weight.dtype != torch.float32 or x.dtype != torch.float32 or not weight.is_contiguous()
-    ):
+    if x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    start, end = few_row_range()
-    if not start <= rows <= end:
+    if torch.is_grad_enabled():
+        if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias):
+            return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        flat = torch.cat([flat, flat])
-    columns = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
-    out = columns[:, :1] if rows == 1 else columns
-    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+    start, end = few_row_range()
+    if start <= rows <= end and weight.is_contiguous():
+        flat = x.reshape(rows, x.shape[-1])
+        if rows == 1:
+            flat = torch.cat([flat, flat])
+        columns = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
+        out = columns[:, :1] if rows == 1 else columns
+        return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+    if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias):
+        return onednn_product(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def few_row_range() -> tuple[int, int]:
