@@ -16,7 +16,8 @@ from torch import nn
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import quantize_model
-from nanoseek.model import cpu_ops, decode_layer, transformer
+from nanoseek.model import cpu_ops, decode_layer, layers, transformer
+from nanoseek.model.kernels import onednn_product
 from nanoseek.model.decode_layer import enable_fused_decode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -71,14 +72,18 @@ def test_decode_layer_gives_the_bits_of_the_modules(kernels, fused_steps, name, 
 
 
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
-@pytest.mark.parametrize("products", ["packed", "few_rows"])
+@pytest.mark.parametrize("products", ["packed", "few_rows", "onednn"])
 def test_decode_layer_runs_products_as_the_modules_do(kernels, fused_steps, monkeypatch, name, products):
-    """fp32 weights packed for oneDNN, and plain ones through `linear`'s transposed few-row product
-    (the engine picks it for models that do not stay in cache), with one and two threads; and from two
-    rows on only, as for models a little larger than the cache."""
+    """fp32 weights packed for oneDNN, plain ones through `linear`'s transposed few-row product (the
+    engine picks it for models that do not stay in cache) and plain ones through oneDNN's GEMM (every
+    product past the few-row range, ONEDNN_MIN_MACS = 0), with one and two threads; and from two rows
+    on only, as for models a little larger than the cache."""
     if products == "packed":
         monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
         monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)
+    elif products == "onednn":
+        monkeypatch.setattr("nanoseek.model.kernels.ONEDNN_MIN_MACS", 0)
+        monkeypatch.setattr("nanoseek.infer.engine.few_row_start", lambda model: layers.FEW_ROWS_NEVER)
     else:
         monkeypatch.setattr("nanoseek.infer.engine.few_row_start", lambda model: 1)
     engine = Engine(peaky_model(name), max_num_seqs=2, block_size=4, prefix_caching=False)
@@ -87,10 +92,30 @@ def test_decode_layer_runs_products_as_the_modules_do(kernels, fused_steps, monk
     for threads in (1, 2):
         torch.set_num_threads(threads)
         assert_same_as_modules(engine, fused_steps)
+    if products == "onednn":
+        calls = []
+        monkeypatch.setattr(layers, "onednn_product", lambda *args: calls.append(1) or onednn_product(*args))
+        outputs(engine, False)
+        assert calls  # the modules took oneDNN's GEMM, so the C++ products did too
     if products == "few_rows":
         engine.few_row_start = 2
         assert_same_as_modules(engine, fused_steps, prompts=PROMPTS[:1])  # single rows: F.linear
         assert_same_as_modules(engine, fused_steps)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_grouped_query_layers_run_whole_in_any_batch(kernels, fused_steps, name, weights):
+    """Grouped-query models take the whole-layer call with more than the MLA kernel's 4 query rows:
+    6 ragged requests a step (their attention kernel splits sequences over threads), same bits."""
+    model = peaky_model(name)
+    if weights == "bf16":
+        model = model.to(torch.bfloat16)
+    engine = Engine(model, max_num_seqs=6, block_size=4, prefix_caching=False)
+    prompts = [[5 + i, 6, 7, 8 + i, 9][: 2 + i % 4] for i in range(6)]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert_same_as_modules(engine, fused_steps, prompts=prompts)
 
 
 def test_speculative_verification_takes_the_decode_layer(kernels, fused_steps):

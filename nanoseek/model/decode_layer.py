@@ -38,6 +38,7 @@ from nanoseek.model.attention import (
     MultiHeadLatentAttention,
     decode_attention_kernels,
 )
+from nanoseek.model.kernels import onednn_from
 from nanoseek.model.layers import (
     FusedProjection,
     Linear,
@@ -253,7 +254,7 @@ def fused_decode_step(layer, x: torch.Tensor, angles: RotaryAngles, cache, mask:
         return None
     pools = cache.layers[layer.self_attn.layer_index]
     return cached.plan(x, angles.cos, angles.sin, pools[0], pools[1], cache.write_slots, cache.read_slots, mask,
-                       *few_row_range())
+                       *few_row_range(), onednn_from())
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 # 0.89x at 32, 1.62x at 128, 2.2x from 512; the backward's two products gain the same (4,480 x 96 x
 # 256: 2.5 -> 0.84 ms and 2.1 -> 1.25 ms).
 ONEDNN_MIN_MACS = 1 << 21
+ONEDNN_NEVER = (1 << 63) - 1
 # The grouped experts' per-expert products stay on torch.mm: their row counts change every step, and
 # each new shape costs oneDNN a new primitive (~0.2-0.4 ms here). On oneDNN a `nano` pretraining step
 # took 308 ms against MKL's 255, a `small` one 1,428 against 1,294.
@@ -46,15 +47,20 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def onednn_from() -> int:
+    """From how many multiply-adds an fp32 CPU product takes oneDNN here and now: ONEDNN_MIN_MACS, or
+    never where oneDNN is absent or disabled, under autocast (it would run the product in bf16) or
+    while compiling. `nanoseek.model.decode_layer` hands it to its C++ products."""
+    if (not _onednn_available() or not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()):
+        return ONEDNN_NEVER
+    return ONEDNN_MIN_MACS
+
+
 def onednn_fits(macs: int, *tensors: torch.Tensor | None) -> bool:
-    """Whether a product of `macs` multiply-adds over these fp32 CPU tensors takes oneDNN: large
-    enough, oneDNN present and enabled, no autocast (it would run the product in bf16) or compile, and
-    plain tensors (no DTensor, FakeTensor or other subclass: the op is called directly)."""
-    return (
-        macs >= ONEDNN_MIN_MACS and _onednn_available() and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-        and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-    )
+    """Whether a product of `macs` multiply-adds over these fp32 CPU tensors takes oneDNN (`onednn_from`),
+    the tensors being plain (no DTensor, FakeTensor or other subclass: the op is called directly)."""
+    return macs >= onednn_from() and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
