@@ -17,8 +17,8 @@ from torch import nn
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import quantize_model
 from nanoseek.model import cpu_ops, decode_layer, layers, transformer
-from nanoseek.model.kernels import onednn_product
 from nanoseek.model.decode_layer import enable_fused_decode
+from nanoseek.model.kernels import onednn_product
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
