@@ -134,9 +134,11 @@ def test_few_row_products_start_where_they_are_told(monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_large_fp32_products_take_onednn_forward_and_backward(bias, monkeypatch):
     """fp32 CPU products from ONEDNN_MIN_MACS multiply-adds run on oneDNN's GEMM: with gradients
-    (forward and both backward products) and without (rows past the few-row range). Values and
+    (forward and both backward products, from a shape's second use on) and without (rows past the
+    few-row range). Values and
     gradients of x, weight and bias equal F.linear's; an input that is a transposed view, a frozen
     weight or an input without gradient work; smaller products and autocast stay on F.linear."""
+    monkeypatch.setattr(kernels, "_SHAPES_SEEN", {})
     layer = Linear(64, 96, bias=bias)
     rows = -(-kernels.ONEDNN_MIN_MACS // (64 * 96))
     calls = []
@@ -158,6 +160,8 @@ def test_large_fp32_products_take_onednn_forward_and_backward(bias, monkeypatch)
         return torch.nn.functional.linear(inputs, layer.weight, layer.bias)
 
     transposed = torch.randn(2, 64, rows).transpose(1, 2).requires_grad_()
+    first = layer(x)  # a shape's first use: F.linear
+    assert not calls and type(first.grad_fn).__name__ != "_OneDNNLinearBackward"
     for inputs in (x, transposed):
         calls.clear()
         ours = gradients(layer, inputs)
@@ -521,6 +525,7 @@ def test_model_losses_without_logits_equal_losses_from_logits():
 def test_onednn_gemms_give_the_blas_losses_and_gradients(name, monkeypatch):
     """Every fp32 training product of the linear layers and the fused head on oneDNN
     (ONEDNN_MIN_MACS = 0) gives the losses and gradients of the BLAS (torch.mm / F.linear) path."""
+    monkeypatch.setattr(kernels, "_SHAPES_SEEN", {})
     model = build_model(tiny_config(name), seed=0).train()
     ids, labels = tokens(model.config.vocab_size, seq=12), tokens(model.config.vocab_size, seq=12, seed=5)
     calls = []
@@ -528,15 +533,17 @@ def test_onednn_gemms_give_the_blas_losses_and_gradients(name, monkeypatch):
     for module in (kernels, layers):
         monkeypatch.setattr(module, "onednn_product", lambda *args: calls.append(1) or original(*args))
     results = []
-    for threshold in (1 << 62, 0):
+    for threshold in (kernels.ONEDNN_NEVER, 0, 0):  # oneDNN from a shape's second use on
         monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", threshold)
+        calls.clear()
         model.zero_grad(set_to_none=True)
         output = model(ids, labels=labels)
         output.loss.backward()
         results.append([output.loss] + [p.grad for p in model.parameters()])
         assert bool(calls) == (threshold == 0)
-    for got, expected in zip(*results, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for other in results[1:]:  # shapes partly seen (some on oneDNN), then all seen (all on oneDNN)
+        for got, expected in zip(other, results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["v3", "qwen2"])

@@ -63,14 +63,33 @@ def onednn_fits(macs: int, *tensors: torch.Tensor | None) -> bool:
     return macs >= onednn_from() and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
+_SHAPES_SEEN: dict[tuple, None] = {}
+SHAPES_REMEMBERED = 4096
+
+
+def repeated_shape(shape: tuple) -> bool:
+    """Whether a product of this shape was asked for before (the last SHAPES_REMEMBERED shapes).
+    Training products whose row count changes from step to step (GRPO's and SFT's batch lengths) take
+    oneDNN only from a shape's second use on: each new shape costs oneDNN a new primitive, which a
+    shape used once never pays back."""
+    if shape in _SHAPES_SEEN:
+        return True
+    if len(_SHAPES_SEEN) >= SHAPES_REMEMBERED:
+        _SHAPES_SEEN.pop(next(iter(_SHAPES_SEEN)))
+    _SHAPES_SEEN[shape] = None
+    return False
+
+
 def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, in] @ weight [out, in]^T (+ bias) by oneDNN's GEMM; either may be a transposed view."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [m, k] @ b [k, n]: oneDNN's GEMM for fp32 CPU products that `onednn_fits`, else torch.mm."""
-    if a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" and onednn_fits(a.shape[0] * a.shape[1] * b.shape[1], a, b):
+    """a [m, k] @ b [k, n]: oneDNN's GEMM for fp32 CPU products that `onednn_fits`, from a shape's
+    second use on (`repeated_shape`), else torch.mm."""
+    if (a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" and onednn_fits(a.shape[0] * a.shape[1] * b.shape[1], a, b)
+            and repeated_shape((a.shape[0], a.shape[1], b.shape[1]))):
         return onednn_product(a, b.t())
     return torch.mm(a, b)
 

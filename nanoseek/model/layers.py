@@ -15,7 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model import cpu_ops
-from nanoseek.model.kernels import onednn_fits, onednn_linear, onednn_product
+from nanoseek.model.kernels import onednn_fits, onednn_linear, onednn_product, repeated_shape
 
 FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
@@ -57,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if torch.is_grad_enabled():
-        if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias):
+        if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias) and repeated_shape((rows, *weight.shape)):
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     start, end = few_row_range()
