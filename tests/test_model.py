@@ -17,7 +17,6 @@ from nanoseek.model.cache import StaticKVCache
 from nanoseek.model.kernels import combine_slots, dispatch_slots, linear_cross_entropy, linear_token_logprobs
 from nanoseek.model.layers import (
     FEW_ROWS,
-    FEW_ROWS_ONE_THREAD,
     Linear,
     RMSNorm,
     RotaryAngles,
@@ -84,16 +83,16 @@ def threads(request):
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS_ONE_THREAD, FEW_ROWS_ONE_THREAD + 1, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
-    """Inference with few rows (FEW_ROWS, or FEW_ROWS_ONE_THREAD on one thread) takes the weight @ x^T
+    """Inference with few rows (FEW_ROWS, on one thread or two) takes the weight @ x^T
     path, not F.linear: same values and shape for 2-D and 3-D inputs. With gradients or more rows it
     is F.linear, and gradients flow."""
     layer = Linear(48, 80, bias=bias)
     x = torch.randn(rows, 1, 48)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    few = rows <= (FEW_ROWS if threads > 1 else FEW_ROWS_ONE_THREAD)
+    few = rows <= FEW_ROWS
     calls = []
     original = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or original(*args))

@@ -17,8 +17,7 @@ from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model import cpu_ops
 from nanoseek.model.kernels import onednn_fits, onednn_linear, onednn_product, repeated_shape
 
-FEW_ROWS = 128  # up to this many rows `linear` multiplies weight @ x^T on CPU...
-FEW_ROWS_ONE_THREAD = 4  # ...or this many when torch runs one thread...
+FEW_ROWS = 4  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 # ...and from this many (`few_row_products`): for a model whose weights stay in cache, F.linear's single
 # call wins at every row count, for one a little larger at one row (nanoseek.infer.packing.few_row_start).
 _few_row_start = contextvars.ContextVar("few_row_start", default=1)
@@ -47,10 +46,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weight's rows across threads and streams it (one row is doubled to two to get that kernel).
     Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear
     (`benchmarks/few_rows_linear.py`): with 2 threads 1.7-4.6x faster for 1 to 4 rows (the 32000 x
-    512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two), 0.73-1.42x at 8, about even
-    from 16 to 128 rows in isolation (0.86-1.16x), and 0-4% faster for 32-64-row decode steps in the
-    engine than with the limit at 16; with one thread 1.1-3x faster for 1 to 4 rows, 0.57-1.24x at
-    8. The engine packs the fp32 weights of models from 16M parameters for oneDNN
+    512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two); with one thread 1.1-3x. From 5
+    rows oneDNN's GEMM on the plain weight is faster still (stop 22; up to 128 rows the transposed
+    product had been about even with F.linear while oneDNN ran 2.3-2.5x faster): unpacked
+    `qwen2-small` decoding, 8 / 16 / 64 requests, 1.15x / 1.46x / 1.62x; `small` 0.96x / 1.18x /
+    1.22x. The engine packs the fp32 weights of models from 16M parameters for oneDNN
     (`nanoseek.infer.packing`), so this serves smaller models and engines that share a trainer's model.
     """
     if x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32:
@@ -75,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def few_row_range() -> tuple[int, int]:
     """(fewest, most) rows for which `linear` takes its transposed product here and now."""
-    return _few_row_start.get(), FEW_ROWS if torch.get_num_threads() > 1 else FEW_ROWS_ONE_THREAD
+    return _few_row_start.get(), FEW_ROWS
 
 
 class Linear(nn.Linear):
