@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from nanoseek import ModelConfig
+from nanoseek.allocator import keep_freed_memory
 from nanoseek.model import build_model
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
+    keep_freed_memory()  # as nanoseek's CLI and Trainer do; both sides run with it
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small", num_nextn_predict_layers=0)

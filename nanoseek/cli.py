@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from nanoseek.allocator import keep_freed_memory
 from nanoseek.errors import NanoseekError
 
 # command -> (module, one-line help)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_memory()
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.cli_main(args) or 0)

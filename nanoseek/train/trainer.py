@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nanoseek.allocator import keep_freed_memory
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError, TrainingError
 from nanoseek.model import CausalLM, ModelOutput
@@ -321,6 +322,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
         tokenizer: Tokenizer | None = None,
     ):
+        keep_freed_memory()  # steps reuse their freed activations instead of faulting fresh pages in
         self.config = config
         self.topology = topology or parallel.Topology(device=parallel.resolve_device(config.device))
         self.device = self.topology.device
