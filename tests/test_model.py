@@ -520,6 +520,24 @@ def test_model_losses_without_logits_equal_losses_from_logits():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_onednn_mm_equals_torch_mm(monkeypatch):
+    """kernels.mm: torch.mm's product for a plain `a` and for a transposed view (the fused head's
+    weight gradient, computed as (b^T a^T)^T so oneDNN does not copy `a`); on torch.mm for a shape's
+    first use, on oneDNN from its second."""
+    monkeypatch.setattr(kernels, "_SHAPES_SEEN", {})
+    calls = []
+    original = kernels.onednn_product
+    monkeypatch.setattr(kernels, "onednn_product", lambda *args: calls.append(1) or original(*args))
+    generator = torch.Generator().manual_seed(0)
+    gradient, hidden = torch.randn(300, 5000, generator=generator), torch.randn(300, 32, generator=generator)
+    for a, b in ((gradient.t(), hidden), (hidden.t().contiguous(), gradient)):
+        calls.clear()
+        for use in range(2):
+            torch.testing.assert_close(kernels.mm(a, b), torch.mm(a, b), rtol=1e-5, atol=1e-4)
+            assert len(calls) == use
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
 def test_onednn_gemms_give_the_blas_losses_and_gradients(name, monkeypatch):
     """Every fp32 training product of the linear layers and the fused head on oneDNN
