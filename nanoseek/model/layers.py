@@ -56,8 +56,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    macs = rows * weight.shape[0] * weight.shape[1]
     if torch.is_grad_enabled():
-        if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias) and repeated_shape((rows, *weight.shape)):
+        if onednn_fits(macs, x, weight, bias) and repeated_shape((rows, *weight.shape)):
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     start, end = few_row_range()
@@ -68,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         columns = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
         out = columns[:, :1] if rows == 1 else columns
         return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
-    if onednn_fits(rows * weight.shape[0] * weight.shape[1], x, weight, bias):
+    if onednn_fits(macs, x, weight, bias):
         return onednn_product(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

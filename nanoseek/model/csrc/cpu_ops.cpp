@@ -508,7 +508,6 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
   for (; r < rows; ++r) weighted_sums<1>(p + r * p_stride, p_stride, values, n, count, out + r * out_stride, out_stride);
 }
 
-
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -602,7 +601,6 @@ void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, 
   else
     pairs(0, batch * kv_heads);
 }
-
 
 template <typename T>
 inline float rounded(float value) {
@@ -981,15 +979,21 @@ torch::Tensor argmax(const torch::Tensor& x) {
 namespace {
 
 // One linear layer, run as the Python module runs it. kind: 0 F.linear; 1 nanoseek.model.layers.linear
-// (fp32 rows in [few_from, few_to], layers.few_row_range, as the transposed product; from onednn_from
-// multiply-adds, kernels.onednn_from, oneDNN's GEMM on the plain weight); 2 a oneDNN-packed weight (packing.packed_linear); 3 int8
-// with per-row scales (quant.int8_linear's packed-kernel path).
+// (as its RowRule says: the transposed product, oneDNN's GEMM on the plain weight, or F.linear); 2 a
+// oneDNN-packed weight (packing.packed_linear); 3 int8 with per-row scales (quant.int8_linear's
+// packed-kernel path).
+// How `linear` (kind 1) picks its product here and now: the transposed product for rows in [few_from,
+// few_to] (layers.few_row_range), oneDNN's GEMM from onednn_from multiply-adds (kernels.onednn_from).
+struct RowRule {
+  int64_t few_from = 1, few_to = 0, onednn_from = std::numeric_limits<int64_t>::max();
+};
+
 struct Product {
   int64_t kind = -1;
   torch::Tensor weight;
   c10::optional<torch::Tensor> bias, scale;
 
-  torch::Tensor operator()(const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) const;
+  torch::Tensor operator()(const torch::Tensor& x, const RowRule& rule) const;
 };
 
 torch::Tensor linear_pointwise(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias) {
@@ -1000,7 +1004,7 @@ torch::Tensor linear_pointwise(const torch::Tensor& x, const torch::Tensor& pack
   return stack[0].toTensor();
 }
 
-torch::Tensor Product::operator()(const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) const {
+torch::Tensor Product::operator()(const torch::Tensor& x, const RowRule& rule) const {
   if (kind == 2) {
     if (x.scalar_type() == weight.scalar_type()) return linear_pointwise(x, weight, bias);
     c10::optional<torch::Tensor> converted;
@@ -1012,14 +1016,14 @@ torch::Tensor Product::operator()(const torch::Tensor& x, int64_t few_from, int6
     const int64_t rows = x.numel() / x.size(-1);
     auto sizes = x.sizes().vec();
     sizes.back() = weight.size(0);
-    if (rows >= few_from && rows <= few_to && weight.is_contiguous()) {
+    if (rows >= rule.few_from && rows <= rule.few_to && weight.is_contiguous()) {
       auto flat = x.reshape({rows, x.size(-1)});
       if (rows == 1) flat = at::cat({flat, flat});
       auto columns = bias.has_value() ? at::addmm(bias->unsqueeze(1), weight, flat.t()) : at::mm(weight, flat.t());
       auto out = rows == 1 ? columns.slice(1, 0, 1) : columns;
       return out.t().contiguous().view(sizes);
     }
-    if (rows * weight.size(0) * weight.size(1) >= onednn_from)  // kernels.onednn_product on the plain weight
+    if (rows * weight.size(0) * weight.size(1) >= rule.onednn_from)  // kernels.onednn_product on the plain weight
       return linear_pointwise(x.reshape({rows, x.size(-1)}), weight, bias).view(sizes);
   }
   return at::linear(x, weight, bias);
@@ -1055,29 +1059,27 @@ struct DecodeLayer {
   torch::Tensor stack_gate_up, stack_down;
   c10::optional<torch::Tensor> stack_gate_up_scale, stack_down_scale;
 
-  std::vector<torch::Tensor> input_products(const torch::Tensor& h, int64_t few_from, int64_t few_to, int64_t onednn_from) const {
-    if (inputs.empty()) return fused_input(h, few_from, few_to, onednn_from).split_with_sizes(input_sizes, -1);
+  std::vector<torch::Tensor> input_products(const torch::Tensor& h, const RowRule& rule) const {
+    if (inputs.empty()) return fused_input(h, rule).split_with_sizes(input_sizes, -1);
     std::vector<torch::Tensor> outs;
-    for (const auto& product : inputs) outs.push_back(product(h, few_from, few_to, onednn_from));
+    for (const auto& product : inputs) outs.push_back(product(h, rule));
     return outs;
   }
 
   torch::Tensor attention(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
                           torch::Tensor& first_pool, torch::Tensor& second_pool, const torch::Tensor& write_slots,
-                          const torch::Tensor& read_slots, const torch::Tensor& mask, int64_t few_from,
-                          int64_t few_to, int64_t onednn_from) const {
-    const auto parts = input_products(h, few_from, few_to, onednn_from);
+                          const torch::Tensor& read_slots, const torch::Tensor& mask, const RowRule& rule) const {
+    const auto parts = input_products(h, rule);
     if (!mla) {  // GroupedQueryAttention.forward with the fused q/k/v
       const auto query_key = rope(parts[0].unflatten(-1, {heads + kv_heads, head_dim}), cos, sin, false);
       const auto split = query_key.split_with_sizes({heads, kv_heads}, 2);
       const auto value = parts[1].unflatten(-1, {kv_heads, head_dim});
       first_pool.index_copy_(0, write_slots, split[1].flatten(0, 1).to(first_pool.scalar_type()));
       second_pool.index_copy_(0, write_slots, value.flatten(0, 1).to(second_pool.scalar_type()));
-      return o(gqa_decode_attention(split[0], first_pool, second_pool, read_slots, mask, scale).flatten(2), few_from,
-               few_to, onednn_from);
+      return o(gqa_decode_attention(split[0], first_pool, second_pool, read_slots, mask, scale).flatten(2), rule);
     }
     // MultiHeadLatentAttention.forward -> attend_from_pool
-    auto q = q_norm.has_value() ? q_b(rms_norm(parts[0], *q_norm, q_eps), few_from, few_to, onednn_from) : parts[0];
+    auto q = q_norm.has_value() ? q_b(rms_norm(parts[0], *q_norm, q_eps), rule) : parts[0];
     const auto q_split = q.unflatten(-1, {heads, -1}).split_with_sizes({nope, rope_dim}, -1);
     const auto q_pe = rope(q_split[1], cos, sin, interleaved);
     const auto kv_split = parts[1].split_with_sizes({kv_rank, rope_dim}, -1);
@@ -1086,30 +1088,30 @@ struct DecodeLayer {
     first_pool.index_copy_(0, write_slots, latent.flatten(0, 1).to(first_pool.scalar_type()));
     second_pool.index_copy_(0, write_slots, k_pe.flatten(0, 1).to(second_pool.scalar_type()));
     const auto out = mla_decode_attention(q_split[0], q_pe, first_pool, second_pool, read_slots, mask, w_uk, w_uv_t, scale);
-    return o(out.flatten(2), few_from, few_to, onednn_from);
+    return o(out.flatten(2), rule);
   }
 
-  torch::Tensor swiglu(const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) const {
-    return down(silu_and_mul(gate_up(x, few_from, few_to, onednn_from)), few_from, few_to, onednn_from);
+  torch::Tensor swiglu(const torch::Tensor& x, const RowRule& rule) const {
+    return down(silu_and_mul(gate_up(x, rule)), rule);
   }
 
   // (the layer's output [b, s, D], the routed experts' indices [b * s, k] or an undefined tensor)
   std::tuple<torch::Tensor, c10::optional<torch::Tensor>> forward(
       const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor first_pool,
       torch::Tensor second_pool, const torch::Tensor& write_slots, const torch::Tensor& read_slots,
-      const torch::Tensor& mask, int64_t few_from, int64_t few_to, int64_t onednn_from) const {
+      const torch::Tensor& mask, const RowRule& rule) const {
     const auto h = rms_norm(x, input_norm, input_eps);
     const auto residual =
-        x + attention(h, cos, sin, first_pool, second_pool, write_slots, read_slots, mask, few_from, few_to, onednn_from);
+        x + attention(h, cos, sin, first_pool, second_pool, write_slots, read_slots, mask, rule);
     const auto hidden = rms_norm(residual, post_norm, post_eps);
-    if (!moe) return {residual + swiglu(hidden, few_from, few_to, onednn_from), c10::nullopt};
+    if (!moe) return {residual + swiglu(hidden, rule), c10::nullopt};
     // MoE.forward: router, routed experts (the fused kernel), shared experts
     const auto flat = hidden.reshape({-1, hidden.size(-1)});
     const auto logits = at::linear(flat.to(at::kFloat), router.to(at::kFloat));
     const auto routing = route(logits, router_bias, sigmoid, n_group, topk_group, group_top2, top_k, normalize, scaling);
     auto out = routed_experts(flat, stack_gate_up, stack_down, routing[1], routing[0], stack_gate_up_scale,
                               stack_down_scale).view(hidden.sizes());
-    if (has_mlp) out = out + swiglu(hidden, few_from, few_to, onednn_from);
+    if (has_mlp) out = out + swiglu(hidden, rule);
     return {residual + out, routing[1]};
   }
 };
@@ -1130,7 +1132,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> bias,
                        c10::optional<torch::Tensor> scale) { return Product{kind, weight, bias, scale}; }),
            py::arg("kind"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none())
-      .def("__call__", &Product::operator(), py::arg("x"), py::arg("few_from") = 1, py::arg("few_to") = 0,
+      .def("__call__",
+           [](const Product& product, const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) {
+             return product(x, RowRule{few_from, few_to, onednn_from});
+           },
+           py::arg("x"), py::arg("few_from") = 1, py::arg("few_to") = 0,
            py::arg("onednn_from") = std::numeric_limits<int64_t>::max());
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<>())
@@ -1175,5 +1181,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("stack_down", &DecodeLayer::stack_down)
       .def_readwrite("stack_gate_up_scale", &DecodeLayer::stack_gate_up_scale)
       .def_readwrite("stack_down_scale", &DecodeLayer::stack_down_scale)
-      .def("__call__", &DecodeLayer::forward);
+      .def("__call__", [](const DecodeLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
+                          const torch::Tensor& sin, torch::Tensor first_pool, torch::Tensor second_pool,
+                          const torch::Tensor& write_slots, const torch::Tensor& read_slots, const torch::Tensor& mask,
+                          int64_t few_from, int64_t few_to, int64_t onednn_from) {
+        return layer.forward(x, cos, sin, first_pool, second_pool, write_slots, read_slots, mask,
+                             RowRule{few_from, few_to, onednn_from});
+      });
 }
