@@ -15,7 +15,7 @@ from model_configs import PARITY_CONFIGS, tiny_config
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
-from nanoseek.infer.sampling import greedy_tokens
+from nanoseek.infer.sampling import draw, greedy_tokens
 from nanoseek.model import build_model, cpu_ops, transformer
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import EXPERT_KERNEL_MAX_TOKENS, RoutedExperts, Router
@@ -139,6 +139,30 @@ def test_argmax_equals_pytorch(kernels, dtype):
     assert kernels.argmax(logits[0]).shape == ()  # a single row: a scalar, like torch.argmax(x, -1)
     with torch.no_grad():
         assert greedy_tokens(logits) == logits.float().argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (3, 7), (8, 1024), (13, 1024), (16, 32000)])
+def test_inverse_cdf_draws_the_tokens_pytorch_draws(kernels, rows, vocab):
+    """Sampling's inverse-CDF draw: the same token as the PyTorch code (fp64 cumsum + searchsorted,
+    which `draw` runs while a gradient is recorded) for every row, whether rows come in whole groups of
+    the kernel's interleaved rows or not, with zero-probability runs (equal sums: the search must step
+    over them), sharp and flat distributions, and u at 0 and just below 1."""
+    generator = torch.Generator().manual_seed(8)
+    for trial in range(12):
+        probs = (torch.randn(rows, vocab, generator=generator) * (trial % 4 * 3 + 0.1)).softmax(dim=-1)
+        if trial % 3 == 0:
+            probs[probs < probs.median()] = 0
+        u = torch.rand(rows, generator=generator, dtype=torch.float64)
+        u[0] = 0.0 if trial == 1 else 1 - 2**-53 if trial == 2 else u[0]
+        with torch.enable_grad():
+            expected = draw(probs, u)
+        assert kernels.inverse_cdf(probs, u).tolist() == expected.tolist()
+        with torch.no_grad():
+            assert draw(probs, u).tolist() == expected.tolist()
+    # A target equal to a cumulative sum takes the next token, and a zero-probability token is never
+    # drawn, not even at u = 0 (the search is for the first sum above the target, not at it).
+    probs = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.0, 0.5]])
+    assert kernels.inverse_cdf(probs, torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)).tolist() == [2, 2, 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

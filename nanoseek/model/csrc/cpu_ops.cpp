@@ -970,6 +970,53 @@ torch::Tensor argmax(const torch::Tensor& x) {
   return out;
 }
 
+// Inverse-CDF sampling, as nanoseek.infer.sampling.draw: per row the cumulative sums of probs in fp64
+// (the order torch's cumsum adds in, so the same sums), target = u * total, and the first position whose
+// sum exceeds it (searchsorted, right=True), clamped to the last token. The sums of DRAW_ROWS rows run
+// interleaved: each is a chain of dependent adds, and independent chains keep the adder busy (one row at
+// a time waits on each add's latency). torch's route casts the rows to fp64 first (a copy) and runs a
+// scalar cumsum: 410 us for 64 x 1024 here.
+constexpr int64_t DRAW_ROWS = 8;
+
+torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& u) {
+  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0 && probs.scalar_type() == at::kFloat,
+              "inverse_cdf: probs must be fp32 [rows, vocab] with vocab > 0");
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == probs.size(0) && u.scalar_type() == at::kDouble,
+              "inverse_cdf: u must be fp64 [rows]");
+  const auto p = probs.contiguous();
+  const auto uniform = u.contiguous();
+  const int64_t rows = p.size(0), n = p.size(1);
+  auto out = torch::empty({rows}, p.options().dtype(at::kLong));
+  const float* data = p.data_ptr<float>();
+  const double* us = uniform.data_ptr<double>();
+  int64_t* tokens = out.data_ptr<int64_t>();
+  std::vector<double> cdf(DRAW_ROWS * n);
+  for (int64_t first = 0; first < rows; first += DRAW_ROWS) {
+    const int64_t count = std::min(DRAW_ROWS, rows - first);
+    double sums[DRAW_ROWS] = {};
+    if (count == DRAW_ROWS) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t r = 0; r < DRAW_ROWS; ++r) {
+          sums[r] += static_cast<double>(data[(first + r) * n + i]);
+          cdf[r * n + i] = sums[r];
+        }
+    } else {
+      for (int64_t r = 0; r < count; ++r)
+        for (int64_t i = 0; i < n; ++i) {
+          sums[r] += static_cast<double>(data[(first + r) * n + i]);
+          cdf[r * n + i] = sums[r];
+        }
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      const double* row = cdf.data() + r * n;
+      const double target = us[first + r] * row[n - 1];
+      const int64_t at = std::upper_bound(row, row + n, target) - row;
+      tokens[first + r] = std::min(at, n - 1);
+    }
+  }
+  return out;
+}
+
 // ----- a whole decoder layer of a decode step ------------------------------------------------------
 // What DecoderLayer.forward runs for the few rows of a decode or verify step over the paged cache, as
 // one call: the same ATen ops and kernels in the same order (so the same numbers), without the Python
@@ -1125,6 +1172,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
         py::arg("gate_up_scale") = py::none(), py::arg("down_scale") = py::none());
