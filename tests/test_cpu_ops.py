@@ -236,14 +236,15 @@ def test_an_unpacked_model_takes_the_mla_kernel_with_its_current_weights(kernels
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 3])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3), (12, 1)])
-@pytest.mark.parametrize("batch, keys, dim", [(2, 37, 16), (9, 70, 24), (3, 45, 64)])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3), (9, 3), (12, 1)])
+@pytest.mark.parametrize("batch, keys, dim", [(2, 37, 16), (9, 70, 24), (3, 45, 64), (4, 33, 40)])
 def test_grouped_query_attention_over_the_pool_equals_pytorch(kernels, dtype, queries, heads, kv_heads, batch, keys,
                                                               dim):
     """The fused grouped-query attention of a decode (1 query) or verify step (3) reading keys and
     values in a pool through scattered slots, against gathering them and SDPA: a ragged batch (shorter
-    rows' padding keys masked), groups of 4, 2 and 12 query heads, key counts not a multiple of the
-    kernel's 4-key blocks, head dims of one, one and a half, and four 16-value vectors, the query a
+    rows' padding keys masked), groups of 4, 2, 3 and 12 query heads (so 1, 2 and 3 rows are left after
+    the kernel's blocks of 4), key counts not a multiple of its 4-key blocks, head dims of one, one and
+    a half, two and a half and four 16-value vectors (the halves are masked partial loads), the query a
     strided view; 9 x 70 is enough work for the kernel to split (sequence, KV head) pairs over threads."""
     generator = torch.Generator().manual_seed(7)
     pool_slots = 1000

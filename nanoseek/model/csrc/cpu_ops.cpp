@@ -265,6 +265,33 @@ inline Vector16 load16(const T* p) {
   return v;
 }
 
+// The first `count` (1 to 16) values from p as fp32, the other lanes 0, reading nothing past p[count - 1]:
+// the last partial vector of a row whose length is not a multiple of 16 (a head dim of 24), so the
+// kernels need no scalar tail loop.
+template <typename T>
+inline Vector16 load16_tail(const T* p, int64_t count) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 wide = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+    Vector16 v;
+    std::memcpy(&v, &wide, sizeof v);
+    return v;
+  }
+#endif
+#if defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // widened as load16 does: the bits into the high half
+    const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
+    const __m512 wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    Vector16 v;
+    std::memcpy(&v, &wide, sizeof v);
+    return v;
+  }
+#endif
+  T buffer[16] = {};
+  std::memcpy(buffer, p, count * sizeof(T));
+  return load16(buffer);
+}
+
 // Products of few vectors with a row-major [rows][n] matrix, fp32 sums: out[v][r] = w[r] . xs[v].
 // Blocks of MATRIX_ROWS rows x up to VECTORS_AT_ONCE vectors keep their sums in registers (each
 // weight vector loaded once per block serves every vector: GEMM register blocking, and independent
@@ -437,18 +464,21 @@ void key_scores_block(const T* const* keys, const float* queries, int64_t n, flo
       for (int k = 0; k < KEYS; ++k) sums[k][v] += key[k] * q;
     }
   }
+  if (whole < n) {  // the partial last vector, zero-filled
+    Vector16 key[KEYS];
+    for (int k = 0; k < KEYS; ++k) key[k] = load16_tail(keys[k] + whole, n - whole);
+    for (int v = 0; v < VECTORS; ++v) {
+      const Vector16 q = load16_tail(queries + v * n + whole, n - whole);
+      for (int k = 0; k < KEYS; ++k) sums[k][v] += key[k] * q;
+    }
+  }
   for (int v = 0; v < VECTORS; ++v) {
-    float key_sums[KEYS];
 #ifdef NANOSEEK_SHUFFLEVECTOR
     const Vector4 four = lane_sums4(sums[0][v], sums[1][v], sums[2][v], sums[3][v]);
-    for (int k = 0; k < KEYS; ++k) key_sums[k] = four[k];
+    for (int k = 0; k < KEYS; ++k) scores[v * score_stride + k] = four[k];
 #else
-    for (int k = 0; k < KEYS; ++k) key_sums[k] = lane_sum(sums[k][v]);
+    for (int k = 0; k < KEYS; ++k) scores[v * score_stride + k] = lane_sum(sums[k][v]);
 #endif
-    for (int k = 0; k < KEYS; ++k) {
-      for (int64_t i = whole; i < n; ++i) key_sums[k] += static_cast<float>(keys[k][i]) * queries[v * n + i];
-      scores[v * score_stride + k] = key_sums[k];
-    }
   }
 }
 
@@ -466,7 +496,13 @@ void key_scores(const T* const* keys, int64_t count, const T* zeros, const float
     }
     int64_t v = 0;
     for (; v + 4 <= vectors; v += 4) key_scores_block<4>(block, queries + v * n, n, scores + v * score_stride + t, score_stride);
-    for (; v < vectors; ++v) key_scores_block<1>(block, queries + v * n, n, scores + v * score_stride + t, score_stride);
+    const float* rest = queries + v * n;
+    float* rest_scores = scores + v * score_stride + t;
+    switch (vectors - v) {  // a group of 2 or 3 query rows (GQA with 2 or 3 heads a KV head) in one block
+      case 3: key_scores_block<3>(block, rest, n, rest_scores, score_stride); break;
+      case 2: key_scores_block<2>(block, rest, n, rest_scores, score_stride); break;
+      case 1: key_scores_block<1>(block, rest, n, rest_scores, score_stride); break;
+    }
   }
 }
 
@@ -492,12 +528,14 @@ void weighted_sums(const float* p, int64_t p_stride, const T* const* values, int
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < chunks; ++c) std::memcpy(out + r * out_stride + from + 16 * c, &sums[r][c], sizeof(Vector16));
   }
-  for (int64_t i = whole; i < n; ++i)
-    for (int r = 0; r < R; ++r) {
-      float sum = 0.f;
-      for (int64_t t = 0; t < count; ++t) sum += p[r * p_stride + t] * static_cast<float>(values[t][i]);
-      out[r * out_stride + i] = sum;
+  if (whole < n) {  // the last partial vector of outputs (a head dim of 24), zero-filled loads
+    Vector16 sums[R] = {};
+    for (int64_t t = 0; t < count; ++t) {
+      const Vector16 row = load16_tail(values[t] + whole, n - whole);
+      for (int r = 0; r < R; ++r) sums[r] += p[r * p_stride + t] * row;
     }
+    for (int r = 0; r < R; ++r) std::memcpy(out + r * out_stride + whole, &sums[r], (n - whole) * sizeof(float));
+  }
 }
 
 template <typename T>
@@ -505,7 +543,13 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
                        float* out, int64_t out_stride) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) weighted_sums<4>(p + r * p_stride, p_stride, values, n, count, out + r * out_stride, out_stride);
-  for (; r < rows; ++r) weighted_sums<1>(p + r * p_stride, p_stride, values, n, count, out + r * out_stride, out_stride);
+  const float* rest = p + r * p_stride;
+  float* rest_out = out + r * out_stride;
+  switch (rows - r) {  // 2 or 3 rows in one pass: each value row loaded once for them
+    case 3: weighted_sums<3>(rest, p_stride, values, n, count, rest_out, out_stride); break;
+    case 2: weighted_sums<2>(rest, p_stride, values, n, count, rest_out, out_stride); break;
+    case 1: weighted_sums<1>(rest, p_stride, values, n, count, rest_out, out_stride); break;
+  }
 }
 
 #if defined(__clang__)
