@@ -1018,8 +1018,8 @@ torch::Tensor argmax(const torch::Tensor& x) {
 // (the order torch's cumsum adds in, so the same sums), target = u * total, and the first position whose
 // sum exceeds it (searchsorted, right=True), clamped to the last token. The sums of DRAW_ROWS rows run
 // interleaved: each is a chain of dependent adds, and independent chains keep the adder busy (one row at
-// a time waits on each add's latency). torch's route casts the rows to fp64 first (a copy) and runs a
-// scalar cumsum: 410 us for 64 x 1024 here.
+// a time waits on each add's latency). torch's route casts the rows to fp64 first (a copy), then cumsum
+// and searchsorted: three ops and two [rows, vocab] fp64 tensors.
 constexpr int64_t DRAW_ROWS = 8;
 
 torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& u) {
