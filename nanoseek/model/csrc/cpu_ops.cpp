@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1034,7 +1035,8 @@ torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& u) {
   const float* data = p.data_ptr<float>();
   const double* us = uniform.data_ptr<double>();
   int64_t* tokens = out.data_ptr<int64_t>();
-  std::vector<double> cdf(DRAW_ROWS * n);
+  // every value is written before it is read: no zero-filling (2 MB for 8 rows of a 32k vocabulary)
+  std::unique_ptr<double[]> cdf(new double[std::min(DRAW_ROWS, rows) * n]);
   for (int64_t first = 0; first < rows; first += DRAW_ROWS) {
     const int64_t count = std::min(DRAW_ROWS, rows - first);
     double sums[DRAW_ROWS] = {};
@@ -1052,7 +1054,7 @@ torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& u) {
         }
     }
     for (int64_t r = 0; r < count; ++r) {
-      const double* row = cdf.data() + r * n;
+      const double* row = cdf.get() + r * n;
       const double target = us[first + r] * row[n - 1];
       const int64_t at = std::upper_bound(row, row + n, target) - row;
       tokens[first + r] = std::min(at, n - 1);
