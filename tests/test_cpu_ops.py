@@ -16,7 +16,7 @@ from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import draw, greedy_tokens
-from nanoseek.model import build_model, cpu_ops, transformer
+from nanoseek.model import attention, build_model, cpu_ops, transformer
 from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
 from nanoseek.model.moe import EXPERT_KERNEL_MAX_TOKENS, RoutedExperts, Router
 
@@ -392,7 +392,8 @@ def test_moe_layers_take_the_routed_experts_kernel_at_inference(kernels, monkeyp
 
 
 def test_kernels_stay_out_of_autograd(kernels):
-    """With gradients recorded the PyTorch code runs (no kernel has a backward), so training is unchanged."""
+    """With gradients recorded the PyTorch code runs (only causal attention has a backward kernel, tested
+    below), so training is unchanged."""
     norm = RMSNorm(16)
     x = torch.randn(2, 16, requires_grad=True)
     assert cpu_ops.for_inference(x) is None
@@ -525,3 +526,66 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
         assert grouped.decode_kernels(batched, cache, mask(FUSED_ATTENTION_MAX_QUERIES, 4096)) is kernels
         assert grouped.decode_kernels(too_many, cache, mask(FUSED_ATTENTION_MAX_QUERIES + 1, 8)) is None
         assert grouped.decode_kernels(query.bfloat16(), cache, mask(1, 8)) is None  # a cache of another dtype
+
+
+@pytest.mark.parametrize("batch, seq, heads, kv_heads, dim, value_dim", [
+    (2, 1, 2, 1, 16, 16),     # one position: nothing to attend but itself
+    (3, 74, 4, 2, 24, 24),    # qwen2-nano's GRPO batches: 24-dim heads (a partial vector), blocks of 16 rows + 10
+    (2, 37, 3, 1, 40, 40),    # three heads a KV head, 40 = 16 + 16 + 8
+    (2, 130, 4, 4, 48, 32),   # MLA: value dim below the query's, past 128 positions
+    (1, 33, 2, 2, 130, 70),   # head dims past 64 (the weighted sums' 64-wide chunks)
+    (2, 17, 8, 2, 64, 64),
+])
+def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq, heads, kv_heads, dim, value_dim):
+    """The fused training attention (forward, and the backward from its saved log-sum-exp) against SDPA
+    in fp64, on strided inputs (views into wider tensors, as q/k/v split from a projection are)."""
+    generator = torch.Generator().manual_seed(seq)
+    wide = torch.randn(batch, seq, heads * dim + kv_heads * (dim + value_dim) + 5, generator=generator)
+    query, key, value, _ = wide.split([heads * dim, kv_heads * dim, kv_heads * value_dim, 5], dim=-1)
+    query = query.unflatten(-1, (heads, dim)).requires_grad_()
+    key = key.unflatten(-1, (kv_heads, dim)).requires_grad_()
+    value = value.unflatten(-1, (kv_heads, value_dim)).requires_grad_()
+    assert not query.is_contiguous()
+    scale = dim**-0.5
+    out = attention.causal_attention(query, key, value, scale)
+    grad_out = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, (query, key, value), grad_out)
+    inputs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (query, key, value)]
+    expected = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=scale, enable_gqa=heads > kv_heads)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out.double().transpose(1, 2))
+    torch.testing.assert_close(out.double(), expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # without a gradient: the forward alone, the same values
+        torch.testing.assert_close(attention.causal_attention(query, key, value, scale), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["v3", "qwen2"])
+def test_training_takes_the_causal_kernel_with_the_gradients_of_pytorch(kernels, monkeypatch, name):
+    """A model's loss and gradients with the fused attention equal those of SDPA; the kernel ran, forward
+    and backward, and not past FUSED_CAUSAL_MAX_LENGTH."""
+    calls = []
+    for kernel in ("causal_attention_forward", "causal_attention_backward"):
+        original = getattr(kernels, kernel)
+        monkeypatch.setattr(kernels, kernel, lambda *args, _f=original, _n=kernel: calls.append(_n) or _f(*args))
+    model = build_model(tiny_config(name), seed=0)
+    ids = torch.randint(3, PARITY_CONFIGS[name]["vocab_size"], (3, 21), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_gradients():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = loss_and_gradients()
+    layers = model.config.num_hidden_layers
+    assert calls.count("causal_attention_forward") == layers and calls.count("causal_attention_backward") == layers
+    with pytorch_ops():
+        expected_loss, expected_grads = loss_and_gradients()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    monkeypatch.setattr(attention, "FUSED_CAUSAL_MAX_LENGTH", 20)
+    loss_and_gradients()
+    assert calls == []

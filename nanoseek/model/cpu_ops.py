@@ -12,7 +12,10 @@ layer, each used expert's matrices read once, with no library call per expert.
 
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the
-specification (tests/test_cpu_ops.py compares the two). Set `NANOSEEK_CPU_KERNELS=0` to turn them
+specification (tests/test_cpu_ops.py compares the two). The exception is causal self-attention in fp32
+(`causal_attention_forward` / `_backward`, used through `nanoseek.model.attention.causal_attention`
+with or without a gradient): SDPA's CPU kernels take 2-5x longer at the small head dims and short
+sequences of the models trained here. Set `NANOSEEK_CPU_KERNELS=0` to turn them
 off. The first use compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 25
 seconds; `make` does it while setting up), cached under TORCH_EXTENSIONS_DIR; if that fails, one
 warning is printed and the PyTorch code runs instead.
@@ -140,6 +143,13 @@ def _cpu_flags() -> str:
             return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
         return ""
+
+
+def for_cpu(tensor: torch.Tensor) -> ModuleType | None:
+    """The kernels if `tensor` is on the CPU and they are available (recording a gradient or not)."""
+    if _state == "off" or tensor.device.type != "cpu":
+        return None
+    return _module if _state == "loaded" else load()
 
 
 def for_inference(tensor: torch.Tensor) -> ModuleType | None:

@@ -298,9 +298,9 @@ inline Vector16 load16_tail(const T* p, int64_t count) {
 // weight vector loaded once per block serves every vector: GEMM register blocking, and independent
 // sums hide the add latency); a block's rows stay in L1 while the vectors pass over them, so the
 // weights stream from memory once, in order.
-// These products are the one place the build's -ffp-contract=off is lifted: fused multiply-adds
-// double their arithmetic rate (a multiply and an add each take a vector pipe), and nothing needs them
-// to round like a PyTorch op (a GEMM's summation order is its own).
+// These products and the training attention below are the places the build's -ffp-contract=off is
+// lifted: fused multiply-adds double their arithmetic rate (a multiply and an add each take a vector
+// pipe), and nothing needs them to round like a PyTorch op (a GEMM's summation order is its own).
 #if defined(__clang__)
 #pragma clang fp contract(fast)
 #elif defined(__GNUC__)
@@ -551,6 +551,391 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
     case 2: weighted_sums<2>(rest, p_stride, values, n, count, rest_out, out_stride); break;
     case 1: weighted_sums<1>(rest, p_stride, values, n, count, rest_out, out_stride); break;
   }
+}
+
+// ----- causal self-attention for training: fp32, forward and backward --------------------------------
+// Per (sequence, KV head), the keys (and for the backward the values) are stored transposed, [dim][keys]
+// with 16 keys a vector, so that a query row's scores are sums of its values broadcast against 16 keys
+// at once: no lane sums and no partial vectors for head dims like 24 or 48. Query rows go
+// ATTENTION_ROWS at a time, each key vector loaded once for them. A row's probabilities never leave
+// L1; the backward recomputes them from the saved log-sum-exp, as flash attention does.
+constexpr int ATTENTION_ROWS = 4;
+
+inline Vector16 max16(const Vector16& a, const Vector16& b) {
+#if defined(__AVX512F__)
+  __m512 x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  const __m512 m = _mm512_max_ps(x, y);
+  Vector16 v;
+  std::memcpy(&v, &m, sizeof v);
+  return v;
+#else
+  Vector16 v;
+  for (int l = 0; l < 16; ++l) v[l] = std::max(a[l], b[l]);
+  return v;
+#endif
+}
+
+// vector_exp on 16 lanes (the same reduction and polynomial): e^-inf = 0.
+inline Vector16 exp16(const Vector16& x) {
+#if defined(__AVX512F__)
+  __m512 v;
+  std::memcpy(&v, &x, sizeof v);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vector16 r, nn;
+  std::memcpy(&nn, &n, sizeof nn);
+  std::memcpy(&r, &clamped, sizeof r);
+  r = (r - nn * 0.693145751953125f) - nn * 1.428606765330187045e-06f;
+  const Vector16 p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 product;
+  std::memcpy(&product, &p, sizeof product);
+  product = _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), product, _mm512_castsi512_ps(bits));
+  Vector16 out;
+  std::memcpy(&out, &product, sizeof out);
+  return out;
+#else
+  Vector16 out;
+  for (int l = 0; l < 16; ++l) out[l] = vector_exp(x[l]);
+  return out;
+#endif
+}
+
+inline float lane_max(const Vector16& v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof x);
+  return _mm512_reduce_max_ps(x);
+#else
+  float m = v[0];
+  for (int l = 1; l < 16; ++l) m = std::max(m, v[l]);
+  return m;
+#endif
+}
+
+inline Vector16 load16f(const float* p) {
+  Vector16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, const Vector16& v) { std::memcpy(p, &v, sizeof v); }
+
+// out[r][0:16 * chunks] = scale * rows[r][0:n] @ columns[0:n][0:16 * chunks] for ATTENTION_ROWS rows
+// (pointers) and a [n][stride] matrix: two 16-column chunks of every row in registers at a time.
+void row_block_products(const float* const* rows, const float* columns, int64_t stride, int64_t n, int64_t chunks,
+                        float scale, float* out, int64_t out_stride) {
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    Vector16 sums[ATTENTION_ROWS][2] = {};
+    const float* column = columns + c * 16;
+    for (int64_t d = 0; d < n; ++d) {
+      const Vector16 first = load16f(column + d * stride), second = load16f(column + d * stride + 16);
+      for (int r = 0; r < ATTENTION_ROWS; ++r) {
+        const float x = rows[r][d];
+        sums[r][0] += x * first;
+        sums[r][1] += x * second;
+      }
+    }
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      store16(out + r * out_stride + c * 16, sums[r][0] * scale);
+      store16(out + r * out_stride + c * 16 + 16, sums[r][1] * scale);
+    }
+  }
+  if (c < chunks) {
+    Vector16 sums[ATTENTION_ROWS] = {};
+    const float* column = columns + c * 16;
+    for (int64_t d = 0; d < n; ++d) {
+      const Vector16 first = load16f(column + d * stride);
+      for (int r = 0; r < ATTENTION_ROWS; ++r) sums[r] += rows[r][d] * first;
+    }
+    for (int r = 0; r < ATTENTION_ROWS; ++r) store16(out + r * out_stride + c * 16, sums[r] * scale);
+  }
+}
+
+// columns[d][0:16 * chunks] += sum_r rows_t[d][r] * block[r][0:16 * chunks] for GRADIENT_ROWS rows
+// (the transposed update of a key or value gradient from a block of query rows, rows_t being the block's
+// [n][GRADIENT_ROWS] values): each 16-column chunk of the block stays in registers while the columns
+// pass once.
+constexpr int GRADIENT_ROWS = 16;
+
+void accumulate_row_block(const float* rows_t, const float* block, int64_t block_stride, int64_t n,
+                          int64_t chunks, float* columns, int64_t stride) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    Vector16 b[GRADIENT_ROWS];
+    for (int r = 0; r < GRADIENT_ROWS; ++r) b[r] = load16f(block + r * block_stride + c * 16);
+    float* column = columns + c * 16;
+    for (int64_t d = 0; d < n; ++d) {
+      Vector16 even = load16f(column + d * stride), odd = {};
+      for (int r = 0; r < GRADIENT_ROWS; r += 2) {
+        even += rows_t[d * GRADIENT_ROWS + r] * b[r];
+        odd += rows_t[d * GRADIENT_ROWS + r + 1] * b[r + 1];
+      }
+      store16(column + d * stride, even + odd);
+    }
+  }
+}
+
+// The sum over 0:n of a * b, n >= 1.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vector16 sum = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) sum += load16f(a + i) * load16f(b + i);
+  if (i < n) sum += load16_tail(a + i, n - i) * load16_tail(b + i, n - i);
+  return lane_sum(sum);
+}
+
+// out[r][from:from + 16 * CHUNKS] (clipped to n) = sum_j p[r][j] * rows[j][...] for ATTENTION_ROWS rows of
+// weights over `count` rows (pointers, n values each): every sum in registers, the last chunk of a
+// row whose length is not a multiple of 16 loaded and stored partially.
+template <int CHUNKS>
+void block_weighted_sums(const float* p, int64_t p_stride, const float* const* rows, int64_t from, int64_t n,
+                         int64_t count, float* out, int64_t out_stride) {
+  Vector16 sums[ATTENTION_ROWS][CHUNKS] = {};
+  const int64_t last = std::min<int64_t>(16, n - from - 16 * (CHUNKS - 1));  // values in the last chunk
+  for (int64_t j = 0; j < count; ++j) {
+    const float* row = rows[j] + from;
+    Vector16 x[CHUNKS];
+    for (int c = 0; c < CHUNKS - 1; ++c) x[c] = load16f(row + 16 * c);
+    x[CHUNKS - 1] = last == 16 ? load16f(row + 16 * (CHUNKS - 1)) : load16_tail(row + 16 * (CHUNKS - 1), last);
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      const float w = p[r * p_stride + j];
+      for (int c = 0; c < CHUNKS; ++c) sums[r][c] += w * x[c];
+    }
+  }
+  for (int r = 0; r < ATTENTION_ROWS; ++r) {
+    float* o = out + r * out_stride + from;
+    for (int c = 0; c < CHUNKS - 1; ++c) store16(o + 16 * c, sums[r][c]);
+    std::memcpy(o + 16 * (CHUNKS - 1), &sums[r][CHUNKS - 1], last * sizeof(float));
+  }
+}
+
+// out[r][0:n] = sum_j p[r][j] * rows[j][0:n] for ATTENTION_ROWS rows (out has ATTENTION_ROWS rows).
+void row_block_weighted_sums(const float* p, int64_t p_stride, const float* const* rows, int64_t n, int64_t count,
+                             float* out, int64_t out_stride) {
+  int64_t from = 0;
+  for (; n - from > 48; from += 64) block_weighted_sums<4>(p, p_stride, rows, from, n, count, out, out_stride);
+  switch ((n - from + 15) / 16) {
+    case 3: block_weighted_sums<3>(p, p_stride, rows, from, n, count, out, out_stride); break;
+    case 2: block_weighted_sums<2>(p, p_stride, rows, from, n, count, out, out_stride); break;
+    case 1: block_weighted_sums<1>(p, p_stride, rows, from, n, count, out, out_stride); break;
+  }
+}
+
+// out[d][r] = rows[r * row_stride + d] for the GRADIENT_ROWS rows of a block, of which the first `count`
+// are real (the others repeat the last real one), d < n: one gather per d where AVX-512 has them.
+void transpose_row_block(const float* rows, int64_t row_stride, int64_t count, int64_t n, float* out) {
+#if defined(__AVX512F__)
+  if ((GRADIENT_ROWS - 1) * row_stride + n < (int64_t{1} << 31)) {
+    alignas(64) int32_t offsets[GRADIENT_ROWS];
+    for (int r = 0; r < GRADIENT_ROWS; ++r) offsets[r] = static_cast<int32_t>(std::min<int64_t>(r, count - 1) * row_stride);
+    const __m512i index = _mm512_load_si512(offsets);
+    for (int64_t d = 0; d < n; ++d) _mm512_storeu_ps(out + d * GRADIENT_ROWS, _mm512_i32gather_ps(index, rows + d, 4));
+    return;
+  }
+#endif
+  for (int r = 0; r < GRADIENT_ROWS; ++r) {
+    const float* row = rows + std::min<int64_t>(r, count - 1) * row_stride;
+    for (int64_t d = 0; d < n; ++d) out[d * GRADIENT_ROWS + r] = row[d];
+  }
+}
+
+
+// ----- causal self-attention for training (fp32): see row_block_products -------------------------------
+struct AttentionShape {
+  int64_t batch, seq, heads, kv_heads, dim, value_dim, padded;
+};
+
+AttentionShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const char* name) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, name, ": query, key, value must be [batch, seq, heads, dim]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, name,
+              ": fp32 only");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1) &&
+                  k.size(3) == q.size(3) && v.size(2) == k.size(2) && q.size(2) % k.size(2) == 0,
+              name, ": keys and values must match the query's batch and length, with heads a multiple of KV heads");
+  for (const auto* t : {&q, &k, &v}) TORCH_CHECK(t->stride(-1) == 1, name, ": last dimensions must be contiguous");
+  const int64_t seq = q.size(1);
+  return {q.size(0), seq, q.size(2), k.size(2), q.size(3), v.size(3), (seq + 15) / 16 * 16};
+}
+
+// [seq][dim] rows (stride between rows) -> [dim][padded] columns, zero past seq.
+void transpose_rows(const float* rows, int64_t row_stride, int64_t seq, int64_t dim, int64_t padded, float* columns) {
+  for (int64_t d = 0; d < dim; ++d) std::fill(columns + d * padded + seq, columns + (d + 1) * padded, 0.f);
+  for (int64_t j = 0; j < seq; ++j)
+    for (int64_t d = 0; d < dim; ++d) columns[d * padded + j] = rows[j * row_stride + d];
+}
+
+// The `size` rows of a block: `count` real query rows from `first`, padded with the last one (its
+// results are never stored).
+void block_rows(const float* base, int64_t row_stride, int64_t first, int64_t count, const float** rows,
+                int size = ATTENTION_ROWS) {
+  for (int r = 0; r < size; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - 1)) * row_stride;
+}
+
+// Masks row r's keys past its position (first + r) to -inf, over 16 * chunks keys.
+void mask_future(float* scores, int64_t stride, int64_t first, int64_t count, int64_t chunks) {
+  for (int r = 0; r < ATTENTION_ROWS; ++r) {
+    const int64_t from = r < count ? first + r + 1 : 0;
+    std::fill(scores + r * stride + from, scores + r * stride + chunks * 16, -std::numeric_limits<float>::infinity());
+  }
+}
+
+// softmax(scale * q k^T, causal) v over q [b, s, h, d], k [b, s, kv_heads, d], v [b, s, kv_heads, dv] (any
+// strides, last dimensions contiguous): (out [b, s, h, dv], log-sum-exp of the scaled scores [b, h, s]).
+std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                    const torch::Tensor& v, double scale_) {
+  const auto shape = attention_shape(q, k, v, "causal_attention_forward");
+  const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
+                DV = shape.value_dim, TP = shape.padded, G = H / KVH;
+  const float scale = static_cast<float>(scale_);
+  auto out = torch::empty({B, T, H, DV}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = torch::empty({B, H, T}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>();
+  float *od = out.data_ptr<float>(), *ld = lse.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> keys_t(new float[D * TP]), scores(new float[ATTENTION_ROWS * TP]),
+        mixed(new float[ATTENTION_ROWS * DV]);
+    std::vector<const float*> values(T);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, g = task % KVH;
+      const float* key = kd + b * k.stride(0) + g * k.stride(2);
+      transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
+      for (int64_t j = 0; j < T; ++j) values[j] = vd + b * v.stride(0) + j * v.stride(1) + g * v.stride(2);
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        for (int64_t first = 0; first < T; first += ATTENTION_ROWS) {
+          const int64_t count = std::min<int64_t>(ATTENTION_ROWS, T - first), keys = first + count,
+                        chunks = (keys + 15) / 16;
+          const float* rows[ATTENTION_ROWS];
+          block_rows(qd + b * q.stride(0) + h * q.stride(2), q.stride(1), first, count, rows);
+          row_block_products(rows, keys_t.get(), TP, D, chunks, scale, scores.get(), TP);
+          mask_future(scores.get(), TP, first, count, chunks);
+          float inverse[ATTENTION_ROWS];
+          for (int r = 0; r < count; ++r) {
+            float* s = scores.get() + r * TP;
+            Vector16 peak = load16f(s);
+            for (int64_t c = 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
+            const float m = lane_max(peak);
+            Vector16 total = {};
+            for (int64_t c = 0; c < chunks; ++c) {
+              const Vector16 e = exp16(load16f(s + c * 16) - m);
+              store16(s + c * 16, e);
+              total += e;
+            }
+            const float sum = lane_sum(total);
+            inverse[r] = 1.f / sum;
+            ld[(b * H + h) * T + first + r] = m + std::log(sum);
+          }
+          row_block_weighted_sums(scores.get(), TP, values.data(), DV, keys, mixed.get(), DV);
+          for (int r = 0; r < count; ++r) {
+            float* o = od + ((b * T + first + r) * H + h) * DV;
+            for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
+          }
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// Gradients (dq, dk, dv) of causal_attention_forward's output, given its inputs, output, log-sum-exp and
+// the output's gradient (any strides, last dimension contiguous).
+std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, const torch::Tensor& k,
+                                                     const torch::Tensor& v, const torch::Tensor& out,
+                                                     const torch::Tensor& lse, const torch::Tensor& grad_out_,
+                                                     double scale_) {
+  const auto shape = attention_shape(q, k, v, "causal_attention_backward");
+  const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
+                DV = shape.value_dim, TP = shape.padded, G = H / KVH;
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == grad_out_.sizes() && out.size(3) == DV && lse.is_contiguous() &&
+                  lse.size(2) == T && lse.scalar_type() == at::kFloat && grad_out_.scalar_type() == at::kFloat,
+              "causal_attention_backward: out and lse as the forward returned them, grad_out shaped like out");
+  const auto grad_out = grad_out_.stride(-1) == 1 ? grad_out_ : grad_out_.contiguous();
+  const float scale = static_cast<float>(scale_);
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dq = torch::empty({B, T, H, D}, contiguous);
+  auto dk = torch::empty({B, T, KVH, D}, contiguous);
+  auto dv = torch::empty({B, T, KVH, DV}, contiguous);
+  const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>(),
+              *od = out.data_ptr<float>(), *ld = lse.data_ptr<float>(), *gd = grad_out.data_ptr<float>();
+  float *dqd = dq.data_ptr<float>(), *dkd = dk.data_ptr<float>(), *dvd = dv.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> keys_t(new float[D * TP]), values_t(new float[DV * TP]), dkeys_t(new float[D * TP]),
+        dvalues_t(new float[DV * TP]), probs(new float[GRADIENT_ROWS * TP]), dscores(new float[GRADIENT_ROWS * TP]),
+        dquery(new float[ATTENTION_ROWS * D]), q_block_t(new float[D * GRADIENT_ROWS]),
+        g_block_t(new float[DV * GRADIENT_ROWS]);
+    std::vector<const float*> keys_rows(T);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, g = task % KVH;
+      const float* key = kd + b * k.stride(0) + g * k.stride(2);
+      transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
+      transpose_rows(vd + b * v.stride(0) + g * v.stride(2), v.stride(1), T, DV, TP, values_t.get());
+      for (int64_t j = 0; j < T; ++j) keys_rows[j] = key + j * k.stride(1);
+      std::fill(dkeys_t.get(), dkeys_t.get() + D * TP, 0.f);
+      std::fill(dvalues_t.get(), dvalues_t.get() + DV * TP, 0.f);
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const float* row_lse = ld + (b * H + h) * T;
+        const float* q_head = qd + b * q.stride(0) + h * q.stride(2);
+        const float* g_head = gd + b * grad_out.stride(0) + h * grad_out.stride(2);
+        // GRADIENT_ROWS query rows at a time (from a multiple of 16, so all of them see the same key
+        // chunks), scored ATTENTION_ROWS at a time
+        for (int64_t block = 0; block < T; block += GRADIENT_ROWS) {
+          const int64_t chunks = block / 16 + 1, keys = std::min(T, block + GRADIENT_ROWS);
+          const float *q_rows[GRADIENT_ROWS], *g_rows[GRADIENT_ROWS];
+          block_rows(q_head, q.stride(1), block, keys - block, q_rows, GRADIENT_ROWS);
+          block_rows(g_head, grad_out.stride(1), block, keys - block, g_rows, GRADIENT_ROWS);
+          for (int64_t first = block; first < block + GRADIENT_ROWS; first += ATTENTION_ROWS) {
+            const int64_t count = std::max<int64_t>(0, std::min<int64_t>(ATTENTION_ROWS, T - first));
+            float* p = probs.get() + (first - block) * TP;
+            float* ds = dscores.get() + (first - block) * TP;
+            const float* const* q_part = q_rows + (first - block);
+            const float* const* g_part = g_rows + (first - block);
+            if (count > 0) {
+              row_block_products(q_part, keys_t.get(), TP, D, chunks, scale, p, TP);  // scores
+              row_block_products(g_part, values_t.get(), TP, DV, chunks, 1.f, ds, TP);  // dP = dO v^T
+            }
+            for (int r = 0; r < ATTENTION_ROWS; ++r) {
+              float* pr = p + r * TP;
+              float* dsr = ds + r * TP;
+              if (r >= count) {  // a padding row: no probabilities, no gradient
+                std::fill(pr, pr + chunks * 16, 0.f);
+                std::fill(dsr, dsr + chunks * 16, 0.f);
+                continue;
+              }
+              const int64_t i = first + r;
+              std::fill(pr + i + 1, pr + chunks * 16, -std::numeric_limits<float>::infinity());
+              const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
+              const float m = row_lse[i];
+              for (int64_t c = 0; c < chunks; ++c) {
+                const Vector16 prob = exp16(load16f(pr + c * 16) - m);
+                store16(pr + c * 16, prob);
+                store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
+              }
+            }
+            if (count > 0) {
+              row_block_weighted_sums(ds, TP, keys_rows.data(), D, first + count, dquery.get(), D);  // dQ = dS k
+              for (int r = 0; r < count; ++r)
+                std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D, dqd + ((b * T + first + r) * H + h) * D);
+            }
+          }
+          transpose_row_block(q_head + block * q.stride(1), q.stride(1), keys - block, D, q_block_t.get());
+          transpose_row_block(g_head + block * grad_out.stride(1), grad_out.stride(1), keys - block, DV, g_block_t.get());
+          accumulate_row_block(q_block_t.get(), dscores.get(), TP, D, chunks, dkeys_t.get(), TP);   // dK^T += q^T dS
+          accumulate_row_block(g_block_t.get(), probs.get(), TP, DV, chunks, dvalues_t.get(), TP);  // dV^T += dO^T P
+        }
+      }
+      for (int64_t j = 0; j < T; ++j) {
+        float* dk_row = dkd + ((b * T + j) * KVH + g) * D;
+        float* dv_row = dvd + ((b * T + j) * KVH + g) * DV;
+        for (int64_t d = 0; d < D; ++d) dk_row[d] = dkeys_t[d * TP + j];
+        for (int64_t e = 0; e < DV; ++e) dv_row[e] = dvalues_t[e * TP + j];
+      }
+    }
+  });
+  return {dq, dk, dv};
 }
 
 #if defined(__clang__)
@@ -1218,6 +1603,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp");
+  m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward");
   m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
