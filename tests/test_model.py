@@ -10,7 +10,7 @@ import torch
 from model_configs import tiny_config
 
 from nanoseek import ModelConfig
-from nanoseek.model import IGNORE_INDEX, build_model, kernels, layers
+from nanoseek.model import IGNORE_INDEX, build_model, cpu_ops, kernels, layers
 from nanoseek.model import moe as moe_layers
 from nanoseek.model.attention import _attend, _attend_eager
 from nanoseek.model.cache import StaticKVCache
@@ -477,13 +477,20 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("entropy", [True, False])
-def test_linear_token_logprobs_equal_log_softmax_then_gather(dtype, temperature, entropy):
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_linear_token_logprobs_equal_log_softmax_then_gather(dtype, temperature, entropy, cpu_kernel, monkeypatch):
     """GRPO's fused head: per-token log-probs at a temperature (and the entropy) equal log_softmax of
-    the logits / T gathered at the targets, with the same gradients for any per-token upstream gradient."""
+    the logits / T gathered at the targets, with the same gradients for any per-token upstream gradient.
+    fp32 on CPU takes `cpu_ops.token_logprobs` where the kernels are built (`cpu_kernel`), else the
+    chunked PyTorch ops."""
+    if not cpu_kernel:
+        monkeypatch.setattr(cpu_ops, "for_cpu", lambda tensor: None)
+    elif dtype is not None or cpu_ops.for_cpu(torch.zeros(1)) is None:
+        pytest.skip("the CPU kernel serves fp32 logits, where the kernels are built")
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(150, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(20000, 16, generator=generator, requires_grad=True)  # 150 rows: 12 chunks on CPU
-    targets = torch.randint(0, 20000, (150,), generator=generator)
+    weight = torch.randn(20003, 16, generator=generator, requires_grad=True)  # 150 rows: 12 chunks on CPU
+    targets = torch.randint(0, 20003, (150,), generator=generator)
     upstream = torch.randn(150, generator=generator) * (2.0**12 if dtype == torch.float16 else 1.0)
     results = []
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

@@ -938,6 +938,66 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
   return {dq, dk, dv};
 }
 
+// ----- per-token log-probs of an output head's logits (GRPO's update) ----------------------------------
+// Row by row, while the row is in L1: with z = logits / temperature, the target's log softmax(z), the
+// entropy log Z - sum(e^(z - max) (z - max)) / sum(e^(z - max)) and, if asked, d logp / d logits =
+// (onehot(target) - softmax(z)) / temperature written over the logits.
+std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, const torch::Tensor& targets, double temperature,
+                                          bool with_entropy, bool gradient) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.size(1) > 0,
+              "token_logprobs: logits must be contiguous fp32 [tokens, vocab]");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == at::kLong,
+              "token_logprobs: targets must be int64 [tokens]");
+  TORCH_CHECK(temperature > 0, "token_logprobs: temperature must be positive");
+  const int64_t rows = logits.size(0), vocab = logits.size(1), whole = vocab / 16 * 16;
+  const auto target = targets.contiguous();
+  const int64_t* target_data = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(target_data[r] >= 0 && target_data[r] < vocab, "token_logprobs: target out of range");
+  auto logprobs = torch::empty({rows}, logits.options());
+  auto entropy = torch::empty({with_entropy ? rows : 0}, logits.options());
+  float *data = logits.data_ptr<float>(), *logprob_data = logprobs.data_ptr<float>(),
+        *entropy_data = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  const float inverse_t = static_cast<float>(1.0 / temperature);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* z = data + r * vocab;
+      const int64_t t = target_data[r];
+      const float target_logit = z[t];  // before the row is overwritten
+      Vector16 peak = Vector16{} - std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < whole; i += 16) peak = max16(peak, load16f(z + i));
+      float m = whole ? lane_max(peak) : -std::numeric_limits<float>::infinity();
+      for (int64_t i = whole; i < vocab; ++i) m = std::max(m, z[i]);
+      m *= inverse_t;
+      Vector16 total = {}, weighted = {};
+      for (int64_t i = 0; i < whole; i += 16) {
+        const Vector16 shifted = load16f(z + i) * inverse_t - m;
+        const Vector16 e = exp16(shifted);
+        total += e;
+        weighted += e * shifted;
+        if (gradient) store16(z + i, e);
+      }
+      float sum = lane_sum(total), weighted_sum = lane_sum(weighted);
+      for (int64_t i = whole; i < vocab; ++i) {
+        const float shifted = z[i] * inverse_t - m, e = vector_exp(shifted);
+        sum += e;
+        weighted_sum += e * shifted;
+        if (gradient) z[i] = e;
+      }
+      const float log_normalizer = std::log(sum);
+      logprob_data[r] = (target_logit * inverse_t - m) - log_normalizer;
+      if (with_entropy) entropy_data[r] = log_normalizer - weighted_sum / sum;
+      if (gradient) {
+        const float scale = -inverse_t / sum;
+        for (int64_t i = 0; i < whole; i += 16) store16(z + i, load16f(z + i) * scale);
+        for (int64_t i = whole; i < vocab; ++i) z[i] *= scale;
+        z[t] += inverse_t;
+      }
+    }
+  });
+  return {logprobs, entropy};
+}
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -1603,6 +1663,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("token_logprobs", &token_logprobs, "per-token log-probs, entropy and (in place) the logits' gradient");
   m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp");
   m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward");
   m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
