@@ -561,15 +561,23 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
 // L1; the backward recomputes them from the saved log-sum-exp, as flash attention does.
 constexpr int ATTENTION_ROWS = 4;
 
+#if defined(__AVX512F__)
+inline __m512 as_m512(const Vector16& v) {
+  __m512 x;
+  std::memcpy(&x, &v, sizeof x);
+  return x;
+}
+
+inline Vector16 as_vector16(const __m512& x) {
+  Vector16 v;
+  std::memcpy(&v, &x, sizeof v);
+  return v;
+}
+#endif
+
 inline Vector16 max16(const Vector16& a, const Vector16& b) {
 #if defined(__AVX512F__)
-  __m512 x, y;
-  std::memcpy(&x, &a, sizeof x);
-  std::memcpy(&y, &b, sizeof y);
-  const __m512 m = _mm512_max_ps(x, y);
-  Vector16 v;
-  std::memcpy(&v, &m, sizeof v);
-  return v;
+  return as_vector16(_mm512_max_ps(as_m512(a), as_m512(b)));
 #else
   Vector16 v;
   for (int l = 0; l < 16; ++l) v[l] = std::max(a[l], b[l]);
@@ -580,24 +588,16 @@ inline Vector16 max16(const Vector16& a, const Vector16& b) {
 // vector_exp on 16 lanes (the same reduction and polynomial): e^-inf = 0.
 inline Vector16 exp16(const Vector16& x) {
 #if defined(__AVX512F__)
-  __m512 v;
-  std::memcpy(&v, &x, sizeof v);
+  const __m512 v = as_m512(x);
   const __mmask16 underflow = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   const __m512 clamped = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vector16 r, nn;
-  std::memcpy(&nn, &n, sizeof nn);
-  std::memcpy(&r, &clamped, sizeof r);
-  r = (r - nn * 0.693145751953125f) - nn * 1.428606765330187045e-06f;
+  const Vector16 nn = as_vector16(n);
+  const Vector16 r = (as_vector16(clamped) - nn * 0.693145751953125f) - nn * 1.428606765330187045e-06f;
   const Vector16 p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 product;
-  std::memcpy(&product, &p, sizeof product);
-  product = _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), product, _mm512_castsi512_ps(bits));
-  Vector16 out;
-  std::memcpy(&out, &product, sizeof out);
-  return out;
+  return as_vector16(_mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), as_m512(p), _mm512_castsi512_ps(bits)));
 #else
   Vector16 out;
   for (int l = 0; l < 16; ++l) out[l] = vector_exp(x[l]);
@@ -607,9 +607,7 @@ inline Vector16 exp16(const Vector16& x) {
 
 inline float lane_max(const Vector16& v) {
 #if defined(__AVX512F__)
-  __m512 x;
-  std::memcpy(&x, &v, sizeof x);
-  return _mm512_reduce_max_ps(x);
+  return _mm512_reduce_max_ps(as_m512(v));
 #else
   float m = v[0];
   for (int l = 1; l < 16; ++l) m = std::max(m, v[l]);
