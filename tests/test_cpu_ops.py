@@ -17,7 +17,14 @@ from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import draw, greedy_tokens
 from nanoseek.model import attention, build_model, cpu_ops, transformer
-from nanoseek.model.layers import RMSNorm, RotaryAngles, apply_rope_half, apply_rope_interleaved, silu_and_mul
+from nanoseek.model.layers import (
+    RMSNorm,
+    RotaryAngles,
+    apply_rope_half,
+    apply_rope_interleaved,
+    silu_and_mul,
+    silu_mul,
+)
 from nanoseek.model.moe import EXPERT_KERNEL_MAX_TOKENS, RoutedExperts, Router
 
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {}, torch.float16: {}}  # {}: dtype defaults
@@ -589,3 +596,23 @@ def test_training_takes_the_causal_kernel_with_the_gradients_of_pytorch(kernels,
     monkeypatch.setattr(attention, "FUSED_CAUSAL_MAX_LENGTH", 20)
     loss_and_gradients()
     assert calls == []
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 9, 256)])  # a scalar tail only; whole vectors and a tail
+def test_training_silu_mul_kernel_equals_pytorch_with_gradients(kernels, monkeypatch, shape):
+    """SwiGLU's silu(gate) * up by the C++ kernel, forward and backward, against fp64 PyTorch."""
+    calls = []
+    original = kernels.silu_mul
+    monkeypatch.setattr(kernels, "silu_mul", lambda *args: calls.append(len(args)) or original(*args))
+    generator = torch.Generator().manual_seed(0)
+    gate = (torch.randn(shape, generator=generator) * 4).requires_grad_()  # sigmoid's tails too
+    up = torch.randn(shape, generator=generator).requires_grad_()
+    grad = torch.randn(shape, generator=generator)
+    out = silu_mul(gate, up)
+    grads = torch.autograd.grad(out, (gate, up), grad)
+    assert calls == [2, 3]  # forward, then backward with the gradient
+    expected = F.silu(gate.double()) * up.double()
+    expected_grads = torch.autograd.grad(expected, (gate, up), grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)

@@ -186,6 +186,33 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up; for contiguous fp32 CPU tensors recording a gradient, one C++ pass each way
+    (`cpu_ops.silu_mul`; the MLP of `qwen2-nano` at GRPO's 64 x 74 tokens, forward + backward of this
+    product 1.42 -> 0.79 ms a layer, one thread)."""
+    if (torch.is_grad_enabled() and gate.dtype == up.dtype == torch.float32 and gate.shape == up.shape
+            and gate.is_contiguous() and up.is_contiguous() and type(gate) is torch.Tensor and type(up) is torch.Tensor
+            and (gate.requires_grad or up.requires_grad) and not torch.compiler.is_compiling()
+            and (kernels := cpu_ops.for_cpu(gate)) is not None):
+        return _SiluMul.apply(gate, up, kernels)
+    return F.silu(gate) * up
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, kernels):
+        ctx.save_for_backward(gate, up)
+        ctx.kernels = kernels
+        return kernels.silu_mul(gate, up)[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = ctx.kernels.silu_mul(gate, up, grad)
+        return grad_gate, grad_up, None
+
+
 class SwiGLU(nn.Module):
     """The feed-forward block of every model here: down(silu(gate(x)) * up(x))."""
 
@@ -200,7 +227,7 @@ class SwiGLU(nn.Module):
         if self.fused is not None and self.fused.usable:
             return self.down_proj(silu_and_mul(self.fused(x)))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
 
     def fusable_projections(self) -> list[nn.Linear]:
         return [self.gate_proj, self.up_proj]

@@ -996,6 +996,59 @@ std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, const torch::Ten
   return {logprobs, entropy};
 }
 
+// ----- SwiGLU's elementwise part for training: y = silu(gate) * up, and its gradients ---------------------
+// One pass over the elements each way (autograd's graph makes 2 forward and 5 backward passes, with
+// intermediate tensors). sigmoid(g) = 1 / (1 + e^-g); silu'(g) = s (1 + g (1 - s)).
+template <bool BACKWARD>
+void silu_mul_elements(const float* gate, const float* up, const float* grad, float* out, float* grad_up,
+                       int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const Vector16 g = load16f(gate + i), u = load16f(up + i);
+    const Vector16 s = 1.f / (1.f + exp16(-g));
+    if constexpr (BACKWARD) {
+      const Vector16 dy = load16f(grad + i);
+      store16(out + i, dy * u * s * (1.f + g * (1.f - s)));
+      store16(grad_up + i, dy * g * s);
+    } else {
+      store16(out + i, g * s * u);
+    }
+  }
+  for (; i < end; ++i) {
+    const float g = gate[i], u = up[i], s = 1.f / (1.f + vector_exp(-g));
+    if constexpr (BACKWARD) {
+      out[i] = grad[i] * u * s * (1.f + g * (1.f - s));
+      grad_up[i] = grad[i] * g * s;
+    } else {
+      out[i] = g * s * u;
+    }
+  }
+}
+
+// silu(gate) * up for contiguous fp32 tensors of one shape; with `grad` (d loss / d y) given, returns the
+// gradients (d gate, d up) instead.
+std::vector<torch::Tensor> silu_mul(const torch::Tensor& gate, const torch::Tensor& up,
+                                    const c10::optional<torch::Tensor>& grad) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.sizes() == up.sizes() &&
+                  gate.is_contiguous() && up.is_contiguous(),
+              "silu_mul: gate and up must be contiguous fp32 tensors of one shape");
+  const int64_t n = gate.numel();
+  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
+  auto out = torch::empty_like(gate, at::MemoryFormat::Contiguous);
+  float* o = out.data_ptr<float>();
+  if (!grad.has_value()) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) { silu_mul_elements<false>(g, u, nullptr, o, nullptr, begin, end); });
+    return {out};
+  }
+  TORCH_CHECK(grad->sizes() == gate.sizes() && grad->scalar_type() == at::kFloat, "silu_mul: grad must be shaped like gate");
+  const auto dy = grad->contiguous();
+  auto grad_up = torch::empty_like(gate, at::MemoryFormat::Contiguous);
+  const float* d = dy.data_ptr<float>();
+  float* du = grad_up.data_ptr<float>();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) { silu_mul_elements<true>(g, u, d, o, du, begin, end); });
+  return {out, grad_up};
+}
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -1661,6 +1714,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, or with grad its gradients", py::arg("gate"), py::arg("up"), py::arg("grad") = py::none());
   m.def("token_logprobs", &token_logprobs, "per-token log-probs, entropy and (in place) the logits' gradient");
   m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp");
   m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward");
