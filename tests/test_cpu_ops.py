@@ -616,3 +616,30 @@ def test_training_silu_mul_kernel_equals_pytorch_with_gradients(kernels, monkeyp
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, threads", [((3, 5, 24), 1), ((2, 300, 96), 2)])  # one part; rows split over threads
+def test_training_rms_norm_backward_kernel_equals_pytorch(kernels, monkeypatch, shape, threads):
+    """RMSNorm's gradients (input and weight) by the C++ backward against fp64 autograd."""
+    calls = []
+    original = kernels.rms_norm_backward
+    monkeypatch.setattr(kernels, "rms_norm_backward", lambda *args: calls.append(1) or original(*args))
+    generator = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=generator))
+    x = (torch.randn(shape, generator=generator) * 3).requires_grad_()
+    grad = torch.randn(shape, generator=generator)
+    torch.set_num_threads(threads)
+    try:
+        out = norm(x)
+        grads = torch.autograd.grad(out, (x, norm.weight), grad)
+    finally:
+        torch.set_num_threads(1)
+    assert calls == [1]
+    x64, weight64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    expected = F.rms_norm(x64, (shape[-1],), weight64, eps=1e-5)
+    expected_grads = torch.autograd.grad(expected, (x64, weight64), grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

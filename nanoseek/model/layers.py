@@ -104,8 +104,29 @@ class RMSNorm(nn.Module):
         if x.dtype == self.weight.dtype and (kernels := cpu_ops.for_inference(x)) is not None:
             return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if (torch.is_grad_enabled() and x.is_contiguous() and type(x) is torch.Tensor
+                    and type(self.weight) is nn.Parameter and not torch.compiler.is_compiling()
+                    and (kernels := cpu_ops.for_cpu(x)) is not None):
+                # the backward in one C++ pass per row (`cpu_ops.rms_norm_backward`): `qwen2-nano` at GRPO's
+                # 64 x 74 tokens, forward + backward 1.21 -> 0.53 ms a norm, one thread
+                return _RMSNormFunction.apply(x, self.weight, self.eps, kernels)
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, kernels):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.kernels = eps, kernels
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight = ctx.kernels.rms_norm_backward(x, weight, grad, ctx.eps)
+        return grad_x, grad_weight, None, None
 
 
 class FusedProjection:

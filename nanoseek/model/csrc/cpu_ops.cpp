@@ -1049,6 +1049,51 @@ std::vector<torch::Tensor> silu_mul(const torch::Tensor& gate, const torch::Tens
   return {out, grad_up};
 }
 
+// ----- RMSNorm's backward for training (fp32) ------------------------------------------------------------
+// With r = 1 / sqrt(mean(x^2) + eps), n = x r and g = dy w: dx = r (g - n (g . n) / dim), dw = sum over
+// rows of dy n. One pass per row (r recomputed); the weight gradient summed per thread, then added up.
+void rms_norm_backward_rows(const float* x, const float* w, const float* dy, float* dx, float* dw, int64_t begin,
+                            int64_t end, int64_t dim, float eps) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float *xr = x + row * dim, *dyr = dy + row * dim;
+    float* dxr = dx + row * dim;
+    float squares = 0.f, dot = 0.f;
+    for (int64_t i = 0; i < dim; ++i) {
+      squares += xr[i] * xr[i];
+      dot += dyr[i] * w[i] * xr[i];
+    }
+    const float r = 1.f / std::sqrt(squares / dim + eps);
+    const float correction = dot * r * r / dim;  // (g . n) / dim divided by r, so that dx = r (g - x correction)
+    for (int64_t i = 0; i < dim; ++i) {
+      dxr[i] = r * (dyr[i] * w[i] - xr[i] * correction);
+      dw[i] += dyr[i] * xr[i] * r;
+    }
+  }
+}
+
+// (dx, dweight) of F.rms_norm(x, [dim], weight, eps) for contiguous fp32 x and grad [..., dim].
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch::Tensor& weight,
+                                             const torch::Tensor& grad, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat &&
+                  x.is_contiguous() && grad.sizes() == x.sizes() && weight.dim() == 1 && x.dim() >= 1 &&
+                  weight.size(0) == x.size(-1),
+              "rms_norm_backward: fp32 contiguous x, grad shaped like it, weight [x's last dimension]");
+  const auto dy = grad.contiguous();
+  const auto w = weight.contiguous();
+  const int64_t dim = x.size(-1), rows = dim ? x.numel() / dim : 0;
+  auto dx = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 64));
+  auto partial = torch::zeros({parts, dim}, x.options());
+  const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>(), *dyd = dy.data_ptr<float>();
+  float *dxd = dx.data_ptr<float>(), *pd = partial.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part)
+      rms_norm_backward_rows(xd, wd, dyd, dxd, pd + part * dim, rows * part / parts, rows * (part + 1) / parts, dim,
+                             static_cast<float>(eps));
+  });
+  return {dx, partial.sum(0)};
+}
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -1714,6 +1759,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
+  m.def("rms_norm_backward", &rms_norm_backward, "gradients of F.rms_norm (fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, or with grad its gradients", py::arg("gate"), py::arg("up"), py::arg("grad") = py::none());
   m.def("token_logprobs", &token_logprobs, "per-token log-probs, entropy and (in place) the logits' gradient");
   m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp");
