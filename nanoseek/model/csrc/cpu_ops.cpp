@@ -894,6 +894,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
             if (count > 0) {
               row_block_products(q_part, keys_t.get(), TP, D, chunks, scale, p, TP);  // scores
               row_block_products(g_part, values_t.get(), TP, DV, chunks, 1.f, ds, TP);  // dP = dO v^T
+              mask_future(p, TP, first, count, chunks);
             }
             for (int r = 0; r < ATTENTION_ROWS; ++r) {
               float* pr = p + r * TP;
@@ -904,7 +905,6 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
                 continue;
               }
               const int64_t i = first + r;
-              std::fill(pr + i + 1, pr + chunks * 16, -std::numeric_limits<float>::infinity());
               const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
               const float m = row_lse[i];
               for (int64_t c = 0; c < chunks; ++c) {
