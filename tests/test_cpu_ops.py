@@ -618,6 +618,37 @@ def test_training_silu_mul_kernel_equals_pytorch_with_gradients(kernels, monkeyp
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rope", [apply_rope_interleaved, apply_rope_half])
+@pytest.mark.parametrize("shape", [(2, 7, 3, 24), (3, 5, 2, 40), (1, 9, 1, 64)])  # partial vectors; whole ones
+def test_training_rope_kernel_equals_pytorch_with_gradients(kernels, monkeypatch, rope, shape):
+    """The rotation by the C++ kernel while recording a gradient (its backward the same kernel with -sin),
+    forward and input gradient against fp64 PyTorch, on a strided view, per-sequence and shared angles;
+    MLA's shared key [b, s, dim] too."""
+    calls = []
+    original = kernels.rope
+    monkeypatch.setattr(kernels, "rope", lambda *args: calls.append(1) or original(*args))
+    generator = torch.Generator().manual_seed(3)
+    batch, seq, heads, dim = shape
+    inputs = [torch.randn(batch, seq, heads + 1, dim, generator=generator)[:, :, 1:]]
+    if rope is apply_rope_interleaved:
+        inputs.append(torch.randn(batch, seq, dim, generator=generator))
+    for angle_batch in (batch, 1):
+        turns = torch.rand(angle_batch, seq, dim // 2, generator=generator, dtype=torch.float64) * 6
+        for x in inputs:
+            calls.clear()
+            x = x.clone().requires_grad_()
+            grad = torch.randn(x.shape, generator=generator)
+            out = rope(x, RotaryAngles(turns.cos().float(), turns.sin().float()))
+            (got,) = torch.autograd.grad(out, x, grad)
+            assert calls == [1, 1]  # forward, then backward
+            with pytorch_ops():
+                reference = x.detach().double().requires_grad_()
+                expected = rope(reference, RotaryAngles(turns.cos(), turns.sin()))
+                (expected_grad,) = torch.autograd.grad(expected, reference, grad.double())
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape, threads", [((3, 5, 24), 1), ((2, 300, 96), 2)])  # one part; rows split over threads
 def test_training_rms_norm_backward_kernel_equals_pytorch(kernels, monkeypatch, shape, threads):
     """RMSNorm's gradients (input and weight) by the C++ backward against fp64 autograd."""

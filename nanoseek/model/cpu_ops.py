@@ -12,15 +12,16 @@ layer, each used expert's matrices read once, with no library call per expert.
 
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the
-specification (tests/test_cpu_ops.py compares the two). The exceptions are four fp32 training kernels,
+specification (tests/test_cpu_ops.py compares the two). The exceptions are five fp32 training kernels,
 each with its backward or feeding one: causal self-attention (`causal_attention_forward` / `_backward`,
 through `nanoseek.model.attention.causal_attention`, with or without a gradient: SDPA's CPU kernels
 take 2-5x longer at the small head dims and short sequences of the models trained here), the output
 head's per-token log-probs and their gradient (`token_logprobs`), SwiGLU's silu(gate) * up
-(`silu_mul`) and RMSNorm's backward (`rms_norm_backward`). Set `NANOSEEK_CPU_KERNELS=0` to turn them
-off. The first use compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 25
-seconds; `make` does it while setting up), cached under TORCH_EXTENSIONS_DIR; if that fails, one
-warning is printed and the PyTorch code runs instead.
+(`silu_mul`), RMSNorm's backward (`rms_norm_backward`) and the rotary embedding (`rope`, whose
+backward is the inverse rotation). Set `NANOSEEK_CPU_KERNELS=0` to turn them off. The first use
+compiles them with torch.utils.cpp_extension (a C++ compiler and ninja, about 25 seconds; `make` does
+it while setting up), cached under TORCH_EXTENSIONS_DIR; if that fails, one warning is printed and the
+PyTorch code runs instead.
 """
 
 from __future__ import annotations

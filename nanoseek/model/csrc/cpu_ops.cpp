@@ -218,28 +218,6 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   }
 }
 
-// Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
-// [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
-// the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
-template <typename T>
-void rope_rows(const T* x, const float* cos, const float* sin, T* y, int64_t batch, int64_t seq, int64_t heads,
-               int64_t dim, const int64_t* x_strides, int64_t angle_batch_stride, bool interleaved) {
-  const int64_t half = dim / 2;
-  for (int64_t row = 0; row < batch * seq * heads; ++row) {
-    const int64_t b = row / (seq * heads), s = row / heads % seq, h = row % heads;
-    const T* in = x + b * x_strides[0] + s * x_strides[1] + h * x_strides[2];
-    const float* c = cos + b * angle_batch_stride + s * half;
-    const float* n = sin + b * angle_batch_stride + s * half;
-    T* out = y + row * dim;
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t first = interleaved ? 2 * i : i, second = interleaved ? 2 * i + 1 : i + half;
-      const float a = static_cast<float>(in[first]), b2 = static_cast<float>(in[second]);
-      out[first] = static_cast<T>(a * c[i] - b2 * n[i]);
-      out[second] = static_cast<T>(b2 * c[i] + a * n[i]);
-    }
-  }
-}
-
 typedef float Vector16 __attribute__((vector_size(16 * sizeof(float))));
 typedef int32_t Mask16 __attribute__((vector_size(16 * sizeof(int32_t))));
 typedef uint16_t Half16 __attribute__((vector_size(16 * sizeof(uint16_t))));
@@ -291,6 +269,55 @@ inline Vector16 load16_tail(const T* p, int64_t count) {
   T buffer[16] = {};
   std::memcpy(buffer, p, count * sizeof(T));
   return load16(buffer);
+}
+
+// Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
+// [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
+// the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
+// fp32 rows go 16 values at a time (AVX-512): the same multiplies and adds per value as the scalar
+// loop (this part of the file is compiled without contraction), so the same results.
+template <typename T>
+void rope_rows(const T* x, const float* cos, const float* sin, T* y, int64_t batch, int64_t seq, int64_t heads,
+               int64_t dim, const int64_t* x_strides, int64_t angle_batch_stride, bool interleaved) {
+  const int64_t half = dim / 2;
+  for (int64_t row = 0; row < batch * seq * heads; ++row) {
+    const int64_t b = row / (seq * heads), s = row / heads % seq, h = row % heads;
+    const T* in = x + b * x_strides[0] + s * x_strides[1] + h * x_strides[2];
+    const float* c = cos + b * angle_batch_stride + s * half;
+    const float* n = sin + b * angle_batch_stride + s * half;
+    T* out = y + row * dim;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (interleaved) {  // lanes (2i, 2i + 1) hold a pair: cos/sin widened to both, the pair swapped
+        const __m512i widen = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512 signs = _mm512_set_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+        for (int64_t i = 0; i < dim; i += 16) {
+          const int64_t count = std::min<int64_t>(16, dim - i);
+          const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1), pairs = static_cast<__mmask16>((1u << (count / 2)) - 1);
+          const __m512 v = _mm512_maskz_loadu_ps(lanes, in + i), swapped = _mm512_permute_ps(v, 0xB1);
+          const __m512 cv = _mm512_permutexvar_ps(widen, _mm512_maskz_loadu_ps(pairs, c + i / 2));
+          const __m512 sv = _mm512_mul_ps(_mm512_permutexvar_ps(widen, _mm512_maskz_loadu_ps(pairs, n + i / 2)), signs);
+          _mm512_mask_storeu_ps(out + i, lanes, _mm512_add_ps(_mm512_mul_ps(v, cv), _mm512_mul_ps(swapped, sv)));
+        }
+      } else {
+        for (int64_t i = 0; i < half; i += 16) {
+          const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, half - i)) - 1);
+          const __m512 a = _mm512_maskz_loadu_ps(lanes, in + i), b2 = _mm512_maskz_loadu_ps(lanes, in + half + i);
+          const __m512 cv = _mm512_maskz_loadu_ps(lanes, c + i), sv = _mm512_maskz_loadu_ps(lanes, n + i);
+          _mm512_mask_storeu_ps(out + i, lanes, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b2, sv)));
+          _mm512_mask_storeu_ps(out + half + i, lanes, _mm512_add_ps(_mm512_mul_ps(b2, cv), _mm512_mul_ps(a, sv)));
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t first = interleaved ? 2 * i : i, second = interleaved ? 2 * i + 1 : i + half;
+      const float a = static_cast<float>(in[first]), b2 = static_cast<float>(in[second]);
+      out[first] = static_cast<T>(a * c[i] - b2 * n[i]);
+      out[second] = static_cast<T>(b2 * c[i] + a * n[i]);
+    }
+  }
 }
 
 // Products of few vectors with a row-major [rows][n] matrix, fp32 sums: out[v][r] = w[r] . xs[v].
