@@ -650,6 +650,15 @@ inline Vector16 load16f(const float* p) {
 
 inline void store16(float* p, const Vector16& v) { std::memcpy(p, &v, sizeof v); }
 
+// The first `count` (1 to 16) lanes of v to p, writing nothing past p[count - 1].
+inline void store16_tail(float* p, const Vector16& v, int64_t count) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), as_m512(v));
+#else
+  std::memcpy(p, &v, count * sizeof(float));
+#endif
+}
+
 // out[r][0:16 * chunks] = scale * rows[r][0:n] @ columns[0:n][0:16 * chunks] for ATTENTION_ROWS rows
 // (pointers) and a [n][stride] matrix: two 16-column chunks of every row in registers at a time.
 void row_block_products(const float* const* rows, const float* columns, int64_t stride, int64_t n, int64_t chunks,
@@ -1124,35 +1133,48 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
-
 // In place, one query's scores[0:keys] -> scale-d, masked (row_mask[t * mask_stride]), softmaxed
-// probabilities (masked keys 0): maxima and sums in vectors of 16 lanes across the keys.
+// probabilities (masked keys 0), 16 keys a vector (the last one partial): the grouped-query decode
+// attention's softmax, for a few query rows over their sequence's cached keys.
 void softmax_row(float* scores, int64_t keys, float scale, const bool* row_mask, int64_t mask_stride) {
   const float lowest = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < keys; ++t) scores[t] = row_mask[t * mask_stride] ? scores[t] * scale : lowest;
-  const int64_t whole = keys / 16 * 16;
   Vector16 peaks = Vector16{} + lowest;
-  for (int64_t t = 0; t < whole; t += 16) {
-    const Vector16 v = load16(scores + t);
-    peaks = v > peaks ? v : peaks;
+  for (int64_t t = 0; t < keys; t += 16) {
+    const int64_t count = std::min<int64_t>(16, keys - t);
+    const Vector16 scaled = load16_tail(scores + t, count) * scale;
+    Vector16 v;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (mask_stride == 1) {  // 16 mask bytes at once
+      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), row_mask + t);
+      v = as_vector16(_mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), _mm512_set1_ps(lowest), as_m512(scaled)));
+    } else
+#endif
+      for (int l = 0; l < 16; ++l) v[l] = l < count && row_mask[(t + l) * mask_stride] ? scaled[l] : lowest;
+    store16_tail(scores + t, v, count);
+    peaks = max16(peaks, v);
   }
-  float peak = lowest;
-  for (int l = 0; l < 16; ++l) peak = std::max(peak, peaks[l]);
-  for (int64_t t = whole; t < keys; ++t) peak = std::max(peak, scores[t]);
+  const float peak = lane_max(peaks);
   if (peak == lowest) {  // every key masked
     std::fill(scores, scores + keys, 0.f);
     return;
   }
-  for (int64_t t = 0; t < keys; ++t) scores[t] = vector_exp(scores[t] - peak);
   Vector16 totals = {};
-  for (int64_t t = 0; t < whole; t += 16) totals += load16(scores + t);
-  float total = lane_sum(totals);
-  for (int64_t t = whole; t < keys; ++t) total += scores[t];
-  const float inverse = 1.f / total;
-  for (int64_t t = 0; t < keys; ++t) scores[t] *= inverse;
+  for (int64_t t = 0; t < keys; t += 16) {
+    const int64_t count = std::min<int64_t>(16, keys - t);
+    Vector16 e = exp16(load16_tail(scores + t, count) - peak);
+    for (int l = static_cast<int>(count); l < 16; ++l) e[l] = 0.f;  // the lanes past the keys
+    store16_tail(scores + t, e, count);
+    totals += e;
+  }
+  const float inverse = 1.f / lane_sum(totals);
+  for (int64_t t = 0; t < keys; t += 16) {
+    const int64_t count = std::min<int64_t>(16, keys - t);
+    store16_tail(scores + t, load16_tail(scores + t, count) * inverse, count);
+  }
 }
+
+#pragma GCC pop_options
+#endif
 
 constexpr int64_t GQA_PARALLEL_MIN_SCORES = 512;  // (query, position) pairs from which threads share the work
 
