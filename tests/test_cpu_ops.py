@@ -543,10 +543,19 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
     (1, 33, 2, 2, 130, 70),   # head dims past 64 (the weighted sums' 64-wide chunks)
     (2, 17, 8, 2, 64, 64),
 ])
-def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq, heads, kv_heads, dim, value_dim):
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq, heads, kv_heads, dim, value_dim, packed):
     """The fused training attention (forward, and the backward from its saved log-sum-exp) against SDPA
-    in fp64, on strided inputs (views into wider tensors, as q/k/v split from a projection are)."""
+    in fp64, on strided inputs (views into wider tensors, as q/k/v split from a projection are); packed:
+    within documents (`DocumentMask.starts`: documents of 1 to dozens of positions, boundaries inside
+    the kernel's 4- and 16-row blocks), against SDPA with the dense mask."""
     generator = torch.Generator().manual_seed(seq)
+    documents = None
+    if packed:
+        cuts = torch.rand(batch, seq, generator=generator) < 0.15
+        cuts[:, 1:2] = True  # a one-position document first
+        documents = attention.DocumentMask(cuts.long().cumsum(dim=1))
+        assert documents.starts is not None
     wide = torch.randn(batch, seq, heads * dim + kv_heads * (dim + value_dim) + 5, generator=generator)
     query, key, value, _ = wide.split([heads * dim, kv_heads * dim, kv_heads * value_dim, 5], dim=-1)
     query = query.unflatten(-1, (heads, dim)).requires_grad_()
@@ -554,33 +563,53 @@ def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq,
     value = value.unflatten(-1, (kv_heads, value_dim)).requires_grad_()
     assert not query.is_contiguous()
     scale = dim**-0.5
-    out = attention.causal_attention(query, key, value, scale)
+    starts = None if documents is None else documents.starts
+    out = attention.causal_attention(query, key, value, scale, starts)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.autograd.grad(out, (query, key, value), grad_out)
     inputs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (query, key, value)]
-    expected = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=scale, enable_gqa=heads > kv_heads)
+    expected = F.scaled_dot_product_attention(*inputs, is_causal=documents is None, scale=scale, enable_gqa=heads > kv_heads,
+                                              attn_mask=None if documents is None else documents.dense)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out.double().transpose(1, 2))
     torch.testing.assert_close(out.double(), expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
     for grad, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # without a gradient: the forward alone, the same values
-        torch.testing.assert_close(attention.causal_attention(query, key, value, scale), out, rtol=0, atol=0)
+        torch.testing.assert_close(attention.causal_attention(query, key, value, scale, starts), out, rtol=0, atol=0)
 
 
+def test_document_mask_starts_only_for_packed_layouts():
+    """Each position's first key is its document's first position; an id that comes back after another
+    document's (not packed runs) gives no starts, and attention then takes the dense mask."""
+    documents = attention.DocumentMask(torch.tensor([[1, 1, 2, 2, 2, 0], [5, 6, 6, 6, 7, 7]]))
+    assert documents.starts.tolist() == [[0, 0, 2, 2, 2, 5], [0, 1, 1, 1, 4, 4]]
+    assert documents.dense[0, 0].tolist()[3] == [False, False, True, True, False, False]
+    assert documents.narrow(3).starts.tolist() == [[0, 0, 2], [0, 1, 1]]
+    assert attention.DocumentMask(torch.tensor([[1, 1, 2, 1]])).starts is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
-def test_training_takes_the_causal_kernel_with_the_gradients_of_pytorch(kernels, monkeypatch, name):
-    """A model's loss and gradients with the fused attention equal those of SDPA; the kernel ran, forward
-    and backward, and not past FUSED_CAUSAL_MAX_LENGTH."""
+def test_training_takes_the_causal_kernel_with_the_gradients_of_pytorch(kernels, monkeypatch, name, packed):
+    """A model's loss and gradients with the fused attention equal those of SDPA (with packed documents,
+    of SDPA over the dense document mask); the kernel ran, forward and backward, and not past
+    FUSED_CAUSAL_MAX_LENGTH."""
     calls = []
     for kernel in ("causal_attention_forward", "causal_attention_backward"):
         original = getattr(kernels, kernel)
         monkeypatch.setattr(kernels, kernel, lambda *args, _f=original, _n=kernel: calls.append(_n) or _f(*args))
     model = build_model(tiny_config(name), seed=0)
     ids = torch.randint(3, PARITY_CONFIGS[name]["vocab_size"], (3, 21), generator=torch.Generator().manual_seed(1))
+    documents = torch.tensor([[1] * 8 + [2] * 13, [1] * 21, [1] * 3 + [2] * 5 + [3] * 9 + [0] * 4]) if packed else None
+    positions = None
+    if packed:
+        starts = attention.DocumentMask(documents).starts
+        positions = torch.arange(21) - starts
 
     def loss_and_gradients():
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+        logits = model(ids, positions=positions, document_ids=documents).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 

@@ -2,7 +2,8 @@
 
 Both take `x` [batch, seq, hidden], the rotary angles of the positions, and optionally a KV cache
 plus a boolean mask [batch, 1, seq, kv_len] (True = may attend). Without a cache they run causal
-self-attention over `x` (training and full-sequence scoring).
+self-attention over `x` (training and full-sequence scoring), within packed documents when the mask
+is a `DocumentMask` (SFT's packed conversations).
 
 A KV cache is any object with
     update(layer_index, positions, kv_length, *entries) -> tuple of tensors [batch, kv_length, ...]
@@ -13,6 +14,7 @@ GQA caches (rotated keys, values). See `nanoseek.model.cache.StaticKVCache`.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -82,19 +84,62 @@ def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max
 FUSED_CAUSAL_MAX_LENGTH = 1024
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
+class DocumentMask:
+    """Causal attention within packed documents: position i attends to j <= i of the same document.
+
+    Built from document ids [batch, seq] (SFT packs several conversations into a row). `dense` is the
+    boolean [batch, 1, seq, seq] mask for the PyTorch paths; `starts` [batch, seq] the first position
+    of each position's document, for the fused kernel (which then scores only keys from there: the
+    work goes with the documents' lengths), or None when an id comes back after another document's
+    (not a packed layout; the dense mask still applies).
+    """
+
+    def __init__(self, document_ids: torch.Tensor):
+        self.document_ids = document_ids
+
+    @functools.cached_property
+    def dense(self) -> torch.Tensor:
+        ids = self.document_ids
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+        return (causal & (ids[:, :, None] == ids[:, None, :]))[:, None]
+
+    @functools.cached_property
+    def starts(self) -> torch.Tensor | None:
+        ids = self.document_ids
+        begins = torch.ones_like(ids, dtype=torch.bool)
+        begins[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        ordered = ids.sort(dim=1).values
+        distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1
+        if not torch.equal(begins.sum(dim=1), distinct):  # some id in two runs
+            return None
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return torch.where(begins, positions, 0).cummax(dim=1).values.contiguous()
+
+    def narrow(self, length: int) -> DocumentMask:
+        """The mask of the first `length` positions (MTP depths run on shortened sequences)."""
+        return DocumentMask(self.document_ids[:, :length])
+
+
+def dense_mask(mask: torch.Tensor | DocumentMask | None) -> torch.Tensor | None:
+    """A boolean mask tensor (or None for plain causal attention) from any mask an attention gets."""
+    return mask.dense if isinstance(mask, DocumentMask) else mask
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     starts: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(scale q k^T, causal) v over [batch, seq, heads, dim] tensors (keys and values with fewer
     heads for grouped-query attention, values with their own dim), by the fused CPU kernel
-    (`cpu_ops.causal_attention_forward`), differentiable; None where the kernel does not apply
-    (not plain fp32 CPU tensors, longer than FUSED_CAUSAL_MAX_LENGTH, compiling, kernels off)."""
+    (`cpu_ops.causal_attention_forward`), differentiable; within packed documents with `starts`
+    (`DocumentMask.starts`); None where the kernel does not apply (not plain fp32 CPU tensors, longer
+    than FUSED_CAUSAL_MAX_LENGTH, compiling, kernels off)."""
     if (query.shape[1] > FUSED_CAUSAL_MAX_LENGTH or torch.compiler.is_compiling()
             or not query.dtype == key.dtype == value.dtype == torch.float32
             or any(type(t) is not torch.Tensor or t.stride(-1) != 1 for t in (query, key, value))
             or (kernels := cpu_ops.for_cpu(query)) is None):
         return None
     if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        return kernels.causal_attention_forward(query, key, value, scale)[0]
-    return _CausalAttention.apply(query, key, value, scale, kernels)
+        return kernels.causal_attention_forward(query, key, value, scale, starts)[0]
+    return _CausalAttention.apply(query, key, value, scale, starts, kernels)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -102,18 +147,18 @@ class _CausalAttention(torch.autograd.Function):
     recomputes the probabilities from it, as flash attention does)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scale, kernels):
-        out, log_sum_exp = kernels.causal_attention_forward(query, key, value, scale)
+    def forward(ctx, query, key, value, scale, starts, kernels):
+        out, log_sum_exp = kernels.causal_attention_forward(query, key, value, scale, starts)
         ctx.save_for_backward(query, key, value, out, log_sum_exp)
-        ctx.scale, ctx.kernels = scale, kernels
+        ctx.scale, ctx.starts, ctx.kernels = scale, starts, kernels
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         query, key, value, out, log_sum_exp = ctx.saved_tensors
-        grads = ctx.kernels.causal_attention_backward(query, key, value, out, log_sum_exp, grad_out, ctx.scale)
-        return *grads, None, None
+        grads = ctx.kernels.causal_attention_backward(query, key, value, out, log_sum_exp, grad_out, ctx.scale, ctx.starts)
+        return *grads, None, None, None
 
 
 def _attend(
@@ -121,22 +166,26 @@ def _attend(
     key: torch.Tensor,
     value: torch.Tensor,
     scale: float,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | DocumentMask | None,
     num_kv_groups: int = 1,
 ) -> torch.Tensor:
     """Scaled dot-product attention over [batch, heads, seq, dim] tensors; causal when mask is None.
 
-    Causal self-attention in fp32 on CPU takes the fused kernel (`causal_attention`).
+    Causal self-attention in fp32 on CPU takes the fused kernel (`causal_attention`), within packed
+    documents too (a `DocumentMask`: SDPA would take the dense mask and score every pair).
     Grouped keys/values are shared by `num_kv_groups` query heads inside the kernel (`enable_gqa`)
     rather than copied per head: 1.5-3x faster for Qwen2-shaped models on CPU, forward and backward.
     Multi-head attention on CPU in bf16/fp16 with several queries takes `_attend_eager` (see there).
     """
     batch, heads, queries, _ = query.shape
     keys = key.shape[-2]
-    if mask is None and queries == keys and query.device.type == "cpu" and (
-        out := causal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale)
-    ) is not None:
+    documents = mask if isinstance(mask, DocumentMask) else None
+    if (mask is None or documents is not None and documents.starts is not None) and queries == keys and (
+        query.device.type == "cpu"
+    ) and (out := causal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
+                                   None if documents is None else documents.starts)) is not None:
         return out.transpose(1, 2)
+    mask = dense_mask(mask)
     if (
         query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and num_kv_groups == 1
         and queries > 1 and (mask is not None or queries == keys)
@@ -286,7 +335,7 @@ class MultiHeadLatentAttention(nn.Module):
         step they cost less than a fused attention kernel's setup. Computed in the dtype of the frozen
         weights when there are some (fp32 for a packed bf16 model: `absorbed_dtype`), cast back after.
         """
-        dtype = q_nope.dtype
+        dtype, mask = q_nope.dtype, dense_mask(mask)
         if latent.dtype == dtype and (fused := self.decode_kernels(q_nope, mask)) is not None:
             kernels, weights = fused
             return kernels.mla_decode_attention(q_nope, q_pe, latent, k_pe, None, mask, *weights, self.softmax_scale)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import GroupedQueryAttention, KVCache, MultiHeadLatentAttention
+from nanoseek.model.attention import DocumentMask, GroupedQueryAttention, KVCache, MultiHeadLatentAttention
 from nanoseek.model.decode_layer import fused_decode_step
 from nanoseek.model.kernels import linear_cross_entropy
 from nanoseek.model.layers import Linear, RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU, is_plain_linear
@@ -223,7 +223,7 @@ class CausalLM(nn.Module):
         for depth, module in enumerate(self.mtp, start=1):
             length = seq - depth
             embeddings = self.model.embed_tokens(input_ids[:, depth:])
-            depth_mask = None if mask is None else mask[..., :length, :length]
+            depth_mask = mask.narrow(length) if isinstance(mask, DocumentMask) else None if mask is None else mask[..., :length, :length]
             previous, stats = module(
                 embeddings, previous[:, :length], angles.narrow(length), mask=depth_mask, balance_loss=balance_loss
             )
@@ -232,18 +232,14 @@ class CausalLM(nn.Module):
     @staticmethod
     def attention_mask(
         positions: torch.Tensor, cache: KVCache | None, document_ids: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Boolean [batch, 1, seq, kv_len] mask, or None for plain causal self-attention."""
+    ) -> torch.Tensor | DocumentMask | None:
+        """Boolean [batch, 1, seq, kv_len] mask over a cache, a DocumentMask for packed documents, or None
+        for plain causal self-attention."""
         if cache is not None:
             kv_length = int(positions.max()) + 1
             key_positions = torch.arange(kv_length, device=positions.device)
             return (key_positions[None, None, :] <= positions[:, :, None])[:, None]
-        if document_ids is None:
-            return None
-        seq = positions.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
-        same_document = document_ids[:, :, None] == document_ids[:, None, :]
-        return (causal & same_document)[:, None]
+        return None if document_ids is None else DocumentMask(document_ids)
 
     # ----- construction and IO ------------------------------------------------------------------
     @torch.no_grad()

@@ -810,21 +810,47 @@ void block_rows(const float* base, int64_t row_stride, int64_t first, int64_t co
   for (int r = 0; r < size; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - 1)) * row_stride;
 }
 
-// Masks row r's keys past its position (first + r) to -inf, over 16 * chunks keys.
-void mask_future(float* scores, int64_t stride, int64_t first, int64_t count, int64_t chunks) {
+// Masks row r's keys past its position (first + r) to -inf, over 16 * chunks keys, and with `starts`
+// (the first key of each position's segment) its keys before starts[first + r], from key `lowest` on.
+void mask_future(float* scores, int64_t stride, int64_t first, int64_t count, int64_t chunks,
+                 const int64_t* starts = nullptr, int64_t lowest = 0) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < ATTENTION_ROWS; ++r) {
-    const int64_t from = r < count ? first + r + 1 : 0;
-    std::fill(scores + r * stride + from, scores + r * stride + chunks * 16, -std::numeric_limits<float>::infinity());
+    const int64_t from = r < count ? first + r + 1 : lowest;
+    std::fill(scores + r * stride + from, scores + r * stride + chunks * 16, minus_inf);
+    if (starts != nullptr && r < count) std::fill(scores + r * stride + lowest, scores + r * stride + starts[first + r], minus_inf);
   }
+}
+
+// The first 16-key chunk any of rows [first, first + count) may see: 0, or with `starts` the chunk of
+// their earliest segment start.
+int64_t first_chunk(const int64_t* starts, int64_t first, int64_t count) {
+  if (starts == nullptr) return 0;
+  int64_t lowest = starts[first];
+  for (int64_t r = 1; r < count; ++r) lowest = std::min(lowest, starts[first + r]);
+  return lowest / 16;
+}
+
+// [b, s] int64 segment starts (each position's first visible key, <= the position) or nullptr.
+const int64_t* segment_starts(const c10::optional<torch::Tensor>& starts, int64_t batch, int64_t seq, const char* name) {
+  if (!starts.has_value()) return nullptr;
+  TORCH_CHECK(starts->scalar_type() == at::kLong && starts->is_contiguous() && starts->dim() == 2 &&
+                  starts->size(0) == batch && starts->size(1) == seq,
+              name, ": starts must be contiguous int64 [batch, seq]");
+  return starts->data_ptr<int64_t>();
 }
 
 // softmax(scale * q k^T, causal) v over q [b, s, h, d], k [b, s, kv_heads, d], v [b, s, kv_heads, dv] (any
 // strides, last dimensions contiguous): (out [b, s, h, dv], log-sum-exp of the scaled scores [b, h, s]).
+// With `starts` [b, s] (packed documents), position i sees keys starts[i]..i only, and a block of rows
+// scores only the key chunks from its earliest start: the work goes with the documents' lengths.
 std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
-                                                    const torch::Tensor& v, double scale_) {
+                                                    const torch::Tensor& v, double scale_,
+                                                    const c10::optional<torch::Tensor>& starts_) {
   const auto shape = attention_shape(q, k, v, "causal_attention_forward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
                 DV = shape.value_dim, TP = shape.padded, G = H / KVH;
+  const int64_t* starts = segment_starts(starts_, B, T, "causal_attention_forward");
   const float scale = static_cast<float>(scale_);
   auto out = torch::empty({B, T, H, DV}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = torch::empty({B, H, T}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -839,22 +865,23 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
       const float* key = kd + b * k.stride(0) + g * k.stride(2);
       transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
       for (int64_t j = 0; j < T; ++j) values[j] = vd + b * v.stride(0) + j * v.stride(1) + g * v.stride(2);
+      const int64_t* row_starts = starts == nullptr ? nullptr : starts + b * T;
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         for (int64_t first = 0; first < T; first += ATTENTION_ROWS) {
           const int64_t count = std::min<int64_t>(ATTENTION_ROWS, T - first), keys = first + count,
-                        chunks = (keys + 15) / 16;
+                        chunks = (keys + 15) / 16, c0 = first_chunk(row_starts, first, count), skipped = c0 * 16;
           const float* rows[ATTENTION_ROWS];
           block_rows(qd + b * q.stride(0) + h * q.stride(2), q.stride(1), first, count, rows);
-          row_block_products(rows, keys_t.get(), TP, D, chunks, scale, scores.get(), TP);
-          mask_future(scores.get(), TP, first, count, chunks);
+          row_block_products(rows, keys_t.get() + skipped, TP, D, chunks - c0, scale, scores.get() + skipped, TP);
+          mask_future(scores.get(), TP, first, count, chunks, row_starts, skipped);
           float inverse[ATTENTION_ROWS];
           for (int r = 0; r < count; ++r) {
             float* s = scores.get() + r * TP;
-            Vector16 peak = load16f(s);
-            for (int64_t c = 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
+            Vector16 peak = load16f(s + skipped);
+            for (int64_t c = c0 + 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
             const float m = lane_max(peak);
             Vector16 total = {};
-            for (int64_t c = 0; c < chunks; ++c) {
+            for (int64_t c = c0; c < chunks; ++c) {
               const Vector16 e = exp16(load16f(s + c * 16) - m);
               store16(s + c * 16, e);
               total += e;
@@ -863,7 +890,7 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
             inverse[r] = 1.f / sum;
             ld[(b * H + h) * T + first + r] = m + std::log(sum);
           }
-          row_block_weighted_sums(scores.get(), TP, values.data(), DV, keys, mixed.get(), DV);
+          row_block_weighted_sums(scores.get() + skipped, TP, values.data() + skipped, DV, keys - skipped, mixed.get(), DV);
           for (int r = 0; r < count; ++r) {
             float* o = od + ((b * T + first + r) * H + h) * DV;
             for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
@@ -880,10 +907,11 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
 std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, const torch::Tensor& k,
                                                      const torch::Tensor& v, const torch::Tensor& out,
                                                      const torch::Tensor& lse, const torch::Tensor& grad_out_,
-                                                     double scale_) {
+                                                     double scale_, const c10::optional<torch::Tensor>& starts_) {
   const auto shape = attention_shape(q, k, v, "causal_attention_backward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
                 DV = shape.value_dim, TP = shape.padded, G = H / KVH;
+  const int64_t* starts = segment_starts(starts_, B, T, "causal_attention_backward");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == grad_out_.sizes() && out.size(3) == DV && lse.is_contiguous() &&
                   lse.size(2) == T && lse.scalar_type() == at::kFloat && grad_out_.scalar_type() == at::kFloat,
               "causal_attention_backward: out and lse as the forward returned them, grad_out shaped like out");
@@ -910,6 +938,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
       for (int64_t j = 0; j < T; ++j) keys_rows[j] = key + j * k.stride(1);
       std::fill(dkeys_t.get(), dkeys_t.get() + D * TP, 0.f);
       std::fill(dvalues_t.get(), dvalues_t.get() + DV * TP, 0.f);
+      const int64_t* row_starts = starts == nullptr ? nullptr : starts + b * T;
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         const float* row_lse = ld + (b * H + h) * T;
         const float* q_head = qd + b * q.stride(0) + h * q.stride(2);
@@ -918,6 +947,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
         // chunks), scored ATTENTION_ROWS at a time
         for (int64_t block = 0; block < T; block += GRADIENT_ROWS) {
           const int64_t chunks = block / 16 + 1, keys = std::min(T, block + GRADIENT_ROWS);
+          const int64_t c0 = first_chunk(row_starts, block, keys - block), skipped = c0 * 16;
           const float *q_rows[GRADIENT_ROWS], *g_rows[GRADIENT_ROWS];
           block_rows(q_head, q.stride(1), block, keys - block, q_rows, GRADIENT_ROWS);
           block_rows(g_head, grad_out.stride(1), block, keys - block, g_rows, GRADIENT_ROWS);
@@ -928,37 +958,40 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
             const float* const* q_part = q_rows + (first - block);
             const float* const* g_part = g_rows + (first - block);
             if (count > 0) {
-              row_block_products(q_part, keys_t.get(), TP, D, chunks, scale, p, TP);  // scores
-              row_block_products(g_part, values_t.get(), TP, DV, chunks, 1.f, ds, TP);  // dP = dO v^T
-              mask_future(p, TP, first, count, chunks);
+              row_block_products(q_part, keys_t.get() + skipped, TP, D, chunks - c0, scale, p + skipped, TP);  // scores
+              row_block_products(g_part, values_t.get() + skipped, TP, DV, chunks - c0, 1.f, ds + skipped, TP);  // dP = dO v^T
+              mask_future(p, TP, first, count, chunks, row_starts, skipped);
             }
             for (int r = 0; r < ATTENTION_ROWS; ++r) {
               float* pr = p + r * TP;
               float* dsr = ds + r * TP;
               if (r >= count) {  // a padding row: no probabilities, no gradient
-                std::fill(pr, pr + chunks * 16, 0.f);
-                std::fill(dsr, dsr + chunks * 16, 0.f);
+                std::fill(pr + skipped, pr + chunks * 16, 0.f);
+                std::fill(dsr + skipped, dsr + chunks * 16, 0.f);
                 continue;
               }
               const int64_t i = first + r;
               const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
               const float m = row_lse[i];
-              for (int64_t c = 0; c < chunks; ++c) {
+              for (int64_t c = c0; c < chunks; ++c) {
                 const Vector16 prob = exp16(load16f(pr + c * 16) - m);
                 store16(pr + c * 16, prob);
                 store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
               }
             }
             if (count > 0) {
-              row_block_weighted_sums(ds, TP, keys_rows.data(), D, first + count, dquery.get(), D);  // dQ = dS k
+              row_block_weighted_sums(ds + skipped, TP, keys_rows.data() + skipped, D, first + count - skipped, dquery.get(),
+                                      D);  // dQ = dS k
               for (int r = 0; r < count; ++r)
                 std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D, dqd + ((b * T + first + r) * H + h) * D);
             }
           }
           transpose_row_block(q_head + block * q.stride(1), q.stride(1), keys - block, D, q_block_t.get());
           transpose_row_block(g_head + block * grad_out.stride(1), grad_out.stride(1), keys - block, DV, g_block_t.get());
-          accumulate_row_block(q_block_t.get(), dscores.get(), TP, D, chunks, dkeys_t.get(), TP);   // dK^T += q^T dS
-          accumulate_row_block(g_block_t.get(), probs.get(), TP, DV, chunks, dvalues_t.get(), TP);  // dV^T += dO^T P
+          accumulate_row_block(q_block_t.get(), dscores.get() + skipped, TP, D, chunks - c0, dkeys_t.get() + skipped,
+                               TP);  // dK^T += q^T dS
+          accumulate_row_block(g_block_t.get(), probs.get() + skipped, TP, DV, chunks - c0, dvalues_t.get() + skipped,
+                               TP);  // dV^T += dO^T P
         }
       }
       for (int64_t j = 0; j < T; ++j) {
@@ -1811,8 +1844,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "gradients of F.rms_norm (fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, or with grad its gradients", py::arg("gate"), py::arg("up"), py::arg("grad") = py::none());
   m.def("token_logprobs", &token_logprobs, "per-token log-probs, entropy and (in place) the logits' gradient");
-  m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp");
-  m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward");
+  m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("starts") = py::none());
+  m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("scale"),
+        py::arg("starts") = py::none());
   m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
