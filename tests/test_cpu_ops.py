@@ -563,8 +563,7 @@ def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq,
     value = value.unflatten(-1, (kv_heads, value_dim)).requires_grad_()
     assert not query.is_contiguous()
     scale = dim**-0.5
-    starts = None if documents is None else documents.starts
-    out = attention.causal_attention(query, key, value, scale, starts)
+    out = attention.causal_attention(query, key, value, scale, documents)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.autograd.grad(out, (query, key, value), grad_out)
     inputs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (query, key, value)]
@@ -575,7 +574,7 @@ def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq,
     for grad, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # without a gradient: the forward alone, the same values
-        torch.testing.assert_close(attention.causal_attention(query, key, value, scale, starts), out, rtol=0, atol=0)
+        torch.testing.assert_close(attention.causal_attention(query, key, value, scale, documents), out, rtol=0, atol=0)
 
 
 def test_document_mask_starts_only_for_packed_layouts():
@@ -584,7 +583,7 @@ def test_document_mask_starts_only_for_packed_layouts():
     documents = attention.DocumentMask(torch.tensor([[1, 1, 2, 2, 2, 0], [5, 6, 6, 6, 7, 7]]))
     assert documents.starts.tolist() == [[0, 0, 2, 2, 2, 5], [0, 1, 1, 1, 4, 4]]
     assert documents.dense[0, 0].tolist()[3] == [False, False, True, True, False, False]
-    assert documents.narrow(3).starts.tolist() == [[0, 0, 2], [0, 1, 1]]
+    assert documents.narrow(3).starts.tolist() == [[0, 0, 2], [0, 1, 1]] and documents.longest == 3
     assert attention.DocumentMask(torch.tensor([[1, 1, 2, 1]])).starts is None
 
 

@@ -226,6 +226,34 @@ def test_skipping_zero_advantage_rows_leaves_the_step_gradient_unchanged(tmp_pat
     assert torch.allclose(skipped, whole, atol=1e-7, rtol=1e-4) and whole.abs().max() > 0
 
 
+def test_packed_rows_give_the_log_probs_entropy_and_gradients_of_the_padded_batch(tmp_path):
+    """On CPU in fp32 a micro-batch's rows run as one sequence of documents, without their padding: the
+    per-token log-probs, entropies and parameter gradients equal those of the padded batch."""
+    trainer, rollouts = build(tmp_path)
+    model = trainer.model
+    rollout = rollouts.sample(rollouts.sampler.next_batch())
+    batch = rollouts.pad_rows(rollout, range(16), torch.linspace(-1, 1, 16))
+    assert int(batch["lengths"].sum()) < batch["input_ids"].numel()  # rows of different lengths: padding
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+
+    def logprobs_and_gradients(batch):
+        model.zero_grad(set_to_none=True)
+        logprobs, entropy, _ = completion_logprobs(model, batch, 0.7, entropy=True)
+        (logprobs * batch["advantages"][:, None]).sum().backward()
+        return logprobs.detach(), entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed = logprobs_and_gradients(batch)
+    padded = logprobs_and_gradients({key: value for key, value in batch.items() if key != "lengths"})
+    hook.remove()
+    assert shapes == [(1, int(batch["lengths"].sum())), tuple(batch["input_ids"].shape)]
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-5)
+    assert packed[0][batch["completion_mask"]].abs().min() > 0
+    for got, want in zip(packed[2], padded[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_grpo_raises_the_log_probability_of_rewarded_completions(tmp_path):
     """Evidence of learning on a tiny model: reward completions whose first token id is even. After a
     few steps the policy puts more mass on even first tokens (its expected reward), and the rewarded

@@ -115,6 +115,13 @@ class DocumentMask:
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return torch.where(begins, positions, 0).cummax(dim=1).values.contiguous()
 
+    @functools.cached_property
+    def longest(self) -> int:
+        """The longest document's length (with `starts`; else the row length)."""
+        if self.starts is None:
+            return self.document_ids.shape[1]
+        return int((torch.arange(self.starts.shape[1], device=self.starts.device) - self.starts).max()) + 1
+
     def narrow(self, length: int) -> DocumentMask:
         """The mask of the first `length` positions (MTP depths run on shortened sequences)."""
         return DocumentMask(self.document_ids[:, :length])
@@ -125,18 +132,30 @@ def dense_mask(mask: torch.Tensor | DocumentMask | None) -> torch.Tensor | None:
     return mask.dense if isinstance(mask, DocumentMask) else mask
 
 
+def fused_documents(device: torch.device, dtype: torch.dtype, longest: int) -> bool:
+    """Whether causal attention over packed documents (none longer than `longest`) in this device and
+    compute dtype takes the fused kernel, whose work goes with the documents' lengths: callers may then
+    pack rows of different lengths into one long sequence instead of padding them (elsewhere SDPA
+    would score the packed sequence's length squared)."""
+    return (device.type == "cpu" and dtype == torch.float32 and longest <= FUSED_CAUSAL_MAX_LENGTH
+            and not torch.is_autocast_enabled("cpu") and cpu_ops.for_cpu(torch.empty(0)) is not None)
+
+
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                     starts: torch.Tensor | None = None) -> torch.Tensor | None:
+                     documents: DocumentMask | None = None) -> torch.Tensor | None:
     """softmax(scale q k^T, causal) v over [batch, seq, heads, dim] tensors (keys and values with fewer
     heads for grouped-query attention, values with their own dim), by the fused CPU kernel
-    (`cpu_ops.causal_attention_forward`), differentiable; within packed documents with `starts`
-    (`DocumentMask.starts`); None where the kernel does not apply (not plain fp32 CPU tensors, longer
-    than FUSED_CAUSAL_MAX_LENGTH, compiling, kernels off)."""
-    if (query.shape[1] > FUSED_CAUSAL_MAX_LENGTH or torch.compiler.is_compiling()
+    (`cpu_ops.causal_attention_forward`), differentiable; within packed `documents`; None where the
+    kernel does not apply (not plain fp32 CPU tensors, longer than FUSED_CAUSAL_MAX_LENGTH (the longest
+    document when packed), documents not packed in runs, compiling, kernels off)."""
+    longest = query.shape[1] if documents is None else documents.longest
+    if (longest > FUSED_CAUSAL_MAX_LENGTH or torch.compiler.is_compiling()
+            or documents is not None and documents.starts is None
             or not query.dtype == key.dtype == value.dtype == torch.float32
             or any(type(t) is not torch.Tensor or t.stride(-1) != 1 for t in (query, key, value))
             or (kernels := cpu_ops.for_cpu(query)) is None):
         return None
+    starts = None if documents is None else documents.starts
     if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
         return kernels.causal_attention_forward(query, key, value, scale, starts)[0]
     return _CausalAttention.apply(query, key, value, scale, starts, kernels)
@@ -180,10 +199,9 @@ def _attend(
     batch, heads, queries, _ = query.shape
     keys = key.shape[-2]
     documents = mask if isinstance(mask, DocumentMask) else None
-    if (mask is None or documents is not None and documents.starts is not None) and queries == keys and (
-        query.device.type == "cpu"
-    ) and (out := causal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
-                                   None if documents is None else documents.starts)) is not None:
+    if (mask is None or documents is not None) and queries == keys and query.device.type == "cpu" and (
+        out := causal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale, documents)
+    ) is not None:
         return out.transpose(1, 2)
     mask = dense_mask(mask)
     if (
