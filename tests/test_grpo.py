@@ -16,6 +16,7 @@ from nanoseek.infer.engine import Engine
 from nanoseek.model import CausalLM
 from nanoseek.train.grpo import (
     GRPOConfig,
+    Rollout,
     Rollouts,
     completion_logprobs,
     encode_prompts,
@@ -24,6 +25,7 @@ from nanoseek.train.grpo import (
     grpo_loss,
     make_loss_fn,
     resolve_grpo_run,
+    shared_prompt_layout,
 )
 from nanoseek.train.sft import load_policy
 from nanoseek.train.trainer import Trainer
@@ -227,8 +229,9 @@ def test_skipping_zero_advantage_rows_leaves_the_step_gradient_unchanged(tmp_pat
 
 
 def test_packed_rows_give_the_log_probs_entropy_and_gradients_of_the_padded_batch(tmp_path):
-    """On CPU in fp32 a micro-batch's rows run as one sequence of documents, without their padding: the
-    per-token log-probs, entropies and parameter gradients equal those of the padded batch."""
+    """On CPU in fp32 a micro-batch's rows run as one sequence of documents, each prompt once and each
+    completion a document that sees it, without padding: the per-token log-probs, entropies and
+    parameter gradients equal those of the padded batch (rows one by one)."""
     trainer, rollouts = build(tmp_path)
     model = trainer.model
     rollout = rollouts.sample(rollouts.sampler.next_batch())
@@ -246,11 +249,44 @@ def test_packed_rows_give_the_log_probs_entropy_and_gradients_of_the_padded_batc
     packed = logprobs_and_gradients(batch)
     padded = logprobs_and_gradients({key: value for key, value in batch.items() if key != "lengths"})
     hook.remove()
-    assert shapes == [(1, int(batch["lengths"].sum())), tuple(batch["input_ids"].shape)]
+    prompts = {(int(g), int(p)): int(p) for g, p in zip(batch["groups"], batch["prompt_lengths"], strict=True)}
+    shared = sum(prompts.values()) + int((batch["lengths"] - batch["prompt_lengths"]).sum())
+    assert len(prompts) == 4 and shapes == [(1, shared), tuple(batch["input_ids"].shape)]  # 4 prompts, 4 completions each
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-5)
     assert packed[0][batch["completion_mask"]].abs().min() > 0
     for got, want in zip(packed[2], padded[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_layout_shares_only_equal_prompts_of_a_group(tmp_path):
+    """Rows of one group share their prompt only where its tokens agree; a row of another group with the
+    same tokens keeps its own copy; a one-token completion is predicted from the prompt alone. Log-probs
+    and gradients equal the padded batch's."""
+    trainer, rollouts = build(tmp_path)
+    model = trainer.model
+    prompts = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 8], [11, 12]]
+    completions = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29], [30, 31]]
+    rollout = Rollout(group_ids=[0, 0, 0, 1, 2], prompt_ids=prompts, completion_ids=completions, texts=[""] * 5,
+                      engine_logprobs=[[0.0] * len(c) for c in completions], truncated=[False] * 5)
+    batch = rollouts.pad_rows(rollout, range(5), torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5]))
+    source, positions, documents, completion_index = shared_prompt_layout(batch)
+    # prompts of rows 0 (shared by row 1), 2, 3 and 4, and each row's completion but its last token
+    assert len(source) == 4 + 4 + 4 + 2 + (2 + 0 + 1 + 3 + 1)
+    assert positions.tolist()[:7] == [0, 1, 2, 3, 4, 5, 0]  # row 0's prompt and completion, row 1's (none), row 2's prompt
+    assert completion_index.tolist()[:4] == [3, 4, 5, 3]  # row 1's only token is predicted from row 0's prompt
+    assert documents.starts is not None and documents.longest == 7
+
+    def logprobs_and_gradients(batch):
+        model.zero_grad(set_to_none=True)
+        logprobs = completion_logprobs(model, batch, 1.0)[0]
+        (logprobs * batch["advantages"][:, None]).sum().backward()
+        return logprobs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed = logprobs_and_gradients(batch)
+    padded = logprobs_and_gradients({key: value for key, value in batch.items() if key != "lengths"})
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(packed[1], padded[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 

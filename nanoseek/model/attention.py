@@ -87,21 +87,28 @@ FUSED_CAUSAL_MAX_LENGTH = 1024
 class DocumentMask:
     """Causal attention within packed documents: position i attends to j <= i of the same document.
 
-    Built from document ids [batch, seq] (SFT packs several conversations into a row). `dense` is the
+    Built from document ids [batch, seq] (SFT packs several conversations into a row) and optionally
+    `prefix` [batch, seq, 2]: a range [begin, end) of earlier positions each position sees as well, an
+    earlier document it shares (empty where begin == end; it ends before the position's own document:
+    GRPO runs a prompt once and each of its completions as a document that sees it). `dense` is the
     boolean [batch, 1, seq, seq] mask for the PyTorch paths; `starts` [batch, seq] the first position
-    of each position's document, for the fused kernel (which then scores only keys from there: the
-    work goes with the documents' lengths), or None when an id comes back after another document's
-    (not a packed layout; the dense mask still applies).
+    of each position's document, for the fused kernel (which then scores only keys from there and the
+    prefix: the work goes with the documents' lengths), or None when an id comes back after another
+    document's (not a packed layout; the dense mask still applies).
     """
 
-    def __init__(self, document_ids: torch.Tensor):
-        self.document_ids = document_ids
+    def __init__(self, document_ids: torch.Tensor, prefix: torch.Tensor | None = None):
+        self.document_ids, self.prefix = document_ids, prefix
 
     @functools.cached_property
     def dense(self) -> torch.Tensor:
         ids = self.document_ids
         causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
-        return (causal & (ids[:, :, None] == ids[:, None, :]))[:, None]
+        seen = causal & (ids[:, :, None] == ids[:, None, :])
+        if self.prefix is not None:
+            keys = torch.arange(ids.shape[1], device=ids.device)
+            seen |= (keys >= self.prefix[:, :, :1]) & (keys < self.prefix[:, :, 1:])
+        return seen[:, None]
 
     @functools.cached_property
     def starts(self) -> torch.Tensor | None:
@@ -117,14 +124,19 @@ class DocumentMask:
 
     @functools.cached_property
     def longest(self) -> int:
-        """The longest document's length (with `starts`; else the row length)."""
+        """The most keys a position sees (with `starts`: its document so far and its prefix; else the
+        row length)."""
         if self.starts is None:
             return self.document_ids.shape[1]
-        return int((torch.arange(self.starts.shape[1], device=self.starts.device) - self.starts).max()) + 1
+        seen = torch.arange(self.starts.shape[1], device=self.starts.device) - self.starts + 1
+        if self.prefix is not None:
+            seen = seen + (self.prefix[..., 1] - self.prefix[..., 0]).clamp_min(0)
+        return int(seen.max())
 
     def narrow(self, length: int) -> DocumentMask:
         """The mask of the first `length` positions (MTP depths run on shortened sequences)."""
-        return DocumentMask(self.document_ids[:, :length])
+        prefix = None if self.prefix is None else self.prefix[:, :length]
+        return DocumentMask(self.document_ids[:, :length], prefix)
 
 
 def dense_mask(mask: torch.Tensor | DocumentMask | None) -> torch.Tensor | None:
@@ -155,10 +167,10 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             or any(type(t) is not torch.Tensor or t.stride(-1) != 1 for t in (query, key, value))
             or (kernels := cpu_ops.for_cpu(query)) is None):
         return None
-    starts = None if documents is None else documents.starts
+    starts, prefix = (None, None) if documents is None else (documents.starts, documents.prefix)
     if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        return kernels.causal_attention_forward(query, key, value, scale, starts)[0]
-    return _CausalAttention.apply(query, key, value, scale, starts, kernels)
+        return kernels.causal_attention_forward(query, key, value, scale, starts, prefix)[0]
+    return _CausalAttention.apply(query, key, value, scale, (starts, prefix), kernels)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -166,17 +178,17 @@ class _CausalAttention(torch.autograd.Function):
     recomputes the probabilities from it, as flash attention does)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scale, starts, kernels):
-        out, log_sum_exp = kernels.causal_attention_forward(query, key, value, scale, starts)
+    def forward(ctx, query, key, value, scale, documents, kernels):
+        out, log_sum_exp = kernels.causal_attention_forward(query, key, value, scale, *documents)
         ctx.save_for_backward(query, key, value, out, log_sum_exp)
-        ctx.scale, ctx.starts, ctx.kernels = scale, starts, kernels
+        ctx.scale, ctx.documents, ctx.kernels = scale, documents, kernels
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         query, key, value, out, log_sum_exp = ctx.saved_tensors
-        grads = ctx.kernels.causal_attention_backward(query, key, value, out, log_sum_exp, grad_out, ctx.scale, ctx.starts)
+        grads = ctx.kernels.causal_attention_backward(query, key, value, out, log_sum_exp, grad_out, ctx.scale, *ctx.documents)
         return *grads, None, None, None
 
 

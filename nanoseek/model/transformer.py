@@ -141,7 +141,7 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        document_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | DocumentMask | None = None,
         absorb: bool | None = None,
         logits_to_keep: int = 0,
         use_mtp: bool = True,
@@ -157,7 +157,8 @@ class CausalLM(nn.Module):
             computed and combined as lm + mtp_weight * mtp + balance_alpha * balance.
         positions: [batch, seq] token positions (default 0..seq-1); required with a cache.
         cache: a KV cache (see attention.py); entries are written at slots `positions`.
-        document_ids: [batch, seq] ids of packed documents that must not attend to each other.
+        document_ids: [batch, seq] ids of packed documents that must not attend to each other, or a
+            DocumentMask (packed documents that also see a shared earlier one: GRPO's prompts).
         absorb: force MLA's absorbed (True) or naive (False) path; None picks the cheaper one.
         logits_to_keep: compute logits only for the last n positions (0 = all).
         return_logits: with labels, return the logits too. Otherwise the losses are computed from the
@@ -189,8 +190,9 @@ class CausalLM(nn.Module):
                     output.mtp_logits.append(mtp_logits)
                 router_stats.extend(stats)
                 targets = labels[:, depth:]
-                if document_ids is not None:  # position i must not predict a token of the next packed document
-                    crosses = document_ids[:, depth:] != document_ids[:, :-depth]
+                if isinstance(mask, DocumentMask):  # position i must not predict a token of the next packed document
+                    ids = mask.document_ids
+                    crosses = ids[:, depth:] != ids[:, :-depth]
                     targets = targets.masked_fill(crosses, IGNORE_INDEX)
                 mtp_losses.append(self.head_loss(mtp_hidden, mtp_logits, targets))
             output.mtp_loss = torch.stack(mtp_losses).mean()
@@ -231,7 +233,7 @@ class CausalLM(nn.Module):
 
     @staticmethod
     def attention_mask(
-        positions: torch.Tensor, cache: KVCache | None, document_ids: torch.Tensor | None
+        positions: torch.Tensor, cache: KVCache | None, document_ids: torch.Tensor | DocumentMask | None
     ) -> torch.Tensor | DocumentMask | None:
         """Boolean [batch, 1, seq, kv_len] mask over a cache, a DocumentMask for packed documents, or None
         for plain causal self-attention."""
@@ -239,7 +241,9 @@ class CausalLM(nn.Module):
             kv_length = int(positions.max()) + 1
             key_positions = torch.arange(kv_length, device=positions.device)
             return (key_positions[None, None, :] <= positions[:, :, None])[:, None]
-        return None if document_ids is None else DocumentMask(document_ids)
+        if document_ids is None or isinstance(document_ids, DocumentMask):
+            return document_ids
+        return DocumentMask(document_ids)
 
     # ----- construction and IO ------------------------------------------------------------------
     @torch.no_grad()

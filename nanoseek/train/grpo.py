@@ -58,7 +58,7 @@ from nanoseek.infer.engine import FINISH_LENGTH, Engine
 from nanoseek.infer.packing import packed_while
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import CausalLM
-from nanoseek.model.attention import fused_documents
+from nanoseek.model.attention import DocumentMask, fused_documents
 from nanoseek.model.kernels import linear_token_logprobs
 from nanoseek.model.layers import is_plain_linear
 from nanoseek.tokenizer import Tokenizer
@@ -268,18 +268,65 @@ def completion_logprobs(
 def completion_hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
     """The final hidden states at the completion positions, [tokens, hidden] in row order, and the model
     output. Where packed documents take the fused attention (`fused_documents`: CPU, fp32) the rows go
-    through the model as one sequence of documents, without their padding (a rollout's completions
-    differ in length: 5-9% of a `qwen2-nano` bench batch was padding); else as the padded batch."""
+    through the model as one sequence of documents (`shared_prompt_layout`): each prompt once, each
+    completion a document that sees it, no padding; else as the padded batch."""
     ids, mask, lengths = batch["input_ids"], batch["completion_mask"], batch.get("lengths")
     dtype = next(model.parameters()).dtype
-    if lengths is None or not fused_documents(ids.device, dtype, int(lengths.max())):
+    if lengths is None or "prompt_lengths" not in batch or not fused_documents(ids.device, dtype, int(lengths.max())):
         output = model(ids, logits_to_keep=1)
         return output.hidden_states[mask], output
-    offsets = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    kept = offsets < lengths[:, None]
-    documents = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)[kept]
-    output = model(ids[kept][None], positions=offsets[kept][None], document_ids=documents[None], logits_to_keep=1)
-    return output.hidden_states[0][mask[kept]], output
+    source, positions, documents, completions = shared_prompt_layout(batch)
+    output = model(ids.flatten()[source][None], positions=positions[None], document_ids=documents, logits_to_keep=1)
+    return output.hidden_states[0][completions], output
+
+
+def shared_prompt_layout(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, DocumentMask, torch.Tensor]:
+    """A micro-batch's rows (`pad_rows`: with their `lengths` and `prompt_lengths`) as one packed sequence:
+    every distinct prompt once (rows of one of `groups` share theirs, if the batch has them and the
+    tokens agree), then each row's completion tokens as a document that also sees its prompt, and no
+    padding. In the `qwen2-nano` bench (G = 8, ~10-token
+    prompts, up to 64 completion tokens) that is ~3,700 positions instead of 64 x 74 = 4,736.
+
+    Returns the flat indices into input_ids of the packed tokens [N], their positions [N] (as in their
+    row: the same rotary angles), the DocumentMask [1, N], and, in the row-major order of
+    `completion_mask`, the packed index of each completion position's hidden state (a completion's first
+    token is predicted from its prompt's last one, shared by the group)."""
+    ids, lengths, prompts = batch["input_ids"], batch["lengths"], batch["prompt_lengths"]
+    device, width = ids.device, ids.shape[1]
+    groups = batch["groups"].tolist() if "groups" in batch else list(range(len(ids)))
+    completed = (lengths >= prompts).tolist()  # rows with a completion position (all, from a rollout)
+    leaders: list[int] = []  # the row whose prompt tokens each row's completion sees
+    first_of: dict[tuple[int, int], int] = {}
+    for row, key in enumerate(zip(groups, prompts.tolist(), strict=True)):
+        leader = first_of.setdefault(key, row) if completed[row] else row
+        if leader != row and not torch.equal(ids[row, : key[1]], ids[leader, : key[1]]):
+            leader = row  # same group, other tokens: not shared
+        leaders.append(leader)
+    rows = torch.arange(len(ids), device=device)
+    leader, completed = torch.tensor(leaders, device=device), torch.tensor(completed, device=device)
+    runs_prompt = (leader == rows) & completed
+    own = torch.where(completed, lengths - prompts, 0)
+    # segments in order: a leader's prompt, then each row's own completion tokens
+    segment_row = torch.stack((rows, rows), dim=1).flatten()
+    segment_col = torch.stack((torch.zeros_like(prompts), prompts), dim=1).flatten()
+    segment_len = torch.stack((torch.where(runs_prompt, prompts, 0), own), dim=1).flatten()
+    segment_start = segment_len.cumsum(0) - segment_len
+    segment = torch.repeat_interleave(torch.arange(len(segment_len), device=device), segment_len)
+    offset = torch.arange(len(segment), device=device) - segment_start[segment]
+    source = segment_row[segment] * width + segment_col[segment] + offset
+    positions = segment_col[segment] + offset
+    prompt_start = segment_start[0::2][leader]  # where each row's prompt lies in the packed sequence
+    is_completion = segment % 2 == 1
+    seen = torch.stack((prompt_start, prompt_start + prompts), dim=1)[segment_row[segment]]
+    prefix = torch.where(is_completion[:, None], seen, 0)
+    mask = DocumentMask(segment[None], prefix[None])
+    # a row's completion positions: its prompt's last token, then its own tokens but the last
+    entries = torch.where(completed, own + 1, 0)
+    entry_row = torch.repeat_interleave(rows, entries)
+    k = torch.arange(len(entry_row), device=device) - (entries.cumsum(0) - entries)[entry_row]
+    completions = torch.where(k == 0, prompt_start[entry_row] + prompts[entry_row] - 1,
+                              segment_start[1::2][entry_row] + k - 1)
+    return source, positions, mask, completions
 
 
 def make_loss_fn(config: GRPOConfig):
@@ -469,6 +516,8 @@ class Rollouts(EpochLoader):
             "engine_logprobs": torch.zeros((len(rows), width)),
             "advantages": advantages[list(rows)],
             "lengths": torch.tensor([len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) - 1 for i in rows]),
+            "prompt_lengths": torch.tensor([len(rollout.prompt_ids[i]) for i in rows]),
+            "groups": torch.tensor([rollout.group_ids[i] for i in rows]),
         }
         for row, i in enumerate(rows):
             ids = torch.tensor(rollout.prompt_ids[i] + rollout.completion_ids[i])

@@ -810,47 +810,111 @@ void block_rows(const float* base, int64_t row_stride, int64_t first, int64_t co
   for (int r = 0; r < size; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - 1)) * row_stride;
 }
 
-// Masks row r's keys past its position (first + r) to -inf, over 16 * chunks keys, and with `starts`
-// (the first key of each position's segment) its keys before starts[first + r], from key `lowest` on.
-void mask_future(float* scores, int64_t stride, int64_t first, int64_t count, int64_t chunks,
-                 const int64_t* starts = nullptr, int64_t lowest = 0) {
+// Which keys each position sees besides the causal limit: with `starts` (packed documents) none before
+// starts[i], its document's first position; with `prefix` also those in [prefix[i][0], prefix[i][1])
+// (an earlier document it shares, ending by starts[i]: GRPO's completions of one prompt each see the
+// prompt, stored once).
+struct Documents {
+  const int64_t* starts = nullptr;  // [seq] of one sequence, or nullptr: plain causal attention
+  const int64_t* prefix = nullptr;  // [seq][2], or nullptr
+};
+
+// The 16-key chunks a block of query rows [first, first + count) has to score: [0, chunks) for plain
+// causal attention; with documents from the chunk of the rows' earliest start, plus their shared prefix
+// as a second range when it lies below that (so a block scores its documents, not the keys between).
+struct KeyChunks {
+  int ranges = 1;
+  int64_t from[2] = {0, 0}, to[2] = {0, 0};
+};
+
+KeyChunks key_chunks(const Documents& documents, int64_t first, int64_t count, int64_t chunks) {
+  KeyChunks out;
+  out.to[0] = chunks;
+  if (documents.starts == nullptr) return out;
+  int64_t lowest = documents.starts[first], prefix_from = std::numeric_limits<int64_t>::max(), prefix_to = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    lowest = std::min(lowest, documents.starts[first + r]);
+    if (documents.prefix != nullptr && documents.prefix[2 * (first + r)] < documents.prefix[2 * (first + r) + 1]) {
+      prefix_from = std::min(prefix_from, documents.prefix[2 * (first + r)]);
+      prefix_to = std::max(prefix_to, documents.prefix[2 * (first + r) + 1]);
+    }
+  }
+  const int64_t own = lowest / 16;
+  if (prefix_to == 0) {
+    out.from[0] = own;
+  } else if ((prefix_to + 15) / 16 >= own) {  // the prefix touches the rows' own chunks: one range
+    out.from[0] = std::min(own, prefix_from / 16);
+  } else {
+    out.ranges = 2;
+    out.from[0] = prefix_from / 16, out.to[0] = (prefix_to + 15) / 16;
+    out.from[1] = own, out.to[1] = chunks;
+  }
+  return out;
+}
+
+// Over the scored chunks, -inf for the keys row r = 0..ATTENTION_ROWS-1 (position first + r) does not see;
+// rows past `count` see none.
+void mask_unseen(float* scores, int64_t stride, int64_t first, int64_t count, const KeyChunks& chunks,
+                 const Documents& documents) {
   const float minus_inf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < ATTENTION_ROWS; ++r) {
-    const int64_t from = r < count ? first + r + 1 : lowest;
-    std::fill(scores + r * stride + from, scores + r * stride + chunks * 16, minus_inf);
-    if (starts != nullptr && r < count) std::fill(scores + r * stride + lowest, scores + r * stride + starts[first + r], minus_inf);
+    float* row = scores + r * stride;
+    const int64_t position = first + r;
+    for (int range = 0; range < chunks.ranges; ++range) {
+      const int64_t from = chunks.from[range] * 16, to = chunks.to[range] * 16;
+      if (r >= count) {
+        std::fill(row + from, row + to, minus_inf);
+        continue;
+      }
+      if (documents.starts == nullptr) {  // causal only: the chunks past the position's
+        std::fill(row + std::max(from, position + 1), row + to, minus_inf);
+        continue;
+      }
+      // seen: [prefix begin, prefix end) and [start, position]; an empty prefix is taken as [start, start)
+      const int64_t start = documents.starts[position];
+      int64_t prefix_begin = start, prefix_end = start;
+      if (documents.prefix != nullptr && documents.prefix[2 * position] < documents.prefix[2 * position + 1])
+        prefix_end = std::min(documents.prefix[2 * position + 1], start), prefix_begin = std::min(documents.prefix[2 * position], prefix_end);
+      for (const auto& [a, b] : {std::pair{from, prefix_begin}, std::pair{prefix_end, start}, std::pair{position + 1, to}})
+        if (std::max(a, from) < std::min(b, to)) std::fill(row + std::max(a, from), row + std::min(b, to), minus_inf);
+    }
   }
 }
 
-// The first 16-key chunk any of rows [first, first + count) may see: 0, or with `starts` the chunk of
-// their earliest segment start.
-int64_t first_chunk(const int64_t* starts, int64_t first, int64_t count) {
-  if (starts == nullptr) return 0;
-  int64_t lowest = starts[first];
-  for (int64_t r = 1; r < count; ++r) lowest = std::min(lowest, starts[first + r]);
-  return lowest / 16;
-}
-
-// [b, s] int64 segment starts (each position's first visible key, <= the position) or nullptr.
-const int64_t* segment_starts(const c10::optional<torch::Tensor>& starts, int64_t batch, int64_t seq, const char* name) {
-  if (!starts.has_value()) return nullptr;
+// The documents of sequence b from the optional [b, s] starts and [b, s, 2] prefix ranges.
+Documents sequence_documents(const c10::optional<torch::Tensor>& starts, const c10::optional<torch::Tensor>& prefix,
+                             int64_t batch, int64_t seq, int64_t b, const char* name) {
+  Documents documents;
+  if (!starts.has_value()) {
+    TORCH_CHECK(!prefix.has_value(), name, ": prefix ranges need starts");
+    return documents;
+  }
   TORCH_CHECK(starts->scalar_type() == at::kLong && starts->is_contiguous() && starts->dim() == 2 &&
                   starts->size(0) == batch && starts->size(1) == seq,
               name, ": starts must be contiguous int64 [batch, seq]");
-  return starts->data_ptr<int64_t>();
+  documents.starts = starts->data_ptr<int64_t>() + b * seq;
+  if (prefix.has_value()) {
+    TORCH_CHECK(prefix->scalar_type() == at::kLong && prefix->is_contiguous() && prefix->dim() == 3 &&
+                    prefix->size(0) == batch && prefix->size(1) == seq && prefix->size(2) == 2,
+                name, ": prefix must be contiguous int64 [batch, seq, 2]");
+    documents.prefix = prefix->data_ptr<int64_t>() + b * seq * 2;
+  }
+  return documents;
 }
 
 // softmax(scale * q k^T, causal) v over q [b, s, h, d], k [b, s, kv_heads, d], v [b, s, kv_heads, dv] (any
 // strides, last dimensions contiguous): (out [b, s, h, dv], log-sum-exp of the scaled scores [b, h, s]).
-// With `starts` [b, s] (packed documents), position i sees keys starts[i]..i only, and a block of rows
-// scores only the key chunks from its earliest start: the work goes with the documents' lengths.
+// With `starts` [b, s] (packed documents), position i sees keys starts[i]..i only, and with `prefix`
+// [b, s, 2] also those in [prefix[i][0], prefix[i][1]) (see Documents); a block of rows scores only the
+// key chunks of its documents (KeyChunks): the work goes with the documents' lengths.
 std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v, double scale_,
-                                                    const c10::optional<torch::Tensor>& starts_) {
+                                                    const c10::optional<torch::Tensor>& starts,
+                                                    const c10::optional<torch::Tensor>& prefix) {
   const auto shape = attention_shape(q, k, v, "causal_attention_forward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
                 DV = shape.value_dim, TP = shape.padded, G = H / KVH;
-  const int64_t* starts = segment_starts(starts_, B, T, "causal_attention_forward");
+  sequence_documents(starts, prefix, B, T, 0, "causal_attention_forward");  // checks them
   const float scale = static_cast<float>(scale_);
   auto out = torch::empty({B, T, H, DV}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = torch::empty({B, H, T}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -858,39 +922,51 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
   float *od = out.data_ptr<float>(), *ld = lse.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> keys_t(new float[D * TP]), scores(new float[ATTENTION_ROWS * TP]),
-        mixed(new float[ATTENTION_ROWS * DV]);
+        mixed(new float[ATTENTION_ROWS * DV]), part(new float[ATTENTION_ROWS * DV]);
     std::vector<const float*> values(T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, g = task % KVH;
       const float* key = kd + b * k.stride(0) + g * k.stride(2);
       transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
       for (int64_t j = 0; j < T; ++j) values[j] = vd + b * v.stride(0) + j * v.stride(1) + g * v.stride(2);
-      const int64_t* row_starts = starts == nullptr ? nullptr : starts + b * T;
+      const Documents documents = sequence_documents(starts, prefix, B, T, b, "causal_attention_forward");
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         for (int64_t first = 0; first < T; first += ATTENTION_ROWS) {
-          const int64_t count = std::min<int64_t>(ATTENTION_ROWS, T - first), keys = first + count,
-                        chunks = (keys + 15) / 16, c0 = first_chunk(row_starts, first, count), skipped = c0 * 16;
+          const int64_t count = std::min<int64_t>(ATTENTION_ROWS, T - first), keys = first + count;
+          const KeyChunks chunks = key_chunks(documents, first, count, (keys + 15) / 16);
           const float* rows[ATTENTION_ROWS];
           block_rows(qd + b * q.stride(0) + h * q.stride(2), q.stride(1), first, count, rows);
-          row_block_products(rows, keys_t.get() + skipped, TP, D, chunks - c0, scale, scores.get() + skipped, TP);
-          mask_future(scores.get(), TP, first, count, chunks, row_starts, skipped);
+          for (int range = 0; range < chunks.ranges; ++range) {
+            const int64_t from = chunks.from[range];
+            row_block_products(rows, keys_t.get() + from * 16, TP, D, chunks.to[range] - from, scale,
+                               scores.get() + from * 16, TP);
+          }
+          mask_unseen(scores.get(), TP, first, count, chunks, documents);
           float inverse[ATTENTION_ROWS];
           for (int r = 0; r < count; ++r) {
             float* s = scores.get() + r * TP;
-            Vector16 peak = load16f(s + skipped);
-            for (int64_t c = c0 + 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
+            Vector16 peak = Vector16{} - std::numeric_limits<float>::infinity();
+            for (int range = 0; range < chunks.ranges; ++range)
+              for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) peak = max16(peak, load16f(s + c * 16));
             const float m = lane_max(peak);
             Vector16 total = {};
-            for (int64_t c = c0; c < chunks; ++c) {
-              const Vector16 e = exp16(load16f(s + c * 16) - m);
-              store16(s + c * 16, e);
-              total += e;
-            }
+            for (int range = 0; range < chunks.ranges; ++range)
+              for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) {
+                const Vector16 e = exp16(load16f(s + c * 16) - m);
+                store16(s + c * 16, e);
+                total += e;
+              }
             const float sum = lane_sum(total);
             inverse[r] = 1.f / sum;
             ld[(b * H + h) * T + first + r] = m + std::log(sum);
           }
-          row_block_weighted_sums(scores.get() + skipped, TP, values.data() + skipped, DV, keys - skipped, mixed.get(), DV);
+          for (int range = 0; range < chunks.ranges; ++range) {  // the ranges' sums added up
+            const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, keys);
+            row_block_weighted_sums(scores.get() + from, TP, values.data() + from, DV, to - from,
+                                    range == 0 ? mixed.get() : part.get(), DV);
+            if (range > 0)
+              for (int64_t e = 0; e < ATTENTION_ROWS * DV; ++e) mixed[e] += part[e];
+          }
           for (int r = 0; r < count; ++r) {
             float* o = od + ((b * T + first + r) * H + h) * DV;
             for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
@@ -907,11 +983,12 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
 std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, const torch::Tensor& k,
                                                      const torch::Tensor& v, const torch::Tensor& out,
                                                      const torch::Tensor& lse, const torch::Tensor& grad_out_,
-                                                     double scale_, const c10::optional<torch::Tensor>& starts_) {
+                                                     double scale_, const c10::optional<torch::Tensor>& starts,
+                                                     const c10::optional<torch::Tensor>& prefix) {
   const auto shape = attention_shape(q, k, v, "causal_attention_backward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
                 DV = shape.value_dim, TP = shape.padded, G = H / KVH;
-  const int64_t* starts = segment_starts(starts_, B, T, "causal_attention_backward");
+  sequence_documents(starts, prefix, B, T, 0, "causal_attention_backward");  // checks them
   TORCH_CHECK(out.is_contiguous() && out.sizes() == grad_out_.sizes() && out.size(3) == DV && lse.is_contiguous() &&
                   lse.size(2) == T && lse.scalar_type() == at::kFloat && grad_out_.scalar_type() == at::kFloat,
               "causal_attention_backward: out and lse as the forward returned them, grad_out shaped like out");
@@ -927,7 +1004,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> keys_t(new float[D * TP]), values_t(new float[DV * TP]), dkeys_t(new float[D * TP]),
         dvalues_t(new float[DV * TP]), probs(new float[GRADIENT_ROWS * TP]), dscores(new float[GRADIENT_ROWS * TP]),
-        dquery(new float[ATTENTION_ROWS * D]), q_block_t(new float[D * GRADIENT_ROWS]),
+        dquery(new float[ATTENTION_ROWS * D]), dquery_part(new float[ATTENTION_ROWS * D]), q_block_t(new float[D * GRADIENT_ROWS]),
         g_block_t(new float[DV * GRADIENT_ROWS]);
     std::vector<const float*> keys_rows(T);
     for (int64_t task = begin; task < end; ++task) {
@@ -938,7 +1015,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
       for (int64_t j = 0; j < T; ++j) keys_rows[j] = key + j * k.stride(1);
       std::fill(dkeys_t.get(), dkeys_t.get() + D * TP, 0.f);
       std::fill(dvalues_t.get(), dvalues_t.get() + DV * TP, 0.f);
-      const int64_t* row_starts = starts == nullptr ? nullptr : starts + b * T;
+      const Documents documents = sequence_documents(starts, prefix, B, T, b, "causal_attention_backward");
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         const float* row_lse = ld + (b * H + h) * T;
         const float* q_head = qd + b * q.stride(0) + h * q.stride(2);
@@ -946,8 +1023,8 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
         // GRADIENT_ROWS query rows at a time (from a multiple of 16, so all of them see the same key
         // chunks), scored ATTENTION_ROWS at a time
         for (int64_t block = 0; block < T; block += GRADIENT_ROWS) {
-          const int64_t chunks = block / 16 + 1, keys = std::min(T, block + GRADIENT_ROWS);
-          const int64_t c0 = first_chunk(row_starts, block, keys - block), skipped = c0 * 16;
+          const int64_t keys = std::min(T, block + GRADIENT_ROWS);
+          const KeyChunks chunks = key_chunks(documents, block, keys - block, block / 16 + 1);
           const float *q_rows[GRADIENT_ROWS], *g_rows[GRADIENT_ROWS];
           block_rows(q_head, q.stride(1), block, keys - block, q_rows, GRADIENT_ROWS);
           block_rows(g_head, grad_out.stride(1), block, keys - block, g_rows, GRADIENT_ROWS);
@@ -958,40 +1035,52 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
             const float* const* q_part = q_rows + (first - block);
             const float* const* g_part = g_rows + (first - block);
             if (count > 0) {
-              row_block_products(q_part, keys_t.get() + skipped, TP, D, chunks - c0, scale, p + skipped, TP);  // scores
-              row_block_products(g_part, values_t.get() + skipped, TP, DV, chunks - c0, 1.f, ds + skipped, TP);  // dP = dO v^T
-              mask_future(p, TP, first, count, chunks, row_starts, skipped);
+              for (int range = 0; range < chunks.ranges; ++range) {
+                const int64_t from = chunks.from[range], size = chunks.to[range] - from;
+                row_block_products(q_part, keys_t.get() + from * 16, TP, D, size, scale, p + from * 16, TP);  // scores
+                row_block_products(g_part, values_t.get() + from * 16, TP, DV, size, 1.f, ds + from * 16, TP);  // dP = dO v^T
+              }
+              mask_unseen(p, TP, first, count, chunks, documents);
             }
             for (int r = 0; r < ATTENTION_ROWS; ++r) {
               float* pr = p + r * TP;
               float* dsr = ds + r * TP;
               if (r >= count) {  // a padding row: no probabilities, no gradient
-                std::fill(pr + skipped, pr + chunks * 16, 0.f);
-                std::fill(dsr + skipped, dsr + chunks * 16, 0.f);
+                for (int range = 0; range < chunks.ranges; ++range) {
+                  std::fill(pr + chunks.from[range] * 16, pr + chunks.to[range] * 16, 0.f);
+                  std::fill(dsr + chunks.from[range] * 16, dsr + chunks.to[range] * 16, 0.f);
+                }
                 continue;
               }
               const int64_t i = first + r;
               const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
               const float m = row_lse[i];
-              for (int64_t c = c0; c < chunks; ++c) {
-                const Vector16 prob = exp16(load16f(pr + c * 16) - m);
-                store16(pr + c * 16, prob);
-                store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
-              }
+              for (int range = 0; range < chunks.ranges; ++range)
+                for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) {
+                  const Vector16 prob = exp16(load16f(pr + c * 16) - m);
+                  store16(pr + c * 16, prob);
+                  store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
+                }
             }
             if (count > 0) {
-              row_block_weighted_sums(ds + skipped, TP, keys_rows.data() + skipped, D, first + count - skipped, dquery.get(),
-                                      D);  // dQ = dS k
+              for (int range = 0; range < chunks.ranges; ++range) {  // dQ = dS k, the ranges' sums added up
+                const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, first + count);
+                row_block_weighted_sums(ds + from, TP, keys_rows.data() + from, D, to - from,
+                                        range == 0 ? dquery.get() : dquery_part.get(), D);
+                if (range > 0)
+                  for (int64_t e = 0; e < ATTENTION_ROWS * D; ++e) dquery[e] += dquery_part[e];
+              }
               for (int r = 0; r < count; ++r)
                 std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D, dqd + ((b * T + first + r) * H + h) * D);
             }
           }
           transpose_row_block(q_head + block * q.stride(1), q.stride(1), keys - block, D, q_block_t.get());
           transpose_row_block(g_head + block * grad_out.stride(1), grad_out.stride(1), keys - block, DV, g_block_t.get());
-          accumulate_row_block(q_block_t.get(), dscores.get() + skipped, TP, D, chunks - c0, dkeys_t.get() + skipped,
-                               TP);  // dK^T += q^T dS
-          accumulate_row_block(g_block_t.get(), probs.get() + skipped, TP, DV, chunks - c0, dvalues_t.get() + skipped,
-                               TP);  // dV^T += dO^T P
+          for (int range = 0; range < chunks.ranges; ++range) {
+            const int64_t from = chunks.from[range] * 16, size = chunks.to[range] - chunks.from[range];
+            accumulate_row_block(q_block_t.get(), dscores.get() + from, TP, D, size, dkeys_t.get() + from, TP);   // dK^T += q^T dS
+            accumulate_row_block(g_block_t.get(), probs.get() + from, TP, DV, size, dvalues_t.get() + from, TP);  // dV^T += dO^T P
+          }
         }
       }
       for (int64_t j = 0; j < T; ++j) {
@@ -1845,10 +1934,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up, or with grad its gradients", py::arg("gate"), py::arg("up"), py::arg("grad") = py::none());
   m.def("token_logprobs", &token_logprobs, "per-token log-probs, entropy and (in place) the logits' gradient");
   m.def("causal_attention_forward", &causal_attention_forward, "causal self-attention (fp32) and its log-sum-exp",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("starts") = py::none());
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("starts") = py::none(),
+        py::arg("prefix") = py::none());
   m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("scale"),
-        py::arg("starts") = py::none());
+        py::arg("starts") = py::none(), py::arg("prefix") = py::none());
   m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
