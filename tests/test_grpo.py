@@ -15,6 +15,7 @@ from nanoseek.errors import ConfigError, TrainingError
 from nanoseek.infer.engine import Engine
 from nanoseek.model import CausalLM
 from nanoseek.train.grpo import (
+    PACKED_MULTIPLE,
     GRPOConfig,
     Rollout,
     Rollouts,
@@ -251,7 +252,8 @@ def test_packed_rows_give_the_log_probs_entropy_and_gradients_of_the_padded_batc
     hook.remove()
     prompts = {(int(g), int(p)): int(p) for g, p in zip(batch["groups"], batch["prompt_lengths"], strict=True)}
     shared = sum(prompts.values()) + int((batch["lengths"] - batch["prompt_lengths"]).sum())
-    assert len(prompts) == 4 and shapes == [(1, shared), tuple(batch["input_ids"].shape)]  # 4 prompts, 4 completions each
+    rounded = -(-shared // PACKED_MULTIPLE) * PACKED_MULTIPLE  # with a padding document
+    assert len(prompts) == 4 and shapes == [(1, rounded), tuple(batch["input_ids"].shape)]  # 4 prompts, 4 completions each
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-5)
     assert packed[0][batch["completion_mask"]].abs().min() > 0
@@ -270,9 +272,10 @@ def test_shared_prompt_layout_shares_only_equal_prompts_of_a_group(tmp_path):
     rollout = Rollout(group_ids=[0, 0, 0, 1, 2], prompt_ids=prompts, completion_ids=completions, texts=[""] * 5,
                       engine_logprobs=[[0.0] * len(c) for c in completions], truncated=[False] * 5)
     batch = rollouts.pad_rows(rollout, range(5), torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5]))
-    source, positions, documents, completion_index = shared_prompt_layout(batch)
+    tokens, positions, documents, completion_index = shared_prompt_layout(batch)
     # prompts of rows 0 (shared by row 1), 2, 3 and 4, and each row's completion but its last token
-    assert len(source) == 4 + 4 + 4 + 2 + (2 + 0 + 1 + 3 + 1)
+    assert len(tokens) == 4 + 4 + 4 + 2 + (2 + 0 + 1 + 3 + 1)
+    assert tokens.tolist()[:6] == [5, 6, 7, 8, 20, 21] and len(shared_prompt_layout(batch, 16)[0]) == 32
     assert positions.tolist()[:7] == [0, 1, 2, 3, 4, 5, 0]  # row 0's prompt and completion, row 1's (none), row 2's prompt
     assert completion_index.tolist()[:4] == [3, 4, 5, 3]  # row 1's only token is predicted from row 0's prompt
     assert documents.starts is not None and documents.longest == 7

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.data.loader import EpochLoader, EpochSampler
@@ -246,10 +247,15 @@ def completion_logprobs(
     distributions (detached). Logits are computed only at completion positions. Returns the model
     output too (its router statistics drive the MoE bias update)."""
     mask = batch["completion_mask"]
-    hidden, output = completion_hidden_states(model, batch)
+    hidden, output, packed = completion_hidden_states(model, batch)
     targets, head = batch["targets"][mask], model.lm_head
     if is_plain_linear(head) and head.bias is None:  # fused with the head: no [tokens, vocab] log-softmax kept
+        rows = hidden.shape[0]
+        if packed and rows % PACKED_MULTIPLE:  # a repeated shape for the head's products too (zero rows, dropped)
+            padding = PACKED_MULTIPLE - rows % PACKED_MULTIPLE
+            hidden, targets = F.pad(hidden, (0, 0, 0, padding)), F.pad(targets, (0, padding))
         chosen, values = linear_token_logprobs(hidden, head.weight, targets, temperature, entropy)
+        chosen, values = chosen[:rows], None if values is None else values[:rows]
     else:  # a quantized or otherwise replaced head
         logits = head(hidden).float()
         if temperature != 1.0:
@@ -265,32 +271,41 @@ def completion_logprobs(
     return logprobs, token_entropy, output
 
 
-def completion_hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
-    """The final hidden states at the completion positions, [tokens, hidden] in row order, and the model
-    output. Where packed documents take the fused attention (`fused_documents`: CPU, fp32) the rows go
-    through the model as one sequence of documents (`shared_prompt_layout`): each prompt once, each
-    completion a document that sees it, no padding; else as the padded batch."""
+# A packed update's length is rounded up to a multiple of this (one padding document at the end), and the
+# head's rows likewise: oneDNN's products are prepared per shape and taken from a shape's second use on
+# (kernels.repeated_shape), and a rollout's token count changes every step. 128 costs a few padding
+# tokens (<= 3% of the bench's ~3,700) for a handful of shapes that recur.
+PACKED_MULTIPLE = 128
+
+
+def completion_hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any, bool]:
+    """The final hidden states at the completion positions, [tokens, hidden] in row order, the model
+    output, and whether the rows were packed. Where packed documents take the fused attention
+    (`fused_documents`: CPU, fp32) the rows go through the model as one sequence of documents
+    (`shared_prompt_layout`): each prompt once, each completion a document that sees it, no padding
+    but up to PACKED_MULTIPLE; else as the padded batch."""
     ids, mask, lengths = batch["input_ids"], batch["completion_mask"], batch.get("lengths")
     dtype = next(model.parameters()).dtype
     if lengths is None or "prompt_lengths" not in batch or not fused_documents(ids.device, dtype, int(lengths.max())):
         output = model(ids, logits_to_keep=1)
-        return output.hidden_states[mask], output
-    source, positions, documents, completions = shared_prompt_layout(batch)
-    output = model(ids.flatten()[source][None], positions=positions[None], document_ids=documents, logits_to_keep=1)
-    return output.hidden_states[0][completions], output
+        return output.hidden_states[mask], output, False
+    tokens, positions, documents, completions = shared_prompt_layout(batch, PACKED_MULTIPLE)
+    output = model(tokens[None], positions=positions[None], document_ids=documents, logits_to_keep=1)
+    return output.hidden_states[0][completions], output, True
 
 
-def shared_prompt_layout(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, DocumentMask, torch.Tensor]:
+def shared_prompt_layout(batch: Batch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, DocumentMask, torch.Tensor]:
     """A micro-batch's rows (`pad_rows`: with their `lengths` and `prompt_lengths`) as one packed sequence:
     every distinct prompt once (rows of one of `groups` share theirs, if the batch has them and the
-    tokens agree), then each row's completion tokens as a document that also sees its prompt, and no
-    padding. In the `qwen2-nano` bench (G = 8, ~10-token
-    prompts, up to 64 completion tokens) that is ~3,700 positions instead of 64 x 74 = 4,736.
+    tokens agree), then each row's completion tokens as a document that also sees its prompt; no
+    padding but a last document of pad tokens that rounds the length up to a `multiple`. In the
+    `qwen2-nano` bench (G = 8, ~10-token prompts, up to 64 completion tokens) that is ~3,700 positions
+    instead of 64 x 74 = 4,736.
 
-    Returns the flat indices into input_ids of the packed tokens [N], their positions [N] (as in their
-    row: the same rotary angles), the DocumentMask [1, N], and, in the row-major order of
-    `completion_mask`, the packed index of each completion position's hidden state (a completion's first
-    token is predicted from its prompt's last one, shared by the group)."""
+    Returns the packed token ids [N], their positions [N] (as in their row: the same rotary angles),
+    the DocumentMask [1, N], and, in the row-major order of `completion_mask`, the packed index of each
+    completion position's hidden state (a completion's first token is predicted from its prompt's last
+    one, shared by the group)."""
     ids, lengths, prompts = batch["input_ids"], batch["lengths"], batch["prompt_lengths"]
     device, width = ids.device, ids.shape[1]
     groups = batch["groups"].tolist() if "groups" in batch else list(range(len(ids)))
@@ -315,10 +330,17 @@ def shared_prompt_layout(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Docu
     offset = torch.arange(len(segment), device=device) - segment_start[segment]
     source = segment_row[segment] * width + segment_col[segment] + offset
     positions = segment_col[segment] + offset
+    tokens = ids.flatten()[source]
     prompt_start = segment_start[0::2][leader]  # where each row's prompt lies in the packed sequence
     is_completion = segment % 2 == 1
     seen = torch.stack((prompt_start, prompt_start + prompts), dim=1)[segment_row[segment]]
     prefix = torch.where(is_completion[:, None], seen, 0)
+    if len(tokens) % multiple:  # the padding document
+        padding = multiple - len(tokens) % multiple
+        tokens = torch.cat((tokens, tokens.new_zeros(padding)))
+        positions = torch.cat((positions, torch.arange(padding, device=device)))
+        segment = torch.cat((segment, segment.new_full((padding,), len(segment_len))))
+        prefix = torch.cat((prefix, prefix.new_zeros(padding, 2)))
     mask = DocumentMask(segment[None], prefix[None])
     # a row's completion positions: its prompt's last token, then its own tokens but the last
     entries = torch.where(completed, own + 1, 0)
@@ -326,7 +348,7 @@ def shared_prompt_layout(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Docu
     k = torch.arange(len(entry_row), device=device) - (entries.cumsum(0) - entries)[entry_row]
     completions = torch.where(k == 0, prompt_start[entry_row] + prompts[entry_row] - 1,
                               segment_start[1::2][entry_row] + k - 1)
-    return source, positions, mask, completions
+    return tokens, positions, mask, completions
 
 
 def make_loss_fn(config: GRPOConfig):
