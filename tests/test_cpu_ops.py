@@ -543,18 +543,28 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
     (1, 33, 2, 2, 130, 70),   # head dims past 64 (the weighted sums' 64-wide chunks)
     (2, 17, 8, 2, 64, 64),
 ])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "documents", "shared prefix"])
 def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq, heads, kv_heads, dim, value_dim, packed):
     """The fused training attention (forward, and the backward from its saved log-sum-exp) against SDPA
     in fp64, on strided inputs (views into wider tensors, as q/k/v split from a projection are); packed:
     within documents (`DocumentMask.starts`: documents of 1 to dozens of positions, boundaries inside
-    the kernel's 4- and 16-row blocks), against SDPA with the dense mask."""
+    the kernel's 4- and 16-row blocks), against SDPA with the dense mask; shared prefix: every document
+    also sees the first one (a GRPO prompt and its completions), which lies a key range apart for the
+    later documents and touches the rows' own keys for the first ones."""
     generator = torch.Generator().manual_seed(seq)
     documents = None
-    if packed:
+    if packed is not None:
         cuts = torch.rand(batch, seq, generator=generator) < 0.15
         cuts[:, 1:2] = True  # a one-position document first
-        documents = attention.DocumentMask(cuts.long().cumsum(dim=1))
+        if packed == "shared prefix":  # a 20-position one instead: the prompt
+            cuts[:, :20], cuts[:, 20:21] = False, True
+        ids = cuts.long().cumsum(dim=1)
+        prefix = None
+        if packed == "shared prefix":  # documents after the first see it: [0, its length)
+            first_length = (ids == ids[:, :1]).sum(dim=1)
+            prefix = torch.stack((torch.zeros_like(ids), first_length[:, None].expand_as(ids)), dim=-1)
+            prefix = torch.where((ids != ids[:, :1])[..., None], prefix, 0)
+        documents = attention.DocumentMask(ids, prefix)
         assert documents.starts is not None
     wide = torch.randn(batch, seq, heads * dim + kv_heads * (dim + value_dim) + 5, generator=generator)
     query, key, value, _ = wide.split([heads * dim, kv_heads * dim, kv_heads * value_dim, 5], dim=-1)
