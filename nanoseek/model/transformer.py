@@ -225,7 +225,10 @@ class CausalLM(nn.Module):
         for depth, module in enumerate(self.mtp, start=1):
             length = seq - depth
             embeddings = self.model.embed_tokens(input_ids[:, depth:])
-            depth_mask = mask.narrow(length) if isinstance(mask, DocumentMask) else None if mask is None else mask[..., :length, :length]
+            if isinstance(mask, DocumentMask):
+                depth_mask = mask.narrow(length)
+            else:
+                depth_mask = None if mask is None else mask[..., :length, :length]
             previous, stats = module(
                 embeddings, previous[:, :length], angles.narrow(length), mask=depth_mask, balance_loss=balance_loss
             )

@@ -293,7 +293,8 @@ void rope_rows(const T* x, const float* cos, const float* sin, T* y, int64_t bat
         const __m512 signs = _mm512_set_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
         for (int64_t i = 0; i < dim; i += 16) {
           const int64_t count = std::min<int64_t>(16, dim - i);
-          const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1), pairs = static_cast<__mmask16>((1u << (count / 2)) - 1);
+          const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1);
+          const __mmask16 pairs = static_cast<__mmask16>((1u << (count / 2)) - 1);
           const __m512 v = _mm512_maskz_loadu_ps(lanes, in + i), swapped = _mm512_permute_ps(v, 0xB1);
           const __m512 cv = _mm512_permutexvar_ps(widen, _mm512_maskz_loadu_ps(pairs, c + i / 2));
           const __m512 sv = _mm512_mul_ps(_mm512_permutexvar_ps(widen, _mm512_maskz_loadu_ps(pairs, n + i / 2)), signs);
@@ -873,9 +874,12 @@ void mask_unseen(float* scores, int64_t stride, int64_t first, int64_t count, co
       // seen: [prefix begin, prefix end) and [start, position]; an empty prefix is taken as [start, start)
       const int64_t start = documents.starts[position];
       int64_t prefix_begin = start, prefix_end = start;
-      if (documents.prefix != nullptr && documents.prefix[2 * position] < documents.prefix[2 * position + 1])
-        prefix_end = std::min(documents.prefix[2 * position + 1], start), prefix_begin = std::min(documents.prefix[2 * position], prefix_end);
-      for (const auto& [a, b] : {std::pair{from, prefix_begin}, std::pair{prefix_end, start}, std::pair{position + 1, to}})
+      if (documents.prefix != nullptr && documents.prefix[2 * position] < documents.prefix[2 * position + 1]) {
+        prefix_end = std::min(documents.prefix[2 * position + 1], start);
+        prefix_begin = std::min(documents.prefix[2 * position], prefix_end);
+      }
+      const std::pair<int64_t, int64_t> unseen[3] = {{from, prefix_begin}, {prefix_end, start}, {position + 1, to}};
+      for (const auto& [a, b] : unseen)
         if (std::max(a, from) < std::min(b, to)) std::fill(row + std::max(a, from), row + std::min(b, to), minus_inf);
     }
   }
@@ -1004,7 +1008,8 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> keys_t(new float[D * TP]), values_t(new float[DV * TP]), dkeys_t(new float[D * TP]),
         dvalues_t(new float[DV * TP]), probs(new float[GRADIENT_ROWS * TP]), dscores(new float[GRADIENT_ROWS * TP]),
-        dquery(new float[ATTENTION_ROWS * D]), dquery_part(new float[ATTENTION_ROWS * D]), q_block_t(new float[D * GRADIENT_ROWS]),
+        dquery(new float[ATTENTION_ROWS * D]), dquery_part(new float[ATTENTION_ROWS * D]),
+        q_block_t(new float[D * GRADIENT_ROWS]),
         g_block_t(new float[DV * GRADIENT_ROWS]);
     std::vector<const float*> keys_rows(T);
     for (int64_t task = begin; task < end; ++task) {
@@ -1038,7 +1043,8 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
               for (int range = 0; range < chunks.ranges; ++range) {
                 const int64_t from = chunks.from[range], size = chunks.to[range] - from;
                 row_block_products(q_part, keys_t.get() + from * 16, TP, D, size, scale, p + from * 16, TP);  // scores
-                row_block_products(g_part, values_t.get() + from * 16, TP, DV, size, 1.f, ds + from * 16, TP);  // dP = dO v^T
+                row_block_products(g_part, values_t.get() + from * 16, TP, DV, size, 1.f, ds + from * 16,
+                                   TP);  // dP = dO v^T
               }
               mask_unseen(p, TP, first, count, chunks, documents);
             }
@@ -1078,8 +1084,9 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
           transpose_row_block(g_head + block * grad_out.stride(1), grad_out.stride(1), keys - block, DV, g_block_t.get());
           for (int range = 0; range < chunks.ranges; ++range) {
             const int64_t from = chunks.from[range] * 16, size = chunks.to[range] - chunks.from[range];
-            accumulate_row_block(q_block_t.get(), dscores.get() + from, TP, D, size, dkeys_t.get() + from, TP);   // dK^T += q^T dS
-            accumulate_row_block(g_block_t.get(), probs.get() + from, TP, DV, size, dvalues_t.get() + from, TP);  // dV^T += dO^T P
+            // dK^T += q^T dS, dV^T += dO^T P
+            accumulate_row_block(q_block_t.get(), dscores.get() + from, TP, D, size, dkeys_t.get() + from, TP);
+            accumulate_row_block(g_block_t.get(), probs.get() + from, TP, DV, size, dvalues_t.get() + from, TP);
           }
         }
       }
