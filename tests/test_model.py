@@ -433,6 +433,22 @@ def test_router_bias_stays_fp32_in_bf16_model():
     assert model.model.layers[1].mlp.gate.e_score_correction_bias not in set(model.parameters())
 
 
+@pytest.mark.parametrize("grad", [False, True])  # the fused routing kernel (inference) and the PyTorch ops
+def test_router_logits_stay_fp32_under_autocast(grad):
+    """Router logits are fp32 under bf16 autocast too (DeepSeek and HF upcast both operands): the same
+    weights, indices and scores as without autocast. (The linear would otherwise autocast to bf16,
+    and the fused routing kernel refused its bf16 logits: a bf16 GRPO rollout of a MoE model crashed.)"""
+    router = build_model(tiny_config("v3"), seed=0).model.layers[1].mlp.gate
+    x = torch.randn(7, router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.set_grad_enabled(grad):
+        expected = router(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = router(x)
+    assert got[2].dtype == torch.float32
+    for value, want in zip(got, expected, strict=True):
+        assert torch.equal(value, want)
+
+
 def test_mtp_targets_never_cross_packed_documents():
     """Depth 1 at the last token of document A would predict document B's second token: ignored."""
     model = build_model(tiny_config("v3"), seed=0).eval()

@@ -66,7 +66,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (weights [tokens, k] fp32, indices [tokens, k], scores [tokens, E] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits under autocast too (DeepSeek's and HF's)
+            logits = F.linear(x.float(), self.weight.float())
         if (kernels := cpu_ops.for_inference(logits)) is not None:  # the ~20 ops below as one
             return tuple(kernels.route(
                 logits, self.e_score_correction_bias if self.topk_method == "noaux_tc" else None,
