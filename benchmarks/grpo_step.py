@@ -8,7 +8,9 @@ at most `--completion-length` tokens at temperature 1, the same reward functions
 ours), beta, learning rate, loss type (dapo), one optimizer step per rollout, in one process with
 the same thread count. A step is rollout + rewards + advantages + update; the first `--warmup` steps
 are not timed; the sides alternate for `--rounds` runs each and each figure is the median of the
-per-run median steps (the load of a shared machine drifts).
+per-run median steps (the load of a shared machine drifts). Each round runs with its own seed (both
+sides), so no run replays an earlier run's rollouts: caches keyed by shape (oneDNN's prepared
+products) stay as cold as in a real run, where every step's token count is new.
 
 Two reward settings, because ours does not run rows whose gradient is exactly zero (advantage 0 at
 beta = 0): `task` (accuracy + format, the R1 rewards: with random weights nearly every group scores
@@ -72,13 +74,13 @@ def benchmark_rows(count: int) -> list[dict]:
     return [{"prompt": row["prompt"], "answer": row["answer"], "task": row["task"]} for row in rows]
 
 
-def run_ours(directory: Path, args: argparse.Namespace, runs: Path, rewards: str) -> dict:
+def run_ours(directory: Path, args: argparse.Namespace, runs: Path, rewards: str, seed: int = 0) -> dict:
     completions = args.prompts * args.generations
     overrides = [
         f"max_steps={args.warmup + args.steps}", f"num_generations={args.generations}", f"global_batch_size={completions}",
         f"micro_batch_size={completions}", f"max_completion_length={args.completion_length}", f"beta={args.beta}",
         f"lr={args.lr}", "loss_type=dapo", "eval_problems=0", "checkpoint_every=0", "peak_tflops=1",
-        "bias_update_speed=0",
+        "bias_update_speed=0", f"seed={seed}",
     ]
     runs.mkdir(parents=True, exist_ok=True)
     prompts = runs / "prompts.jsonl"
@@ -95,7 +97,7 @@ def run_ours(directory: Path, args: argparse.Namespace, runs: Path, rewards: str
     }
 
 
-def run_trl(directory: Path, args: argparse.Namespace, runs: Path, rewards: str) -> dict:
+def run_trl(directory: Path, args: argparse.Namespace, runs: Path, rewards: str, seed: int = 0) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -120,7 +122,7 @@ def run_trl(directory: Path, args: argparse.Namespace, runs: Path, rewards: str)
         gradient_accumulation_steps=1, num_generations=args.generations, max_completion_length=args.completion_length,
         temperature=1.0, beta=args.beta, learning_rate=args.lr, loss_type="dapo", use_vllm=False, use_cpu=True,
         bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, seed=seed, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=str(directory), reward_funcs=REWARDS[rewards], args=config,
                           train_dataset=Dataset.from_list(benchmark_rows(args.problems)),
@@ -154,8 +156,8 @@ def main() -> None:
             ours, theirs = [], []
             for round_ in range(args.rounds):  # alternate the sides: load on a shared machine drifts
                 runs = Path(temporary) / f"runs-{round_}"
-                ours.append(run_ours(directory, args, runs, rewards))
-                theirs.append(run_trl(directory, args, runs, rewards))
+                ours.append(run_ours(directory, args, runs, rewards, seed=round_))
+                theirs.append(run_trl(directory, args, runs, rewards, seed=round_))
             ours_s = statistics.median(r["seconds"] for r in ours)
             theirs_s = statistics.median(r["seconds"] for r in theirs)
             results[rewards] = {
