@@ -853,6 +853,25 @@ KeyChunks key_chunks(const Documents& documents, int64_t first, int64_t count, i
   return out;
 }
 
+// f(c) for every scored chunk c, in order.
+template <typename F>
+inline void for_each_chunk(const KeyChunks& chunks, F&& f) {
+  for (int range = 0; range < chunks.ranges; ++range)
+    for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) f(c);
+}
+
+// out[r][0:n] = sum_j p[r][j] * rows[j][0:n] for ATTENTION_ROWS rows over the scored keys below `limit`
+// (each range's sums added up; `part` is scratch the size of out).
+void chunks_weighted_sums(const float* p, int64_t p_stride, const float* const* rows, int64_t n,
+                          const KeyChunks& chunks, int64_t limit, float* out, float* part) {
+  for (int range = 0; range < chunks.ranges; ++range) {
+    const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, limit);
+    row_block_weighted_sums(p + from, p_stride, rows + from, n, to - from, range == 0 ? out : part, n);
+    if (range > 0)
+      for (int64_t e = 0; e < ATTENTION_ROWS * n; ++e) out[e] += part[e];
+  }
+}
+
 // Over the scored chunks, -inf for the keys row r = 0..ATTENTION_ROWS-1 (position first + r) does not see;
 // rows past `count` see none.
 void mask_unseen(float* scores, int64_t stride, int64_t first, int64_t count, const KeyChunks& chunks,
@@ -950,27 +969,19 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
           for (int r = 0; r < count; ++r) {
             float* s = scores.get() + r * TP;
             Vector16 peak = Vector16{} - std::numeric_limits<float>::infinity();
-            for (int range = 0; range < chunks.ranges; ++range)
-              for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) peak = max16(peak, load16f(s + c * 16));
+            for_each_chunk(chunks, [&](int64_t c) { peak = max16(peak, load16f(s + c * 16)); });
             const float m = lane_max(peak);
             Vector16 total = {};
-            for (int range = 0; range < chunks.ranges; ++range)
-              for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) {
-                const Vector16 e = exp16(load16f(s + c * 16) - m);
-                store16(s + c * 16, e);
-                total += e;
-              }
+            for_each_chunk(chunks, [&](int64_t c) {
+              const Vector16 e = exp16(load16f(s + c * 16) - m);
+              store16(s + c * 16, e);
+              total += e;
+            });
             const float sum = lane_sum(total);
             inverse[r] = 1.f / sum;
             ld[(b * H + h) * T + first + r] = m + std::log(sum);
           }
-          for (int range = 0; range < chunks.ranges; ++range) {  // the ranges' sums added up
-            const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, keys);
-            row_block_weighted_sums(scores.get() + from, TP, values.data() + from, DV, to - from,
-                                    range == 0 ? mixed.get() : part.get(), DV);
-            if (range > 0)
-              for (int64_t e = 0; e < ATTENTION_ROWS * DV; ++e) mixed[e] += part[e];
-          }
+          chunks_weighted_sums(scores.get(), TP, values.data(), DV, chunks, keys, mixed.get(), part.get());
           for (int r = 0; r < count; ++r) {
             float* o = od + ((b * T + first + r) * H + h) * DV;
             for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
@@ -1061,21 +1072,15 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, con
               const int64_t i = first + r;
               const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
               const float m = row_lse[i];
-              for (int range = 0; range < chunks.ranges; ++range)
-                for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) {
-                  const Vector16 prob = exp16(load16f(pr + c * 16) - m);
-                  store16(pr + c * 16, prob);
-                  store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
-                }
+              for_each_chunk(chunks, [&](int64_t c) {
+                const Vector16 prob = exp16(load16f(pr + c * 16) - m);
+                store16(pr + c * 16, prob);
+                store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
+              });
             }
             if (count > 0) {
-              for (int range = 0; range < chunks.ranges; ++range) {  // dQ = dS k, the ranges' sums added up
-                const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, first + count);
-                row_block_weighted_sums(ds + from, TP, keys_rows.data() + from, D, to - from,
-                                        range == 0 ? dquery.get() : dquery_part.get(), D);
-                if (range > 0)
-                  for (int64_t e = 0; e < ATTENTION_ROWS * D; ++e) dquery[e] += dquery_part[e];
-              }
+              chunks_weighted_sums(ds, TP, keys_rows.data(), D, chunks, first + count, dquery.get(),
+                                   dquery_part.get());  // dQ = dS k
               for (int r = 0; r < count; ++r)
                 std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D, dqd + ((b * T + first + r) * H + h) * D);
             }
