@@ -40,7 +40,7 @@ And once:
                         MTP layer); notes: acceptance rate (the share of drafts accepted), mean
                         accepted length (tokens emitted per verify forward)
 
-    python benchmarks/decode.py [--configs small qwen2-small] [--rows ...] [--threads N] [--repeats 3]
+    python benchmarks/decode.py [--configs small qwen2-small] [--rows ...] [--threads N] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -66,13 +66,19 @@ from nanoseek.model.moe import RoutedExperts
 
 PROMPT_TOKENS, NEW_TOKENS, CONCURRENT = 64, 128, 16
 MTP_DIR = Path("runs")
+DEVICE = torch.device("cpu")  # --device; both sides run there
 
 
 def emit(bench: str, ours: float, baseline: float | None, unit: str, config: str, **notes) -> None:
     ratio = None if not baseline else round(ours / baseline, 3)
     row = {"bench": bench, "ours": round(ours, 3), "baseline": None if baseline is None else round(baseline, 3),
-           "ratio": ratio, "unit": unit, "config": config, "threads": torch.get_num_threads(), "notes": notes}
+           "ratio": ratio, "unit": unit, "config": config, "threads": torch.get_num_threads(), "device": str(DEVICE), "notes": notes}
     print(json.dumps(row), flush=True)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def alternate(functions: list, repeats: int) -> list[tuple[float, float, object]]:
@@ -82,21 +88,25 @@ def alternate(functions: list, repeats: int) -> list[tuple[float, float, object]
     cpu: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
         for index, function in enumerate(functions):
+            synchronize()
             start, start_cpu = time.perf_counter(), time.process_time()
             results[index] = function()
+            synchronize()
             wall[index].append(time.perf_counter() - start)
             cpu[index].append(time.process_time() - start_cpu)
     return [(statistics.median(w), statistics.median(c), r) for w, c, r in zip(wall, cpu, results, strict=True)]
 
 
 def read_bandwidth(repeats: int = 7) -> tuple[float, float]:
-    """Bytes/s of a sum over a 256 MiB fp32 tensor: (per wall second, per CPU second), medians."""
-    data = torch.ones(256 * 2**20 // 4)
+    """Bytes/s of a sum over a 256 MiB fp32 tensor (on a GPU: 4 GiB): (per wall second, per CPU second), medians."""
+    data = torch.ones((16 if DEVICE.type == "cuda" else 1) * 256 * 2**20 // 4, device=DEVICE)
     data.sum()
     wall, cpu = [], []
     for _ in range(repeats):
+        synchronize()
         start, start_cpu = time.perf_counter(), time.process_time()
         data.sum()
+        synchronize()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     size = data.numel() * 4
@@ -177,14 +187,15 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
     model = build_model(config, seed=0).eval()
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
-        reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval().to(DEVICE)
+    model.to(DEVICE)
     prompts = random_prompts(config, CONCURRENT)
     greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ok = True
 
     @torch.inference_mode()
     def theirs(batch: list[list[int]]):
-        ids = torch.tensor(batch)
+        ids = torch.tensor(batch, device=DEVICE)
         out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         return out[:, PROMPT_TOKENS:].tolist()
@@ -194,7 +205,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
 
     weight_bytes = weight_bytes_per_token(model)  # before the engine packs the weights (same bytes, opaque tensors)
     engine = Engine(model, max_num_seqs=CONCURRENT, prefix_caching=False)  # decode speed, not prompt reuse
-    if "matmul_floor_b1_fp32" in rows:
+    if "matmul_floor_b1_fp32" in rows and DEVICE.type == "cpu":  # replays CPU kernels
         step, products, count = matmul_floor(engine, prompts[0], repeats)
         emit("matmul_floor_b1_fp32", 1 / step, 1 / products, "steps/s", name, matrix_products_per_step=count,
              step_ms=round(step * 1e3, 3), products_ms=round(products * 1e3, 3),
@@ -224,6 +235,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
                 continue
             variant = build_model(config, seed=0, dtype=torch.bfloat16).eval() if scheme == "bf16" else (
                 quantize_model(build_model(config, seed=0).eval(), "int8"))
+            variant.to(DEVICE)
             variant_bytes = weight_bytes_per_token(variant)  # before the engine packs bf16 weights (same bytes)
             variant_engine = Engine(variant, max_num_seqs=CONCURRENT, prefix_caching=False)
             bandwidths.clear()
@@ -244,8 +256,8 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
         emit("decode_b16", total / our_time, total / their_time, "tok/s", name, identical=identical, target_ratio=4.0,
              requests=CONCURRENT, ours_cpu=round(total / our_cpu, 2), baseline_cpu=round(total / their_cpu, 2))
     if "decode_b16_bf16" in rows:
-        variant_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).eval(), max_num_seqs=CONCURRENT,
-                                prefix_caching=False)
+        variant_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).eval().to(DEVICE),
+                                max_num_seqs=CONCURRENT, prefix_caching=False)
         (variant_time, variant_cpu, variant_tokens), (their_time, their_cpu, their_tokens) = alternate(
             [lambda: ours(variant_engine, prompts), lambda: theirs(prompts)], repeats)
         total = CONCURRENT * NEW_TOKENS
@@ -255,7 +267,7 @@ def bench_config(name: str, rows: set[str], repeats: int) -> bool:
              requests=CONCURRENT, token_agreement_with_fp32=round(agreement, 3),
              ours_cpu=round(total / variant_cpu, 2), baseline_cpu=round(total / their_cpu, 2))
     if "kv_bytes_per_token" in rows:
-        bf16_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16), cache_memory=64 << 20)
+        bf16_engine = Engine(build_model(config, seed=0, dtype=torch.bfloat16).to(DEVICE), cache_memory=64 << 20)
         pool = bf16_engine.cache
         measured = sum(b.numel() * b.element_size() for layer in pool.layers for b in layer) // (pool.num_blocks * pool.block_size)
         formula = cache_bytes_per_token(config, torch.bfloat16)
@@ -278,21 +290,21 @@ def trained_mtp_model(layers: int, steps: int, seconds: float):
 
     directory = MTP_DIR / f"bench-mtp-nano-L{layers}"
     if (directory / "model.safetensors").is_file():
-        return load_pretrained(directory), Tokenizer.from_pretrained(directory)
+        return load_pretrained(directory, device=DEVICE), Tokenizer.from_pretrained(directory)
     documents = task_documents(6000, seed=0)
     tokenizer = Tokenizer.train(documents, vocab_size=2048)
     stream = []
     for ids in tokenizer.encode_batch(documents):
         stream += [tokenizer.bos_id, *ids, tokenizer.eos_id]
     data = torch.tensor(stream)
-    model = build_model(ModelConfig.from_preset("nano", num_hidden_layers=layers), seed=0).train()
+    model = build_model(ModelConfig.from_preset("nano", num_hidden_layers=layers), seed=0, device=DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(0)
     batch, length = 8, 128
     started = time.perf_counter()
     for step in range(steps):
         starts = torch.randint(0, len(data) - length - 1, (batch,), generator=generator)
-        window = torch.stack([data[s : s + length + 1] for s in starts.tolist()])
+        window = torch.stack([data[s : s + length + 1] for s in starts.tolist()]).to(DEVICE)
         for group in optimizer.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * max(0.1, 1 - step / steps)
         output = model(window[:, :-1], labels=window[:, 1:], mtp_weight=1.0)
@@ -351,12 +363,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=all_rows, choices=all_rows)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both sides run (matmul_floor: CPU only)")
     parser.add_argument("--mtp-layers", type=int, nargs="+", default=[4, 12], help="depths of the MTP nano models")
     parser.add_argument("--mtp-drafts", type=int, nargs="+", default=[1, 2, 3],
                         help="drafts per speculative step, one row each (1 = the MTP depth alone)")
     parser.add_argument("--mtp-steps", type=int, default=3000, help="training steps of an MTP nano model")
     parser.add_argument("--mtp-seconds", type=float, default=900, help="training time limit of an MTP nano model")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if args.threads:

@@ -306,8 +306,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, overrid
 class Trainer:
     """Owns model, optimizer, schedule, precision, MoE balancing, checkpoints and metrics of one run.
 
-    model: an unwrapped `CausalLM` on the run's device (fp32 master weights). The trainer converts it
-    for FP8 when asked, turns on activation checkpointing, and wraps it for data parallelism.
+    model: an unwrapped `CausalLM` (fp32 master weights). The trainer moves it to the run's device,
+    converts it for FP8 when asked, turns on activation checkpointing, and wraps it for data parallelism.
     run_dir: where `metrics.jsonl` and `checkpoints/step_*` go.
     loss_fn: `(model, batch) -> (loss, metrics)`; default `language_model_loss`.
     tokenizer: saved into every checkpoint, which then is a complete model directory.
@@ -328,7 +328,7 @@ class Trainer:
         self.device = self.topology.device
         self.grad_accum_steps = config.grad_accum_steps(self.topology.world_size)
         self.run_dir = Path(run_dir)
-        self.model = model
+        self.model = model.to(self.device)  # a model built on the CPU trains where the run runs
         self.loss_fn = loss_fn or self.language_model_loss
         self.tokenizer = tokenizer
         self.precision = Precision(config.precision, self.device)
