@@ -38,7 +38,7 @@ def test_two_processes_match_one_process(shards, tmp_path, mode):
     arguments = [
         "pretrain", "--data", str(shards), "--runs-dir", str(tmp_path), "--sample-tokens", "2", *TINY_MODEL_ARGS,
         *FAST_TRAIN_ARGS, "max_steps=5", "eval_every=5", "eval_batches=4", "checkpoint_every=0",
-        "bias_update_speed=0.01", *SETTINGS[mode],
+        "bias_update_speed=0.01", "device=cpu", *SETTINGS[mode],  # gloo on CPU processes, GPU or not
     ]
     two = run_nanoseek([*arguments, "--name", "two"], cwd=tmp_path, launcher=TORCHRUN)
     assert main([*arguments, "--name", "one"]) == 0  # runs while the two ranks train

@@ -138,6 +138,7 @@ def build(tmp_path, overrides=(), reward_functions=None):
     run = resolve_grpo_run(random_model(), from_tasks=64, tasks=["arithmetic"], difficulty=[1],
                            overrides=[*FAST, *overrides], runs_dir=tmp_path, reward_functions=reward_functions)
     run.train.seq_len = run.options.max_prompt_length + run.options.max_completion_length
+    run.train.device = "cpu"  # these tests look inside a CPU step, GPU present or not
     model, tokenizer = load_policy(run.model_dir, run.tokenizer_dir, torch.device("cpu"))
     model.mtp.requires_grad_(False)
     trainer = Trainer(model, run.train, run.run_dir, loss_fn=make_loss_fn(run.options), tokenizer=tokenizer)

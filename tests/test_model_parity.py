@@ -81,6 +81,8 @@ def test_mtp_logits_match_transformers_mtp_model():
     """Our MTP depth against transformers' generic MtpModel on the same weights."""
     from transformers.modeling_layers import MtpModel
 
+    if not hasattr(MtpModel, "forward_layer"):  # the oracle's API (transformers >= 5.23 has it)
+        pytest.skip(f"transformers {transformers.__version__}'s MtpModel has no forward_layer")
     model = randomized_model("v3")
     config = model.config
     hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in config.to_hf().items() if k != "architectures"})

@@ -39,7 +39,8 @@ def shards(tmp_path_factory):
 
 
 def quick_config(**overrides) -> TrainConfig:
-    values = dict(global_batch_size=4, micro_batch_size=2, seq_len=16, max_steps=4, warmup_steps=1, peak_tflops=1.0)
+    values = dict(global_batch_size=4, micro_batch_size=2, seq_len=16, max_steps=4, warmup_steps=1, peak_tflops=1.0,
+                  device="cpu")
     return TrainConfig(**{**values, **overrides})
 
 
@@ -157,7 +158,8 @@ def test_pretrain_cli_logs_metrics_evaluates_checkpoints_and_samples(shards, tmp
     assert (checkpoints[-1] / "tokenizer.json").is_file()
     assert model.config.hidden_size == 32 and model.moe_layers()[0].gate.e_score_correction_bias.abs().sum() > 0
     config = json.loads((run / "run_config.json").read_text())
-    assert config["grad_accum_steps"] == 2 and config["precision"] == "fp32"
+    auto_precision = "bf16" if torch.cuda.is_available() else "fp32"  # the CLI runs where it finds a GPU
+    assert config["grad_accum_steps"] == 2 and config["precision"] == auto_precision
 
     assert main(arguments) == 2  # the run exists: continuing it needs --resume
     assert "--resume" in capsys.readouterr().err

@@ -83,6 +83,11 @@ def init_distributed(device: str | None = None) -> Topology:
         return Topology(device=base)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) "
+                "are visible: start one process per GPU (--nproc_per_node), or train on the CPU with device=cpu"
+            )
         torch.cuda.set_device(local_rank)
         base = torch.device("cuda", local_rank)
     if not dist.is_initialized():
