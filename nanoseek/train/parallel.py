@@ -122,12 +122,16 @@ def parallelize(
         # Router biases are updated identically on every rank from all-reduced counts: no broadcast.
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # The run's device type, named: FSDP's default mesh takes CUDA whenever a GPU is visible, also for a
+    # CPU (gloo) run, whose extra ranks then ask for GPUs that do not exist.
+    mesh = init_device_mesh(topology.device.type, (topology.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in _decoder_blocks(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 
 
