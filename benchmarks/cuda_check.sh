@@ -37,7 +37,7 @@ for step in $STEPS; do
         decode_b1_fp32 roofline_b1_fp32 decode_b1_bf16 decode_b1_int8 decode_b16 decode_b16_bf16 kv_bytes_per_token ;;
     train_throughput) run_step train_throughput 300 $PY benchmarks/train_throughput.py --steps 10 ;;
     fp8_vs_bf16) run_step fp8_vs_bf16 400 $PY benchmarks/train_fp8_vs_bf16.py --steps 300 ;;
-    speedrun) TAIL=40 run_step speedrun ${SPEEDRUN_SECONDS:-420} $PY -m nanoseek.cli speedrun ${SPEEDRUN_ARGS:---quick} --runs-dir "$OUT/runs" ;;
+    speedrun) TAIL=40 run_step speedrun ${SPEEDRUN_SECONDS:-420} $PY -m nanoseek.cli speedrun ${SPEEDRUN_ARGS:---quick} --runs-dir "${RUNS_DIR:-$OUT/runs}" ;;
     distributed) run_step distributed 200 $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
