@@ -111,6 +111,19 @@ def reference_greedy_on(model, prompt, steps):
     return ids[len(prompt):], logprobs
 
 
+def test_moe_decode_on_cuda_runs_every_expert_at_once_with_the_naive_result():
+    """A few tokens on a GPU run all experts as two products (no host sync): the same sums as one token
+    and one expert at a time."""
+    experts = peaky_model("v3").to(CUDA).moe_layers()[0].experts
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(5, experts.gate_up_proj.shape[-1], device=CUDA, generator=generator)
+    indices = torch.stack([torch.randperm(experts.num_experts, device=CUDA, generator=generator)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, device=CUDA, generator=generator)
+    with torch.no_grad():
+        assert experts.all_at_once_pays(indices)
+        assert relative_error(experts(x, weights, indices), experts.naive_forward(x, weights, indices)) < 1e-5
+
+
 def test_cuda_engine_gives_the_cpu_engines_tokens_absorbed_or_not():
     model = peaky_model("v3")
     expected = [o.outputs[0].token_ids for o in Engine(model, block_size=4).generate(PROMPTS, GREEDY)]
