@@ -16,6 +16,8 @@ from train_fixtures import (
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main
+from nanoseek.errors import ConfigError
+from nanoseek.train import parallel
 from nanoseek.train.checkpointing import latest_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -62,3 +64,14 @@ def test_two_processes_match_one_process(shards, tmp_path, mode):
         torch.testing.assert_close(moe_2.gate.e_score_correction_bias, bias, rtol=0, atol=1e-7)
     for (name, weight_1), weight_2 in zip(one.state_dict().items(), two_model.state_dict().values(), strict=True):
         torch.testing.assert_close(weight_2, weight_1, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_more_local_processes_than_gpus_is_a_config_error(monkeypatch):
+    """torchrun with 2 processes on a host with 1 GPU: one readable error, not CUDA's 'invalid device ordinal'."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(parallel, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="process 1 on this node but only 1 GPU"):
+        parallel.init_distributed()
