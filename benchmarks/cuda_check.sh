@@ -4,7 +4,8 @@
 # to OUT/<step>.log; its exit code, seconds and last lines are printed.
 #
 #     bash benchmarks/cuda_check.sh OUT [step ...]     (steps: env test_cuda suite fp8_linear decode
-#                                                       train_throughput fp8_vs_bf16 speedrun distributed)
+#                                                       train_throughput fp8_vs_bf16 speedrun distributed
+#                                                       rollout grpo_step; the last two need TRL)
 set -u
 OUT=${1:?usage: cuda_check.sh OUT [step ...]}
 shift
@@ -39,6 +40,8 @@ for step in $STEPS; do
     fp8_vs_bf16) run_step fp8_vs_bf16 400 $PY benchmarks/train_fp8_vs_bf16.py --steps 300 ;;
     speedrun) TAIL=40 run_step speedrun ${SPEEDRUN_SECONDS:-420} $PY -m nanoseek.cli speedrun ${SPEEDRUN_ARGS:---quick} --runs-dir "${RUNS_DIR:-$OUT/runs}" ;;
     distributed) run_step distributed 200 $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py ;;
+    rollout) run_step rollout 200 $PY benchmarks/rollout.py --device cuda --threads 4 ;;
+    grpo_step) run_step grpo_step 420 $PY benchmarks/grpo_step.py --device cuda --threads 4 --rounds 3 ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -18,6 +18,7 @@ all-equal, so ours mostly skips the update) and `dense` (a reward that differs b
 so every row is trained on both sides: the like-for-like cost of a step). Prints one JSON line.
 
     python benchmarks/grpo_step.py [--steps 4] [--prompts 8] [--generations 8] [--completion-length 64] [--beta 0]
+                                   [--device cuda]
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run_ours(directory: Path, args: argparse.Namespace, runs: Path, rewards: str
         f"max_steps={args.warmup + args.steps}", f"num_generations={args.generations}", f"global_batch_size={completions}",
         f"micro_batch_size={completions}", f"max_completion_length={args.completion_length}", f"beta={args.beta}",
         f"lr={args.lr}", "loss_type=dapo", "eval_problems=0", "checkpoint_every=0", "peak_tflops=1",
-        "bias_update_speed=0", f"seed={seed}",
+        "bias_update_speed=0", f"seed={seed}", f"device={args.device}", "precision=fp32",  # TRL's precision here
     ]
     runs.mkdir(parents=True, exist_ok=True)
     prompts = runs / "prompts.jsonl"
@@ -120,7 +121,8 @@ def run_trl(directory: Path, args: argparse.Namespace, runs: Path, rewards: str,
     config = GRPOConfig(
         output_dir=str(runs / f"trl-{rewards}"), max_steps=args.warmup + args.steps, per_device_train_batch_size=completions,
         gradient_accumulation_steps=1, num_generations=args.generations, max_completion_length=args.completion_length,
-        temperature=1.0, beta=args.beta, learning_rate=args.lr, loss_type="dapo", use_vllm=False, use_cpu=True,
+        temperature=1.0, beta=args.beta, learning_rate=args.lr, loss_type="dapo", use_vllm=False,
+        use_cpu=args.device == "cpu",
         bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, seed=seed, dataloader_num_workers=0,
     )
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=256, help="prompt pool")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="alternating ours/TRL runs per reward setting")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both sides run (fp32 on both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import trl
@@ -174,7 +177,7 @@ def main() -> None:
         "config": {"model": "qwen2-nano", "prompts_per_step": args.prompts, "num_generations": args.generations,
                    "max_completion_length": args.completion_length, "beta": args.beta, "loss_type": "dapo",
                    "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds},
-        "threads": args.threads, "torch": torch.__version__, "device": "cpu",
+        "threads": args.threads, "torch": torch.__version__, "device": args.device,
     }))
 
 

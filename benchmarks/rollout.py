@@ -7,7 +7,7 @@ same thread count. Ours asks for the sampled tokens' log-probabilities as GRPO d
 the G copies of each prompt left-padded in one batch, as TRL hands them to `generate`. The sides
 alternate for `--rounds` runs each; each figure is the median. Prints one JSON line.
 
-    python benchmarks/rollout.py [--prompts 8] [--generations 8] [--completion-length 64] [--rounds 5]
+    python benchmarks/rollout.py [--prompts 8] [--generations 8] [--completion-length 64] [--rounds 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("--completion-length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both sides run")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,11 +46,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         directory = Path(temporary) / "model"
         make_model_directory(directory)
-        model, tokenizer = load_policy(directory, directory, torch.device("cpu"))
+        model, tokenizer = load_policy(directory, directory, device)
         model.eval()
         engine = Engine(model, tokenizer, max_model_len=256 + args.completion_length,
                         max_num_seqs=args.prompts * args.generations, pack_weights=False)
-        theirs = AutoModelForCausalLM.from_pretrained(directory).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(directory).eval().to(device)
         hf_tokenizer = AutoTokenizer.from_pretrained(directory)
         hf_tokenizer.padding_side = "left"
 
@@ -69,7 +71,7 @@ def main() -> None:
     def run_theirs(round_: int) -> int:
         texts = [hf_tokenizer.apply_chat_template(rows[i]["prompt"], add_generation_prompt=True, tokenize=False)
                  for i in batch(round_) for _ in range(args.generations)]
-        encoded = hf_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = hf_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             out = theirs.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                   max_new_tokens=args.completion_length, pad_token_id=hf_tokenizer.pad_token_id)
@@ -82,7 +84,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):  # alternate: the load of a shared machine drifts
         for side, run in (("ours", run_ours), ("baseline", run_theirs)):
             start = time.perf_counter()
-            counts[side].append(run(round_))  # both sides: the same prompts
+            counts[side].append(run(round_))  # both sides: the same prompts (each ends on the host: synchronized)
             times[side].append(time.perf_counter() - start)
     ours, baseline = statistics.median(times["ours"]), statistics.median(times["baseline"])
     print(json.dumps({
@@ -91,7 +93,7 @@ def main() -> None:
         "mean_tokens": {"ours": statistics.mean(counts["ours"]), "baseline": statistics.mean(counts["baseline"])},
         "config": {"model": "qwen2-nano", "prompts": args.prompts, "num_generations": args.generations,
                    "max_completion_length": args.completion_length, "rounds": args.rounds},
-        "threads": args.threads, "torch": torch.__version__, "device": "cpu",
+        "threads": args.threads, "torch": torch.__version__, "device": args.device,
     }))
 
 
