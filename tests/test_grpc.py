@@ -42,6 +42,7 @@ def generate(stub, **fields) -> list[pb.GenerateResponse]:
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (a dev dependency) regenerates the stubs")
     package = tmp_path / "nanoseek" / "serve" / "proto"
     package.mkdir(parents=True)
     shutil.copy(PROTO_DIR / "nanoseek.proto", package)
