@@ -3,6 +3,13 @@
 # trainer and GRPO then run on it), and the benchmarks that have a GPU mode. Each step's full log goes
 # to OUT/<step>.log; its exit code, seconds and last lines are printed.
 #
+# Run from the repository root with the package importable (PYTHONPATH=$PWD, or `pip install -e .
+# --no-deps`). On a GPU image without our runtime and test dependencies, install them first; stop 26's
+# H100 image (torch 2.11, transformers 5.17) lacked fastapi, starlette, pydantic(-core), uvicorn,
+# opentelemetry-api, datasets, dill, multiprocess, datasketch, trl, openai, httpx2, httpcore2,
+# truststore, jiter, distro (and had an older protobuf and grpcio); schemathesis, selenium and
+# grpcio-tools were not carried, so their test modules do not run there.
+#
 #     bash benchmarks/cuda_check.sh OUT [step ...]     (steps: env test_cuda suite fp8_linear decode
 #                                                       train_throughput fp8_vs_bf16 speedrun distributed
 #                                                       rollout grpo_step; the last two need TRL)
