@@ -7,7 +7,8 @@
 # --no-deps`). On a GPU image without our runtime and test dependencies, install them first; stop 26's
 # H100 image (torch 2.11, transformers 5.17) lacked fastapi, starlette, pydantic(-core), uvicorn,
 # opentelemetry-api, datasets, dill, multiprocess, datasketch, trl, openai, httpx2, httpcore2,
-# truststore, jiter, distro (and had an older protobuf and grpcio); schemathesis, selenium and
+# truststore, jiter, distro (protobuf and grpcio were carried at our versions too, unchecked whether
+# needed); schemathesis, selenium and
 # grpcio-tools were not carried, so their test modules do not run there.
 #
 #     bash benchmarks/cuda_check.sh OUT [step ...]     (steps: env test_cuda suite fp8_linear decode
