@@ -8,8 +8,7 @@
 # H100 image (torch 2.11, transformers 5.17) lacked fastapi, starlette, pydantic(-core), uvicorn,
 # opentelemetry-api, datasets, dill, multiprocess, datasketch, trl, openai, httpx2, httpcore2,
 # truststore, jiter, distro (protobuf and grpcio were carried at our versions too, unchecked whether
-# needed); schemathesis, selenium and
-# grpcio-tools were not carried, so their test modules do not run there.
+# needed); schemathesis, selenium and grpcio-tools were not carried, so their tests do not run there.
 #
 #     bash benchmarks/cuda_check.sh OUT [step ...]     (steps: env test_cuda suite fp8_linear decode
 #                                                       train_throughput fp8_vs_bf16 speedrun distributed
