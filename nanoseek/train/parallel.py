@@ -125,9 +125,12 @@ def parallelize(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # The run's device type, named: FSDP's default mesh takes CUDA whenever a GPU is visible, also for a
-    # CPU (gloo) run, whose extra ranks then ask for GPUs that do not exist.
-    mesh = init_device_mesh(topology.device.type, (topology.world_size,))
+    # FSDP's default mesh is the accelerator's whenever one is visible, also for a CPU (gloo) run, whose
+    # extra ranks then ask for GPUs that do not exist: such a run names its device type. Other runs keep
+    # the default (the same mesh, built by FSDP itself).
+    accelerator = torch.accelerator.current_accelerator() or torch.device("cpu")
+    named = topology.device.type != accelerator.type
+    mesh = init_device_mesh(topology.device.type, (topology.world_size,)) if named else None
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in _decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
