@@ -43,11 +43,12 @@ def tiny_tokenizer() -> Tokenizer:
 
 
 def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the log-softmax of every step, each step a full forward without cache."""
-    ids, logprobs = list(prompt), []
+    """Greedy tokens and the log-softmax of every step (on the CPU), each step a full forward without cache
+    on the model's device."""
+    ids, logprobs, device = list(prompt), [], next(model.parameters()).device
     with torch.no_grad():
         for _ in range(steps):
-            step = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            step = model(torch.tensor([ids], device=device)).logits[0, -1].float().log_softmax(-1).cpu()
             logprobs.append(step)
             ids.append(int(step.argmax()))
     return ids[len(prompt):], logprobs

@@ -95,20 +95,10 @@ def test_cached_decoding_on_cuda_equals_a_full_forward_token_by_token(name):
     engine = Engine(model, block_size=4)
     assert engine.cache.layers[0][0].device.type == "cuda"
     for prompt, output in zip(PROMPTS, engine.generate(PROMPTS, GREEDY), strict=True):
-        tokens, reference = reference_greedy_on(model, prompt, GREEDY.max_tokens)
+        tokens, reference = reference_greedy(model, prompt, GREEDY.max_tokens)
         assert output.outputs[0].token_ids == tokens
         expected = [float(step[token]) for step, token in zip(reference, tokens, strict=True)]
         assert output.outputs[0].logprobs == pytest.approx(expected, abs=1e-4)
-
-
-def reference_greedy_on(model, prompt, steps):
-    ids, logprobs = list(prompt), []
-    with torch.no_grad():
-        for _ in range(steps):
-            step = model(torch.tensor([ids], device=CUDA)).logits[0, -1].float().log_softmax(-1).cpu()
-            logprobs.append(step)
-            ids.append(int(step.argmax()))
-    return ids[len(prompt):], logprobs
 
 
 def test_moe_decode_on_cuda_runs_every_expert_at_once_with_the_naive_result():
