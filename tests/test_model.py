@@ -109,9 +109,11 @@ def test_few_rows_linear_equals_f_linear(threads, rows, bias, monkeypatch):
 
 
 def test_few_row_products_start_where_they_are_told(monkeypatch):
-    """Inside `few_row_products(FEW_ROWS_NEVER)` (an engine decoding a model that stays in cache) a
-    few-row product is one F.linear call; inside `few_row_products(2)` one row is and two rows are not;
-    outside, the transposed product from one row again. The same values every way."""
+    """Without the fused kernels: inside `few_row_products(FEW_ROWS_NEVER)` (an engine decoding a model
+    that stays in cache) a few-row product is one F.linear call; inside `few_row_products(2)` one row
+    is and two rows are not; outside, the transposed product from one row again. The same values every
+    way. (With the kernels every few-row product streams the weight with `rows_linear`: next test.)"""
+    monkeypatch.setattr(cpu_ops, "_state", "off")
     layer = Linear(48, 80)
     calls = []
     original = torch.nn.functional.linear
@@ -127,6 +129,40 @@ def test_few_row_products_start_where_they_are_told(monkeypatch):
         calls.clear()
         layer(torch.randn(1, 1, 48))
     assert len(calls) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("shape", [(80, 48), (4099, 136), (7, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_kernel_equals_f_linear(kernels, threads, shape, bias, monkeypatch):
+    """`cpu_ops.rows_linear` (the weight streamed once in register blocks, its rows split over the
+    threads when large enough) equals F.linear for 1 to FEW_ROWS rows, on shapes off its block sizes
+    (output rows not a multiple of 4, inputs not a multiple of 16) and 2-D or 3-D inputs; `linear`
+    takes it for those rows at inference whatever `few_row_products` says, and not with gradients."""
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features)
+    bias_tensor = torch.randn(out_features) if bias else None
+    calls = []
+    original = kernels.rows_linear
+    monkeypatch.setattr(kernels, "rows_linear", lambda *args: calls.append(1) or original(*args))
+    for rows in range(1, FEW_ROWS + 1):
+        x = torch.randn(rows, 1, in_features)
+        expected = torch.nn.functional.linear(x, weight, bias_tensor)
+        direct = original(x, weight, bias_tensor)
+        assert direct.shape == expected.shape and direct.is_contiguous()
+        torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        with torch.no_grad(), layers.few_row_products(layers.FEW_ROWS_NEVER):
+            torch.testing.assert_close(layers.linear(x.view(rows, in_features), weight, bias_tensor),
+                                       expected.view(rows, out_features), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+    calls.clear()
+    with torch.no_grad():
+        layers.linear(torch.randn(FEW_ROWS + 1, in_features), weight, bias_tensor)  # past the few rows
+    layers.linear(torch.randn(1, in_features), weight.requires_grad_(), bias_tensor)  # recording a gradient
+    assert not calls
+    with pytest.raises(RuntimeError, match="rows_linear"):
+        original(torch.randn(2, in_features + 1), weight.detach())
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")

@@ -18,7 +18,7 @@ from nanoseek.infer.packing import (
     packing_supported,
 )
 from nanoseek.model import build_model, cpu_ops
-from nanoseek.model.layers import is_plain_linear
+from nanoseek.model.layers import PACKED_PLAIN_ROWS, is_plain_linear
 from nanoseek.model.moe import RoutedExperts, all_at_once_threshold
 
 requires_packing = pytest.mark.skipif(
@@ -204,6 +204,35 @@ def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
     pack_model(model)
     with pytest.raises(TrainingError, match="pack_weights=False"):
         model(ids, labels=ids)
+
+
+@requires_fp32_packing
+def test_packed_fp32_weights_stream_their_plain_tensor_for_single_rows(kernels, monkeypatch):
+    """A packed fp32 layer, alone or as a fused projection, keeps its plain weight (the same tensor, no
+    copy): single rows take `rows_linear` on it, more rows oneDNN's packed product; values equal the
+    plain layer's either way, in the modules and in the fused decode layer's products alike."""
+    model = peaky_model("qwen2")
+    fuse_projections(model)
+    head_weight, fused = model.lm_head.weight, model.model.layers[0].self_attn.fused
+    fused_buffer = fused.weight
+    pack_model(model)
+    shared = {head_weight.data_ptr(), fused_buffer.data_ptr()}
+    assert {model.lm_head.plain_weight.data_ptr(), fused.plain.data_ptr()} == shared
+    calls = []
+    original = kernels.rows_linear
+    monkeypatch.setattr(kernels, "rows_linear", lambda *args: calls.append(args[1]) or original(*args))
+    for rows, plain_calls in [(1, 1), (2, 0)]:
+        x = torch.randn(rows, head_weight.shape[1])
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(model.lm_head(x), x @ head_weight.T, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused(x), x @ fused_buffer.T + fused.bias, rtol=1e-5, atol=1e-5)
+            # the fused decode layer's product, handed a doubled plain tensor to show which one it reads
+            kind, packed, bias, scale, plain = model.lm_head.decode_product()
+            product = kernels.Product(2, packed, bias, scale, 2 * plain, PACKED_PLAIN_ROWS)
+            scale_seen = 2 if plain_calls else 1
+            torch.testing.assert_close(product(x, 1, 0, 1 << 62), scale_seen * x @ head_weight.T, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2 * plain_calls and {weight.data_ptr() for weight in calls} <= shared
 
 
 @requires_fp32_packing

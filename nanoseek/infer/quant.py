@@ -129,9 +129,9 @@ class QuantizedLinear(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def decode_product(self) -> tuple | None:
-        """("int8", weight, bias, scale) where `forward` takes the int8 kernel (`nanoseek.model.decode_layer`)."""
+        """("int8", weight, bias, scale, None) where `forward` takes the int8 kernel (`nanoseek.model.decode_layer`)."""
         if self.weight.dtype == torch.int8 and int8_kernel_layout(self.weight):
-            return "int8", self.weight, self.bias, self.weight_scale
+            return "int8", self.weight, self.bias, self.weight_scale, None
         return None
 
 

@@ -44,6 +44,7 @@ from nanoseek.model.layers import (
     Linear,
     RotaryAngles,
     SwiGLU,
+    PACKED_PLAIN_ROWS,
     apply_rope_interleaved,
     few_row_range,
 )
@@ -57,14 +58,15 @@ PRODUCT_KINDS = {"f_linear": 0, "linear": 1, "packed": 2, "int8": 3}
 
 
 def product_of(module) -> tuple | None:
-    """(kind, weight, bias, scale) of a linear layer or fused projection as its forward runs it at
-    inference, or None for one DecodeLayer cannot run (FP8, a broken-up fused projection...)."""
+    """(kind, weight, bias, scale, plain) of a linear layer or fused projection as its forward runs it at
+    inference (plain: a packed fp32 weight's plain tensor, see `packing.packed_linear`), or None for one
+    DecodeLayer cannot run (FP8, a broken-up fused projection...)."""
     if isinstance(module, FusedProjection):
-        return (module.kind, module.weight, module.bias, module.scale) if module.usable else None
+        return (module.kind, module.weight, module.bias, module.scale, module.plain) if module.usable else None
     if type(module) is Linear:
-        return "linear", module.weight, module.bias, None
+        return "linear", module.weight, module.bias, None, None
     if type(module) is nn.Linear:
-        return "f_linear", module.weight, module.bias, None
+        return "f_linear", module.weight, module.bias, None, None
     decode_product = getattr(module, "decode_product", None)
     return decode_product() if decode_product is not None else None
 
@@ -136,8 +138,8 @@ def _same(a, b) -> bool:
 
 
 def _product(spec: tuple):
-    kind, weight, bias, scale = spec
-    return cpu_ops.load().Product(PRODUCT_KINDS[kind], weight, bias, scale)
+    kind, weight, bias, scale, plain = spec
+    return cpu_ops.load().Product(PRODUCT_KINDS[kind], weight, bias, scale, plain, PACKED_PLAIN_ROWS)
 
 
 def _build(layer, sources: tuple):

@@ -22,6 +22,9 @@ FEW_ROWS = 4  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 # call wins at every row count, for one a little larger at one row (nanoseek.infer.packing.few_row_start).
 _few_row_start = contextvars.ContextVar("few_row_start", default=1)
 FEW_ROWS_NEVER = 1 << 62
+# fp32 weights packed for oneDNN keep their plain tensor, streamed by `cpu_ops.rows_linear` for steps of up
+# to this many rows (`nanoseek.infer.packing.packed_linear`)
+PACKED_PLAIN_ROWS = 1
 
 
 @contextlib.contextmanager
@@ -62,6 +65,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     start, end = few_row_range()
+    if 1 <= rows <= end and weight.is_contiguous() and (kernels := cpu_ops.for_inference(x)) is not None:
+        return kernels.rows_linear(x, weight, bias)
     if start <= rows <= end and weight.is_contiguous():
         flat = x.reshape(rows, x.shape[-1])
         if rows == 1:
@@ -155,6 +160,7 @@ class FusedProjection:
         # ...and say which, for the fused decode layer (`nanoseek.model.decode_layer.product_of`): "linear",
         # "packed" or "int8" (with its row scales; "int8-unpacked" where the packed int8 kernel cannot run)
         self.kind, self.scale = "linear", None
+        self.plain = None  # a packed fp32 buffer's plain tensor (`nanoseek.infer.packing.packed_linear`)
 
     @classmethod
     @torch.no_grad()
@@ -173,6 +179,8 @@ class FusedProjection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs side by side [..., sum(sizes)] (split by the caller)."""
+        if self.plain is not None:
+            return self.linear(x, self.weight, self.bias, self.plain)
         return self.linear(x, self.weight, self.bias)
 
 

@@ -1540,6 +1540,44 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
   return bias.has_value() ? out + bias->to(out.scalar_type()) : out;
 }
 
+// F.linear(x, weight, bias) for the few rows of a decode or verify step (fp32): the same products as
+// the routed-experts kernel (matrix_vectors: register blocks of 4 weight rows x the step's vectors), so
+// the weight is read once, in order, with no packing of it and no library call. Its rows are split over
+// torch's threads in chunks of at least ROWS_LINEAR_CHUNK weights (smaller matrices run on one thread:
+// waking a second costs more than it saves). fp32 sums in another order than F.linear's.
+constexpr int64_t ROWS_LINEAR_CHUNK = 1 << 15;
+
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                  weight.is_contiguous() && x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "rows_linear: fp32 x [..., n] and a contiguous fp32 weight [out, n]");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == weight.size(0)),
+              "rows_linear: an fp32 bias [out]");
+  const int64_t n = weight.size(1), outs = weight.size(0);
+  const auto flat = x.reshape({-1, n}).contiguous();
+  const int64_t rows = flat.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = outs;
+  auto out = at::empty({rows, outs}, x.options());
+  if (rows == 0 || outs == 0) return out.view(sizes);
+  const float* w = weight.data_ptr<float>();
+  const float* xs = flat.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = (outs + MATRIX_ROWS - 1) / MATRIX_ROWS;
+  const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (MATRIX_ROWS * std::max<int64_t>(n, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    matrix_vectors(w, static_cast<const float*>(nullptr), n, xs, rows, begin * MATRIX_ROWS,
+                   std::min(outs, end * MATRIX_ROWS), o, outs);
+  });
+  if (bias.has_value()) {
+    const auto b = bias->contiguous();
+    const float* add = b.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < outs; ++j) o[r * outs + j] += add[j];
+  }
+  return out.view(sizes);
+}
+
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
 // optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
 // biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
@@ -1809,6 +1847,10 @@ struct Product {
   int64_t kind = -1;
   torch::Tensor weight;
   c10::optional<torch::Tensor> bias, scale;
+  // a packed fp32 weight's plain [out, in] tensor: steps of up to plain_rows rows stream it with
+  // rows_linear instead (packing.packed_linear)
+  c10::optional<torch::Tensor> plain;
+  int64_t plain_rows = 0;
 
   torch::Tensor operator()(const torch::Tensor& x, const RowRule& rule) const;
 };
@@ -1823,6 +1865,9 @@ torch::Tensor linear_pointwise(const torch::Tensor& x, const torch::Tensor& pack
 
 torch::Tensor Product::operator()(const torch::Tensor& x, const RowRule& rule) const {
   if (kind == 2) {
+    if (plain.has_value() && x.scalar_type() == at::kFloat && x.size(-1) > 0 && x.numel() / x.size(-1) >= 1 &&
+        x.numel() / x.size(-1) <= plain_rows)
+      return rows_linear(x, *plain, bias);
     if (x.scalar_type() == weight.scalar_type()) return linear_pointwise(x, weight, bias);
     c10::optional<torch::Tensor> converted;
     if (bias.has_value()) converted = bias->to(weight.scalar_type());
@@ -1833,6 +1878,7 @@ torch::Tensor Product::operator()(const torch::Tensor& x, const RowRule& rule) c
     const int64_t rows = x.numel() / x.size(-1);
     auto sizes = x.sizes().vec();
     sizes.back() = weight.size(0);
+    if (rows >= 1 && rows <= rule.few_to && weight.is_contiguous()) return rows_linear(x, weight, bias);
     if (rows >= rule.few_from && rows <= rule.few_to && weight.is_contiguous()) {
       auto flat = x.reshape({rows, x.size(-1)});
       if (rows == 1) flat = at::cat({flat, flat});
@@ -1936,6 +1982,8 @@ struct DecodeLayer {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("rows_linear", &rows_linear, "F.linear for the few rows of a decode step (fp32), weight streamed once",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (packed kernel) with its casts");
   m.def("mla_decode_attention", &mla_decode_attention, "MLA absorbed attention for a few queries");
   m.def("gqa_decode_attention", &gqa_decode_attention, "grouped-query attention for a few queries over the pool");
@@ -1957,8 +2005,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_up_scale") = py::none(), py::arg("down_scale") = py::none());
   py::class_<Product>(m, "Product")
       .def(py::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> bias,
-                       c10::optional<torch::Tensor> scale) { return Product{kind, weight, bias, scale}; }),
-           py::arg("kind"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none())
+                       c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> plain, int64_t plain_rows) {
+             return Product{kind, weight, bias, scale, plain, plain_rows};
+           }),
+           py::arg("kind"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none(),
+           py::arg("plain") = py::none(), py::arg("plain_rows") = 0)
       .def("__call__",
            [](const Product& product, const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) {
              return product(x, RowRule{few_from, few_to, onednn_from});
