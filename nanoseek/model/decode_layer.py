@@ -40,11 +40,11 @@ from nanoseek.model.attention import (
 )
 from nanoseek.model.kernels import onednn_from
 from nanoseek.model.layers import (
+    PACKED_PLAIN_ROWS,
     FusedProjection,
     Linear,
     RotaryAngles,
     SwiGLU,
-    PACKED_PLAIN_ROWS,
     apply_rope_interleaved,
     few_row_range,
 )
