@@ -60,8 +60,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nanoseek import ModelConfig
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import quantize_model
-from nanoseek.model import build_model
+from nanoseek.model import build_model, cpu_ops
 from nanoseek.model.cache import cache_bytes_per_token
+from nanoseek.model.decode_layer import enable_fused_decode
 from nanoseek.model.moe import RoutedExperts
 
 PROMPT_TOKENS, NEW_TOKENS, CONCURRENT = 64, 128, 16
@@ -155,14 +156,26 @@ def matmul_floor(engine: Engine, prompt: list[int], repeats: int) -> tuple[float
     """(median seconds of a batch-1 decode step, median seconds of that step's matrix products replayed
     alone, how many there are). The products of the first decode step are recorded, then replayed in
     order; every weight is read from memory again, as in a step (they do not fit in the caches).
-    Decoding and replaying alternate for `repeats` rounds (the load of a shared machine drifts)."""
+    Decoding and replaying alternate for `repeats` rounds (the load of a shared machine drifts).
+    The recorded step runs the layers' modules rather than their one-call C++ step (the same products
+    in the same order), so that `cpu_ops.rows_linear`, which the C++ step calls directly, is seen too."""
     recorder, steps, replays = MatrixProductRecorder(), [], []
+    kernels = cpu_ops.load()
     for round_ in range(max(repeats, 1)):
         handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
         engine.step()  # the prefill
         if round_ == 0:
-            with recorder:
-                engine.step()
+            rows_linear = kernels.rows_linear if kernels is not None else None
+            if kernels is not None:
+                kernels.rows_linear = lambda *args: recorder.calls.append((rows_linear, args, {})) or rows_linear(*args)
+            enable_fused_decode(engine.model, False)
+            try:
+                with recorder:
+                    engine.step()
+            finally:
+                enable_fused_decode(engine.model, True)
+                if kernels is not None:
+                    kernels.rows_linear = rows_linear
         while not handle.finished:
             start = time.perf_counter()
             engine.step()
