@@ -139,6 +139,9 @@ MATRIX_PRODUCTS = {
 }
 
 
+KERNEL_PRODUCTS = ("panel_linear", "rows_linear")  # cpu_ops' matrix products (called directly, not dispatched)
+
+
 class MatrixProductRecorder(TorchDispatchMode):
     """Keeps (op, args, kwargs) of every matrix product dispatched inside the `with` block."""
 
@@ -158,24 +161,25 @@ def matmul_floor(engine: Engine, prompt: list[int], repeats: int) -> tuple[float
     order; every weight is read from memory again, as in a step (they do not fit in the caches).
     Decoding and replaying alternate for `repeats` rounds (the load of a shared machine drifts).
     The recorded step runs the layers' modules rather than their one-call C++ step (the same products
-    in the same order), so that `cpu_ops.rows_linear`, which the C++ step calls directly, is seen too."""
+    in the same order), so that the kernels' products (`cpu_ops.panel_linear`, `rows_linear`), which
+    the C++ step calls directly, are seen too. The routed-experts kernel is not a product recorded here."""
     recorder, steps, replays = MatrixProductRecorder(), [], []
     kernels = cpu_ops.load()
     for round_ in range(max(repeats, 1)):
         handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
         engine.step()  # the prefill
         if round_ == 0:
-            rows_linear = kernels.rows_linear if kernels is not None else None
-            if kernels is not None:
-                kernels.rows_linear = lambda *args: recorder.calls.append((rows_linear, args, {})) or rows_linear(*args)
+            originals = {name: getattr(kernels, name) for name in KERNEL_PRODUCTS} if kernels is not None else {}
+            for name, kernel in originals.items():
+                setattr(kernels, name, lambda *args, kernel=kernel: recorder.calls.append((kernel, args, {})) or kernel(*args))
             enable_fused_decode(engine.model, False)
             try:
                 with recorder:
                     engine.step()
             finally:
                 enable_fused_decode(engine.model, True)
-                if kernels is not None:
-                    kernels.rows_linear = rows_linear
+                for name, kernel in originals.items():
+                    setattr(kernels, name, kernel)
         while not handle.finished:
             start = time.perf_counter()
             engine.step()

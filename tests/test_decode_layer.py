@@ -74,21 +74,19 @@ def test_decode_layer_gives_the_bits_of_the_modules(kernels, fused_steps, name, 
 @pytest.mark.parametrize("name", ["v3", "qwen2"])
 @pytest.mark.parametrize("products", ["packed", "few_rows", "onednn"])
 def test_decode_layer_runs_products_as_the_modules_do(kernels, fused_steps, monkeypatch, name, products):
-    """fp32 weights packed for oneDNN, plain ones through `linear`'s transposed few-row product (the
-    engine picks it for models that do not stay in cache) and plain ones through oneDNN's GEMM (every
-    product past the few-row range, ONEDNN_MIN_MACS = 0), with one and two threads; and from two rows
-    on only, as for models a little larger than the cache."""
-    if products == "packed":
-        monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
-        monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)
-    elif products == "onednn":
+    """fp32 weights packed in panels (the engine's default), plain ones (an engine sharing a trainer's
+    model) through `linear`'s few-row products and plain ones through oneDNN's GEMM (every product past
+    the few-row range, ONEDNN_MIN_MACS = 0), with one and two threads; and from two rows on only, as
+    for models a little larger than the cache."""
+    if products == "onednn":
         monkeypatch.setattr("nanoseek.model.kernels.ONEDNN_MIN_MACS", 0)
         monkeypatch.setattr("nanoseek.infer.engine.few_row_start", lambda model: layers.FEW_ROWS_NEVER)
     else:
         monkeypatch.setattr("nanoseek.infer.engine.few_row_start", lambda model: 1)
-    engine = Engine(peaky_model(name), max_num_seqs=2, block_size=4, prefix_caching=False)
+    engine = Engine(peaky_model(name), max_num_seqs=2, block_size=4, prefix_caching=False,
+                    pack_weights=products == "packed")
     if products == "packed":
-        assert type(engine.model.model.layers[0].self_attn.o_proj).__name__ == "PackedLinear"
+        assert engine.model.model.layers[0].self_attn.o_proj.decode_product()[0] == "panels"
     for threads in (1, 2):
         torch.set_num_threads(threads)
         assert_same_as_modules(engine, fused_steps)

@@ -148,8 +148,6 @@ def build(tmp_path, overrides=(), reward_functions=None):
 
 
 def test_rollouts_sample_with_the_policy_weights_in_eval_mode_and_hand_back_a_training_model(tmp_path, monkeypatch):
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)  # pack even this tiny model's matrices
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
     trainer, rollouts = build(tmp_path, ["lr=3e-2", "rewards=format"],
                               reward_functions=[lambda prompts, completions, completion_ids, **kw: [float(i[0] % 2) for i in completion_ids]])
     model = trainer.model

@@ -18,22 +18,15 @@ from nanoseek.infer.packing import (
     packing_supported,
 )
 from nanoseek.model import build_model, cpu_ops
-from nanoseek.model.layers import PACKED_PLAIN_ROWS, is_plain_linear
+from nanoseek.model.layers import PANEL_MAX_ROWS, is_plain_linear
 from nanoseek.model.moe import RoutedExperts, all_at_once_threshold
 
 requires_packing = pytest.mark.skipif(
     not packing_supported(build_model(tiny_config("qwen2"), seed=0, dtype=torch.bfloat16)),
     reason="this CPU's oneDNN has no bf16 kernels",
 )
-requires_fp32_packing = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this build of torch has no oneDNN")
+requires_fp32_packing = pytest.mark.skipif(cpu_ops.load() is None, reason="the fused CPU kernels (fp32 panels) could not be built here")
 DTYPES = [pytest.param(torch.bfloat16, marks=requires_packing), pytest.param(torch.float32, marks=requires_fp32_packing)]
-
-
-@pytest.fixture(autouse=True)
-def pack_small_fp32_matrices(monkeypatch):
-    """The tiny test models' fp32 matrices are under the packing threshold: pack them anyway."""
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 0)
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
 
 
 def bf16_model(name: str, dtype: torch.dtype = torch.bfloat16):
@@ -207,49 +200,52 @@ def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
 
 
 @requires_fp32_packing
-def test_packed_fp32_weights_stream_their_plain_tensor_for_single_rows(kernels, monkeypatch):
-    """A packed fp32 layer, alone or as a fused projection, keeps its plain weight (the same tensor, no
-    copy): single rows take `rows_linear` on it, more rows oneDNN's packed product; values equal the
-    plain layer's either way, in the modules and in the fused decode layer's products alike."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_panels_give_f_linear_for_decode_steps_and_prefill_takes_the_plain_weight(kernels, threads, monkeypatch):
+    """fp32 layers, alone or as a fused projection, are packed in panels and keep their plain weight (the
+    same storage, no copy). Steps of 1 to PANEL_MAX_ROWS rows take `panel_linear`, more rows `linear`
+    on the plain weight; values equal F.linear's either way, on shapes off the panel width and the
+    kernel's 8-row blocks, in the modules and in the fused decode layer's products alike."""
+    torch.set_num_threads(threads)
     model = peaky_model("qwen2")
     fuse_projections(model)
     head_weight, fused = model.lm_head.weight, model.model.layers[0].self_attn.fused
-    fused_buffer = fused.weight
+    fused_buffer, fused_bias = fused.weight, fused.bias
     pack_model(model)
-    shared = {head_weight.data_ptr(), fused_buffer.data_ptr()}
-    assert {model.lm_head.plain_weight.data_ptr(), fused.plain.data_ptr()} == shared
+    assert fused.kind == "panels" and fused.weight.shape == (-(-fused_buffer.shape[0] // 32), fused_buffer.shape[1], 32)
+    assert model.lm_head.plain_weight.data_ptr() == head_weight.data_ptr() and fused.plain is fused_buffer
     calls = []
-    original = kernels.rows_linear
-    monkeypatch.setattr(kernels, "rows_linear", lambda *args: calls.append(args[1]) or original(*args))
-    for rows, plain_calls in [(1, 1), (2, 0)]:
-        x = torch.randn(rows, head_weight.shape[1])
+    original = kernels.panel_linear
+    monkeypatch.setattr(kernels, "panel_linear", lambda *args: calls.append(1) or original(*args))
+    kind, panels, bias, scale, plain = model.lm_head.decode_product()
+    assert kind == "panels" and plain is model.lm_head.plain_weight
+    for rows in (1, 2, 7, 9, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1):
+        x = torch.randn(rows, 1, head_weight.shape[1])
         calls.clear()
         with torch.no_grad():
             torch.testing.assert_close(model.lm_head(x), x @ head_weight.T, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(fused(x), x @ fused_buffer.T + fused.bias, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused(x), x @ fused_buffer.T + fused_bias, rtol=1e-5, atol=1e-5)
             # the fused decode layer's product, handed a doubled plain tensor to show which one it reads
-            kind, packed, bias, scale, plain = model.lm_head.decode_product()
-            product = kernels.Product(2, packed, bias, scale, 2 * plain, PACKED_PLAIN_ROWS)
-            scale_seen = 2 if plain_calls else 1
-            torch.testing.assert_close(product(x, 1, 0, 1 << 62), scale_seen * x @ head_weight.T, rtol=1e-5, atol=1e-5)
-        assert len(calls) == 2 * plain_calls and {weight.data_ptr() for weight in calls} <= shared
+            product = kernels.Product(4, panels, bias, scale, 2 * plain, PANEL_MAX_ROWS)
+            reads = 1 if rows <= PANEL_MAX_ROWS else 2
+            torch.testing.assert_close(product(x, 1, 0, 1 << 62), reads * x @ head_weight.T, rtol=1e-5, atol=1e-5)
+        assert len(calls) == (2 if rows <= PANEL_MAX_ROWS else 0)
 
 
-@requires_fp32_packing
-def test_small_fp32_matrices_and_models_stay_plain(monkeypatch):
-    """fp32 matrices under FP32_PACK_MIN_ELEMENTS and models under FP32_PACK_MIN_PARAMETERS keep MKL
-    (cheaper per call in cache); bf16 ones are packed."""
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 1 << 24)
+def test_fp32_matrices_are_packed_in_panels_only_with_the_kernels(monkeypatch):
+    """Every fp32 linear (not MLA's kv_b_proj) is packed in panels where the fused kernels are built;
+    without them an fp32 model stays plain, while bf16 ones are packed for oneDNN either way."""
+    if cpu_ops.load() is not None:
+        model = peaky_model("qwen2")
+        assert pack_model(model) > 0 and model.lm_head.decode_product()[0] == "panels"
+        assert isinstance(model.model.layers[0].self_attn.o_proj, PackedLinear)  # 64 x 64: small ones too
+    monkeypatch.setattr(cpu_ops, "_state", "off")
     assert pack_model(peaky_model("qwen2")) == 0
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_PARAMETERS", 0)
-    monkeypatch.setattr("nanoseek.infer.packing.FP32_PACK_MIN_ELEMENTS", 96 * 64)  # the tiny head's size
-    model = peaky_model("qwen2")
-    pack_model(model)
-    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight.numel() >= 96 * 64
-    assert is_plain_linear(model.model.layers[0].self_attn.o_proj)  # 64 x 64
-    bf16 = bf16_model("qwen2")
-    pack_model(bf16)
-    assert isinstance(bf16.model.layers[0].self_attn.o_proj, PackedLinear)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = bf16_model("qwen2")
+        pack_model(bf16)
+        assert isinstance(bf16.model.layers[0].self_attn.o_proj, PackedLinear)
+        assert bf16.model.layers[0].self_attn.o_proj.decode_product()[0] == "packed"
 
 
 @requires_fp32_packing

@@ -32,19 +32,12 @@ from nanoseek.errors import TrainingError
 from nanoseek.model import cpu_ops
 from nanoseek.model.attention import MultiHeadLatentAttention, absorbed_dtype
 from nanoseek.model.kernels import compute_dtype
-from nanoseek.model.layers import FEW_ROWS_NEVER, PACKED_PLAIN_ROWS, is_plain_linear, linear
+from nanoseek.model.layers import FEW_ROWS_NEVER, PANEL_MAX_ROWS, is_plain_linear, linear
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import CausalLM
 
 # dtype -> the row count oneDNN's blocked layout is chosen for (see pack_weight)
 PACK_ROWS_HINT = {torch.float32: 16, torch.bfloat16: 1}
-# Smaller fp32 matrices stay plain: with the weight in cache, MKL's call costs 1-4 us less at 1-2 rows
-# (a 192 x 128 matrix: 12.3 vs 13.0 us; 384 x 128: 13.9 vs 13.2).
-FP32_PACK_MIN_ELEMENTS = 32768
-# ...and so do small fp32 models: the `nano` preset (2.3M parameters) decoded 5% slower with its head
-# packed, though the packed head alone was faster (the model's other ops slowed around it); from
-# `qwen2-small` (39M) up packing pays (1.07-1.9x).
-FP32_PACK_MIN_PARAMETERS = 1 << 24
 
 
 # How unpacked fp32 models run their few-row products in the engine (`nanoseek.model.layers.linear`):
@@ -68,19 +61,20 @@ def few_row_start(model: CausalLM) -> int:
     return 2 if size <= SINGLE_ROW_RESIDENT_BYTES else 1
 
 
-def worth_packing(matrix_shape: torch.Size, dtype: torch.dtype) -> bool:
-    """Whether an [out, in] matrix of this dtype is packed (every bf16 one; fp32 from 32K elements)."""
-    return dtype == torch.bfloat16 or dtype == torch.float32 and matrix_shape[-2] * matrix_shape[-1] >= FP32_PACK_MIN_ELEMENTS
+def worth_packing(dtype: torch.dtype) -> bool:
+    """Whether matrices of this dtype are packed: bf16 (oneDNN's layout) and fp32 (panels)."""
+    return dtype in (torch.bfloat16, torch.float32)
 
 
 def packing_supported(model: CausalLM) -> bool:
-    """bf16 weights on a CPU whose oneDNN has bf16 kernels, or fp32 weights of a model with at least
-    FP32_PACK_MIN_PARAMETERS parameters on a CPU with oneDNN."""
+    """bf16 weights on a CPU whose oneDNN has bf16 kernels, or fp32 weights on a CPU where the fused
+    kernels are built (the panels' product is one of them)."""
     weight = model.model.embed_tokens.weight
-    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-        weight.dtype == torch.float32 and sum(p.numel() for p in model.parameters()) >= FP32_PACK_MIN_PARAMETERS
-        or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.float32:
+        return cpu_ops.load() is not None
+    return weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -91,32 +85,41 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT[weight.dtype])
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                  plain: torch.Tensor | None = None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with the weight packed by `pack_weight`; in x's dtype. Activations of
-    another dtype (bf16 from autocast around an fp32 model) are computed in the weight's dtype.
-
-    `plain`: the fp32 weight as it was (`plain_companion`). Steps of up to PACKED_PLAIN_ROWS fp32 rows
-    stream it with `cpu_ops.rows_linear`, which reads a matrix from memory faster than oneDNN's
-    blocked product does for one row (2 threads, weights cold: 3072 x 512 142 vs 155 us, 512 x 1408
-    67 vs 84 us, the 32000 x 512 head 1.54 vs 1.57 ms; whole batch-1 decoding `qwen2-small` 1.17x,
-    `small` 1.10x, same tokens). From two rows oneDNN's layout wins, so both are kept.
-    """
-    if plain is not None and x.dtype == torch.float32 and 1 <= x.numel() // max(x.shape[-1], 1) <= PACKED_PLAIN_ROWS:
-        return cpu_ops.load().rows_linear(x, plain, bias)
+    another dtype (bf16 from autocast around an fp32 model) are computed in the weight's dtype."""
     if x.dtype != packed.dtype:
         bias = None if bias is None else bias.to(packed.dtype)
         return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def plain_companion(weight: torch.Tensor) -> torch.Tensor | None:
-    """The tensor a packed weight keeps for single-row steps (`packed_linear`): fp32 weights on CPU with the
-    fused kernels built (the plain tensor itself, not a copy: packing keeps it alive, so an fp32
-    engine holds its packed weights twice; a tied output head shares the embedding's)."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or cpu_ops.load() is None:
-        return None
-    return weight.detach().contiguous()
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 [out, in] weight in panels of 32 outputs, [ceil(out / 32), in, 32] (zeros past the last
+    output), for `cpu_ops.panel_linear`: input k of a panel's 32 outputs is two contiguous vectors, which
+    the kernel multiplies by a broadcast input value for each of up to 8 rows at a time, sums in
+    registers, no horizontal adds. Measured against oneDNN's product on a weight packed in its own
+    layout (2 threads, weights cold; `benchmarks/few_rows_linear.py`): 2816 x 512 at 1 / 2 / 16 / 64
+    rows 79 / 77 / 165 / 432 us against 97 / 97 / 185 / 432; 512 x 1408 43 / 48 / 83 / 221 against
+    52 / 61 / 117 / 234; the 32000 x 512 head 0.85 / 0.89 / 1.76 / 4.86 ms against 0.86 / 0.95 / 1.86
+    / 4.86; `qwen2-nano`'s small matrices at GRPO's 64 rows, one thread, 1.2-2.4x (oneDNN's call costs
+    ~11 us whatever the size)."""
+    out_features, in_features = weight.shape
+    count = -(-out_features // 32)
+    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, count * 32 - out_features))
+    return padded.view(count, 32, in_features).transpose(1, 2).contiguous()
+
+
+def panel_product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, plain: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, plain, bias) for an fp32 weight also laid out in `panels` (`pack_panels`): steps of up
+    to PANEL_MAX_ROWS rows take `cpu_ops.panel_linear`, more rows (or the kernels turned off) `linear` on
+    the plain weight. Activations of another dtype (bf16 under autocast) are computed in fp32."""
+    if x.dtype != torch.float32:
+        return panel_product(x.float(), panels, bias, plain).to(x.dtype)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 1 <= rows <= PANEL_MAX_ROWS and (kernels := cpu_ops.for_inference(x)) is not None:
+        return kernels.panel_linear(x, panels, plain.shape[0], bias)
+    return linear(x, plain, bias)
 
 
 def _refuse_training(module: nn.Module) -> None:
@@ -133,8 +136,11 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = pack_weight(linear.weight)
-        self.plain_weight = plain_companion(linear.weight)
+        weight = linear.weight.detach()
+        # fp32: panels for decode steps and the plain tensor itself (not a copy) for prefill, so an fp32
+        # engine holds its matrices twice (a tied output head shares the embedding's plain tensor)
+        self.plain_weight = weight.contiguous() if weight.dtype == torch.float32 else None
+        self.packed_weight = pack_panels(weight) if self.plain_weight is not None else pack_weight(weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @property
@@ -143,11 +149,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_training(self)
-        return packed_linear(x, self.packed_weight, self.bias, self.plain_weight)
+        if self.plain_weight is not None:
+            return panel_product(x, self.packed_weight, self.bias, self.plain_weight)
+        return packed_linear(x, self.packed_weight, self.bias)
 
     def decode_product(self) -> tuple:
-        """("packed", weight, bias, None, plain): how `forward` runs, for `nanoseek.model.decode_layer`."""
-        return "packed", self.packed_weight, self.bias, None, self.plain_weight
+        """(kind, packed weight, bias, None, plain weight): how `forward` runs, for `nanoseek.model.decode_layer`."""
+        if self.plain_weight is not None:
+            return "panels", self.packed_weight, self.bias, None, self.plain_weight
+        return "packed", self.packed_weight, self.bias, None, None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
@@ -254,9 +264,9 @@ def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
         return [], []
     replaced = []
     for name, module in list(model.named_modules()):
-        if is_plain_linear(module) and not name.endswith("kv_b_proj") and worth_packing(module.weight.shape, module.weight.dtype):
+        if is_plain_linear(module) and not name.endswith("kv_b_proj") and worth_packing(module.weight.dtype):
             new: nn.Module = PackedLinear(module)
-        elif type(module) is RoutedExperts and worth_packing(module.gate_up_proj.shape, module.gate_up_proj.dtype):
+        elif type(module) is RoutedExperts and worth_packing(module.gate_up_proj.dtype):
             new = PackedRoutedExperts(module, all_at_once)
         else:
             continue
@@ -269,11 +279,14 @@ def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
     settings = []
     for module in model.modules():
         fused = getattr(module, "fused", None)
-        if fused is not None and fused.linear is not packed_linear and worth_packing(fused.weight.shape, fused.weight.dtype):
+        if fused is not None and fused.kind == "linear" and worth_packing(fused.weight.dtype):
             settings.append((fused, {key: getattr(fused, key)
                                      for key in ("weight", "linear", "kind", "plain", "parameter_slots", "pointers")}))
-            fused.plain = plain_companion(fused.weight)
-            fused.weight, fused.linear, fused.kind = pack_weight(fused.weight), packed_linear, "packed"
+            if fused.weight.dtype == torch.float32:
+                fused.plain = fused.weight
+                fused.weight, fused.linear, fused.kind = pack_panels(fused.weight), panel_product, "panels"
+            else:
+                fused.weight, fused.linear, fused.kind = pack_weight(fused.weight), packed_linear, "packed"
             fused.parameter_slots, fused.pointers = [], []  # its layers are replaced (or small): no checks needed
         if isinstance(module, MultiHeadLatentAttention):
             settings.append((module, {"frozen_absorbed": module.frozen_absorbed}))

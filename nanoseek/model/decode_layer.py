@@ -40,7 +40,7 @@ from nanoseek.model.attention import (
 )
 from nanoseek.model.kernels import onednn_from
 from nanoseek.model.layers import (
-    PACKED_PLAIN_ROWS,
+    PANEL_MAX_ROWS,
     FusedProjection,
     Linear,
     RotaryAngles,
@@ -54,12 +54,12 @@ from nanoseek.model.moe import MoE
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # How `cpu_ops.Product` runs a linear layer: F.linear, our `linear`, a oneDNN-packed weight, int8.
-PRODUCT_KINDS = {"f_linear": 0, "linear": 1, "packed": 2, "int8": 3}
+PRODUCT_KINDS = {"f_linear": 0, "linear": 1, "packed": 2, "int8": 3, "panels": 4}
 
 
 def product_of(module) -> tuple | None:
     """(kind, weight, bias, scale, plain) of a linear layer or fused projection as its forward runs it at
-    inference (plain: a packed fp32 weight's plain tensor, see `packing.packed_linear`), or None for one
+    inference (plain: the plain tensor of a weight packed in panels, see `packing.panel_product`), or None for one
     DecodeLayer cannot run (FP8, a broken-up fused projection...)."""
     if isinstance(module, FusedProjection):
         return (module.kind, module.weight, module.bias, module.scale, module.plain) if module.usable else None
@@ -139,7 +139,7 @@ def _same(a, b) -> bool:
 
 def _product(spec: tuple):
     kind, weight, bias, scale, plain = spec
-    return cpu_ops.load().Product(PRODUCT_KINDS[kind], weight, bias, scale, plain, PACKED_PLAIN_ROWS)
+    return cpu_ops.load().Product(PRODUCT_KINDS[kind], weight, bias, scale, plain, PANEL_MAX_ROWS)
 
 
 def _build(layer, sources: tuple):

@@ -22,9 +22,11 @@ FEW_ROWS = 4  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 # call wins at every row count, for one a little larger at one row (nanoseek.infer.packing.few_row_start).
 _few_row_start = contextvars.ContextVar("few_row_start", default=1)
 FEW_ROWS_NEVER = 1 << 62
-# fp32 weights packed for oneDNN keep their plain tensor, streamed by `cpu_ops.rows_linear` for steps of up
-# to this many rows (`nanoseek.infer.packing.packed_linear`)
-PACKED_PLAIN_ROWS = 1
+# fp32 weights packed in panels (`nanoseek.infer.packing.pack_panels`) serve steps of up to this many rows;
+# more rows (prefill) take oneDNN's GEMM on the plain weight. At 64 rows the two are even (2 threads,
+# weights cold: 2816 x 512 432 vs 432 us); at 1,024 rows oneDNN's product on the plain weight is 3%
+# slower than on a copy packed in oneDNN's own layout.
+PANEL_MAX_ROWS = 64
 
 
 @contextlib.contextmanager
@@ -160,7 +162,7 @@ class FusedProjection:
         # ...and say which, for the fused decode layer (`nanoseek.model.decode_layer.product_of`): "linear",
         # "packed" or "int8" (with its row scales; "int8-unpacked" where the packed int8 kernel cannot run)
         self.kind, self.scale = "linear", None
-        self.plain = None  # a packed fp32 buffer's plain tensor (`nanoseek.infer.packing.packed_linear`)
+        self.plain = None  # the plain buffer of one packed in panels (`nanoseek.infer.packing.panel_product`)
 
     @classmethod
     @torch.no_grad()

@@ -451,6 +451,57 @@ void matrix_vectors(const T* w, const float* scale, int64_t n, const float* xs, 
   }
 }
 
+// Products with an fp32 weight packed in panels of PANEL outputs: panels [P][n][PANEL], panel p holding
+// outputs p * PANEL ... + PANEL - 1 (zero past the last) with their n inputs interleaved, so that input
+// k of all PANEL outputs is two contiguous vectors. A block of PANEL_ROWS input rows keeps its
+// PANEL_ROWS x 2 vectors of sums in registers while the panel streams by once: per input k, two
+// weight loads and PANEL_ROWS broadcasts feed 2 x PANEL_ROWS FMAs (no horizontal sums, unlike
+// matrix_vectors), which is what a GEMM's inner kernel does. The panel is read once per block of
+// rows: from memory for the first, from L2 after (a 512-input panel is 64 KB).
+constexpr int64_t PANEL = 32;
+constexpr int PANEL_ROWS = 8;
+
+template <int ROWS>
+void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_stride, float* out, int64_t out_stride,
+                 int64_t valid) {
+  Vector16 low[ROWS], high[ROWS];
+  for (int r = 0; r < ROWS; ++r) low[r] = high[r] = Vector16{};
+  for (int64_t k = 0; k < n; ++k) {
+    const Vector16 w_low = load16(panel + k * PANEL), w_high = load16(panel + k * PANEL + 16);
+    for (int r = 0; r < ROWS; ++r) {
+      const float x = xs[r * x_stride + k];
+      low[r] += x * w_low;
+      high[r] += x * w_high;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    if (valid == PANEL) {
+      std::memcpy(out + r * out_stride, &low[r], sizeof low[r]);
+      std::memcpy(out + r * out_stride + 16, &high[r], sizeof high[r]);
+    } else {
+      float sums[PANEL];
+      std::memcpy(sums, &low[r], sizeof low[r]);
+      std::memcpy(sums + 16, &high[r], sizeof high[r]);
+      std::memcpy(out + r * out_stride, sums, valid * sizeof(float));
+    }
+  }
+}
+
+// All `rows` input rows against one panel: blocks of PANEL_ROWS, then the rest as one block.
+template <int ROWS = PANEL_ROWS>
+void panel_rows(const float* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
+                int64_t valid) {
+  if constexpr (ROWS == PANEL_ROWS) {
+    int64_t r = 0;
+    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS)
+      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid);
+    if (r < rows) panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid);
+  } else if constexpr (ROWS > 0) {
+    if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid);
+    panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid);
+  }
+}
+
 // Every used expert's [rows][n] matrix times its run of vectors: runs[u] = (matrix, scale, first vector, count)
 // over xs [vectors][n] -> out [vectors][rows]. The rows of all used matrices are split over torch's
 // threads as one range, so both threads stream (different) weights.
@@ -1578,6 +1629,41 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return out.view(sizes);
 }
 
+// F.linear(x, weight, bias) with the fp32 weight in panels (panel_rows above; packing.pack_panels lays
+// them out): for the rows of a decode step, up to a few dozen. The panels are split over torch's
+// threads in chunks of at least ROWS_LINEAR_CHUNK weights. fp32 sums in another order than F.linear's.
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t out_features,
+                           const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
+                  panels.size(2) == PANEL && panels.is_contiguous() && x.dim() >= 1 && x.size(-1) == panels.size(1) &&
+                  out_features > (panels.size(0) - 1) * PANEL && out_features <= panels.size(0) * PANEL,
+              "panel_linear: fp32 x [..., n] and contiguous fp32 panels [ceil(out / 32), n, 32]");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == out_features),
+              "panel_linear: an fp32 bias [out]");
+  const int64_t n = panels.size(1), count = panels.size(0);
+  const auto flat = x.reshape({-1, n}).contiguous();
+  const int64_t rows = flat.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  auto out = at::empty({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return out.view(sizes);
+  const float* w = panels.data_ptr<float>();
+  const float* xs = flat.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (PANEL * std::max<int64_t>(n, 1)));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL));
+  });
+  if (bias.has_value()) {
+    const auto b = bias->contiguous();
+    const float* add = b.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < out_features; ++j) o[r * out_features + j] += add[j];
+  }
+  return out.view(sizes);
+}
+
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
 // optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
 // biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
@@ -1847,10 +1933,10 @@ struct Product {
   int64_t kind = -1;
   torch::Tensor weight;
   c10::optional<torch::Tensor> bias, scale;
-  // a packed fp32 weight's plain [out, in] tensor: steps of up to plain_rows rows stream it with
-  // rows_linear instead (packing.packed_linear)
+  // kind 4: `weight` holds the panels, `plain` the [out, in] tensor; steps of up to panel_rows rows take
+  // the panels, more rows `plain` as kind 1 would (packing.panel_product)
   c10::optional<torch::Tensor> plain;
-  int64_t plain_rows = 0;
+  int64_t panel_rows = 0;
 
   torch::Tensor operator()(const torch::Tensor& x, const RowRule& rule) const;
 };
@@ -1864,10 +1950,13 @@ torch::Tensor linear_pointwise(const torch::Tensor& x, const torch::Tensor& pack
 }
 
 torch::Tensor Product::operator()(const torch::Tensor& x, const RowRule& rule) const {
+  if (kind == 4) {
+    if (x.scalar_type() != at::kFloat) return (*this)(x.to(at::kFloat), rule).to(x.scalar_type());
+    const int64_t rows = x.size(-1) > 0 ? x.numel() / x.size(-1) : 0;
+    if (rows >= 1 && rows <= panel_rows) return panel_linear(x, weight, plain->size(0), bias);
+    return Product{1, *plain, bias}(x, rule);
+  }
   if (kind == 2) {
-    if (plain.has_value() && x.scalar_type() == at::kFloat && x.size(-1) > 0 && x.numel() / x.size(-1) >= 1 &&
-        x.numel() / x.size(-1) <= plain_rows)
-      return rows_linear(x, *plain, bias);
     if (x.scalar_type() == weight.scalar_type()) return linear_pointwise(x, weight, bias);
     c10::optional<torch::Tensor> converted;
     if (bias.has_value()) converted = bias->to(weight.scalar_type());
@@ -1982,6 +2071,8 @@ struct DecodeLayer {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
+  m.def("panel_linear", &panel_linear, "F.linear with the fp32 weight in panels of 32 outputs (packing.pack_panels)",
+        py::arg("x"), py::arg("panels"), py::arg("out_features"), py::arg("bias") = py::none());
   m.def("rows_linear", &rows_linear, "F.linear for the few rows of a decode step (fp32), weight streamed once",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (packed kernel) with its casts");
@@ -2005,11 +2096,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_up_scale") = py::none(), py::arg("down_scale") = py::none());
   py::class_<Product>(m, "Product")
       .def(py::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> bias,
-                       c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> plain, int64_t plain_rows) {
-             return Product{kind, weight, bias, scale, plain, plain_rows};
+                       c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> plain, int64_t panel_rows) {
+             TORCH_CHECK(kind != 4 || plain.has_value(), "Product: panels need their plain weight");
+             return Product{kind, weight, bias, scale, plain, panel_rows};
            }),
            py::arg("kind"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("scale") = py::none(),
-           py::arg("plain") = py::none(), py::arg("plain_rows") = 0)
+           py::arg("plain") = py::none(), py::arg("panel_rows") = 0)
       .def("__call__",
            [](const Product& product, const torch::Tensor& x, int64_t few_from, int64_t few_to, int64_t onednn_from) {
              return product(x, RowRule{few_from, few_to, onednn_from});
