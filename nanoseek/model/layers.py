@@ -23,10 +23,12 @@ FEW_ROWS = 4  # up to this many rows `linear` multiplies weight @ x^T on CPU...
 _few_row_start = contextvars.ContextVar("few_row_start", default=1)
 FEW_ROWS_NEVER = 1 << 62
 # fp32 weights packed in panels (`nanoseek.infer.packing.pack_panels`) serve steps of up to this many rows;
-# more rows (prefill) take oneDNN's GEMM on the plain weight. At 64 rows the two are even (2 threads,
-# weights cold: 2816 x 512 432 vs 432 us); at 1,024 rows oneDNN's product on the plain weight is 3%
-# slower than on a copy packed in oneDNN's own layout.
-PANEL_MAX_ROWS = 64
+# more rows (prefill) take oneDNN's GEMM on the plain weight. Measured with 2 threads, weights cold,
+# panels against oneDNN on the plain weight: 2816 x 512 at 128 / 256 rows 0.80 / 1.50 ms against 1.01 /
+# 1.70; at 1,024 rows 5.99 against 6.30 (the panels still even with oneDNN's own packed layout there).
+# Past 256 rows the panels are not relied on: a panel of a wide matrix (8,960 inputs: 1.1 MB) no longer
+# stays in L2 while every 8-row block passes over it.
+PANEL_MAX_ROWS = 256
 
 
 @contextlib.contextmanager
