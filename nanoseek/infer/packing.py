@@ -1,14 +1,14 @@
-"""fp32 and bf16 weights pre-packed for oneDNN: faster CPU inference.
+"""fp32 weights packed in panels and bf16 weights packed for oneDNN: faster CPU inference.
 
 PyTorch's CPU matmul reads a plain [out, in] weight poorly when only a few rows multiply it (every
-decode step), and MKL's fp32 GEMM runs at a fraction of the core's rate for 8-64 rows. oneDNN's
-linear primitive with the weight reordered once into its blocked layout is faster at every row count
-from 1 to 64. Measured on a 2-core AVX512-bf16 EPYC, weights read from memory, against the unpacked
-few-row path (`nanoseek.model.layers.linear`): fp32 with 2 threads, the 32000-row output head 1.79 ->
-1.59 ms at one row, 6.9 -> 2.1 ms at 16 rows, 15.8 -> 5.4 ms at 64 (one thread: 2.7 -> 1.8 and
-10.4 -> 3.8 ms; `benchmarks/few_rows_linear.py` prints F.linear, `linear` and packed side by side);
-decoding `qwen2-small` in fp32 1.25x faster at batch 1 and 1.9x with 16 requests. bf16: the head at batch 1 5.6 -> 1.9 ms, a 512 x 512 expert 122 -> 87 us
-(one thread), bit-identical results; fp32 results differ from F.linear's in summation order only.
+decode step), and MKL's fp32 GEMM runs at a fraction of the core's rate for 8-64 rows. fp32 weights
+go into panels of 32 outputs (`pack_panels`) multiplied by our own kernel (`cpu_ops.panel_linear`),
+which beats oneDNN's product on a weight reordered into oneDNN's blocked layout (what the engine ran
+until stop 27, itself 1.25x faster than the unpacked path at batch 1 and 1.9x with 16 requests of
+`qwen2-small`) at every row count from 1 to 64 and is even with it up to 1,024 rows (figures at
+`pack_panels`; `benchmarks/few_rows_linear.py` prints them side by side). bf16 weights take oneDNN's
+blocked layout: the head at batch 1 5.6 -> 1.9 ms, a 512 x 512 expert 122 -> 87 us (one thread),
+bit-identical results; fp32 results differ from F.linear's in summation order only.
 
 `pack_model(model)` swaps, in place, every plain linear layer for a `PackedLinear` and every routed
 expert stack for `PackedRoutedExperts` (forward hooks move with them; with the fused CPU kernels the
@@ -16,7 +16,8 @@ expert stacks stay unpacked, streamed by the routed-experts kernel), and packs t
 projections. MLA's kv_b_proj stays as it is: the absorbed attention reads its weight directly, and
 keeps its per-head split contiguous (`frozen_absorbed`, fp32 for bf16 models). A packed model is for
 inference only: its weights must not change, and training it raises TrainingError; its `state_dict`
-still holds ordinary tensors, converted back on demand. A model that keeps training decodes inside
+still holds ordinary tensors (fp32: the plain weights a packed layer keeps for prefill; bf16: converted
+back on demand). A model that keeps training decodes inside
 `packed_while(model)`, which packs its current weights and puts everything back afterwards.
 """
 
