@@ -14,6 +14,7 @@ from nanoseek.infer.packing import (
     PackedLinear,
     PackedRoutedExperts,
     pack_model,
+    pack_panels,
     packed_while,
     packing_supported,
 )
@@ -204,8 +205,8 @@ def test_packed_while_puts_the_model_back_and_packed_models_refuse_training():
 def test_panels_give_f_linear_for_decode_steps_and_prefill_takes_the_plain_weight(kernels, threads, monkeypatch):
     """fp32 layers, alone or as a fused projection, are packed in panels and keep their plain weight (the
     same storage, no copy). Steps of 1 to PANEL_MAX_ROWS rows take `panel_linear`, more rows `linear`
-    on the plain weight; values equal F.linear's either way, on shapes off the panel width and the
-    kernel's 8-row blocks, in the modules and in the fused decode layer's products alike."""
+    on the plain weight; values equal F.linear's either way, on row counts off the kernel's 8-row
+    blocks, in the modules and in the fused decode layer's products alike."""
     torch.set_num_threads(threads)
     model = peaky_model("qwen2")
     fuse_projections(model)
@@ -230,6 +231,29 @@ def test_panels_give_f_linear_for_decode_steps_and_prefill_takes_the_plain_weigh
             reads = 1 if rows <= PANEL_MAX_ROWS else 2
             torch.testing.assert_close(product(x, 1, 0, 1 << 62), reads * x @ head_weight.T, rtol=1e-5, atol=1e-5)
         assert len(calls) == (2 if rows <= PANEL_MAX_ROWS else 0)
+
+
+@requires_fp32_packing
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(33, 20), (100, 136), (4099, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_equals_f_linear(kernels, threads, shape, bias):
+    """`cpu_ops.panel_linear` on `pack_panels` equals F.linear for output counts off the 32-wide panels
+    (the last one partly zeros), row counts off the kernel's 8-row blocks, 2-D and 3-D inputs, one
+    thread or panels split over two; bad shapes are refused with a message."""
+    torch.set_num_threads(threads)
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features)
+    bias_tensor = torch.randn(out_features) if bias else None
+    panels = pack_panels(weight)
+    assert panels.shape == (-(-out_features // 32), in_features, 32)
+    for rows in (1, 2, 7, 8, 9, 17, 64, 300):
+        x = torch.randn(rows, 1, in_features)
+        out = kernels.panel_linear(x, panels, out_features, bias_tensor)
+        assert out.shape == (rows, 1, out_features) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias_tensor), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="panel_linear"):
+        kernels.panel_linear(torch.randn(2, in_features), panels, out_features + 32)
 
 
 def test_fp32_matrices_are_packed_in_panels_only_with_the_kernels(monkeypatch):

@@ -1598,6 +1598,15 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
 // waking a second costs more than it saves). fp32 sums in another order than F.linear's.
 constexpr int64_t ROWS_LINEAR_CHUNK = 1 << 15;
 
+// out [rows][outs] += bias, for the products below
+void add_bias(float* out, int64_t rows, int64_t outs, const c10::optional<torch::Tensor>& bias) {
+  if (!bias.has_value()) return;
+  const auto b = bias->contiguous();
+  const float* add = b.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < outs; ++j) out[r * outs + j] += add[j];
+}
+
 torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
                   weight.is_contiguous() && x.dim() >= 1 && x.size(-1) == weight.size(1),
@@ -1620,18 +1629,14 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     matrix_vectors(w, static_cast<const float*>(nullptr), n, xs, rows, begin * MATRIX_ROWS,
                    std::min(outs, end * MATRIX_ROWS), o, outs);
   });
-  if (bias.has_value()) {
-    const auto b = bias->contiguous();
-    const float* add = b.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < outs; ++j) o[r * outs + j] += add[j];
-  }
+  add_bias(o, rows, outs, bias);
   return out.view(sizes);
 }
 
 // F.linear(x, weight, bias) with the fp32 weight in panels (panel_rows above; packing.pack_panels lays
-// them out): for the rows of a decode step, up to a few dozen. The panels are split over torch's
-// threads in chunks of at least ROWS_LINEAR_CHUNK weights. fp32 sums in another order than F.linear's.
+// them out): for the rows of a decode step or a short prefill (layers.PANEL_MAX_ROWS). The panels are
+// split over torch's threads in chunks of at least ROWS_LINEAR_CHUNK weights. fp32 sums in another
+// order than F.linear's.
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t out_features,
                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat && panels.dim() == 3 &&
@@ -1655,12 +1660,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
     for (int64_t p = begin; p < end; ++p)
       panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL));
   });
-  if (bias.has_value()) {
-    const auto b = bias->contiguous();
-    const float* add = b.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < out_features; ++j) o[r * out_features + j] += add[j];
-  }
+  add_bias(o, rows, out_features, bias);
   return out.view(sizes);
 }
 
