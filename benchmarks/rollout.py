@@ -3,7 +3,9 @@
 The generation half of `benchmarks/grpo_step.py`, measured alone: the same random-weight `qwen2-nano`
 model and tokenizer, the same arithmetic chat prompts, G completions of each of `--prompts` prompts,
 at most `--completion-length` new tokens at temperature 1 (no top-k/top-p), in one process with the
-same thread count. Ours asks for the sampled tokens' log-probabilities as GRPO does; transformers gets
+same thread count. Ours decodes as GRPO's rollouts do: inside `packed_while(model)` (the policy's
+weights packed for the rollout, the packing timed with it, and put back after) with the sampled
+tokens' log-probabilities; transformers gets
 the G copies of each prompt left-padded in one batch, as TRL hands them to `generate`. The sides
 alternate for `--rounds` runs each; each figure is the median. Prints one JSON line.
 
@@ -23,6 +25,7 @@ import torch
 from grpo_step import benchmark_rows, make_model_directory
 
 from nanoseek.infer.engine import Engine
+from nanoseek.infer.packing import packed_while
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.train.grpo import encode_prompts
 from nanoseek.train.sft import load_policy
@@ -64,7 +67,7 @@ def main() -> None:
     def run_ours(round_: int) -> int:
         params = [SamplingParams(temperature=1.0, max_tokens=args.completion_length, logprobs=0,
                                  logprobs_mode="processed", seed=i) for i in batch(round_)]
-        with torch.no_grad():
+        with torch.no_grad(), packed_while(engine.model):
             outputs = engine.generate([prompt_ids[i] for i in batch(round_)], params, n=args.generations)
         return sum(len(c.token_ids) for output in outputs for c in output.outputs)
 
