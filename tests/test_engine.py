@@ -510,10 +510,11 @@ def test_reasoning_is_split_from_the_answer_even_across_deltas():
 
 
 def test_models_that_stay_in_cache_decode_with_single_linear_calls(monkeypatch):
-    """An fp32 model whose weights fit CACHE_RESIDENT_BYTES decodes with F.linear calls instead of
-    `linear`'s transposed few-row product, one up to SINGLE_ROW_RESIDENT_BYTES does so for single rows
-    (measurements beside the constants), a bigger one keeps the product. The engine's steps set it;
-    the tokens are the same."""
+    """An unpacked fp32 model whose weights fit CACHE_RESIDENT_BYTES decodes with F.linear calls instead
+    of `linear`'s transposed few-row product (where the fused kernels are not built: with them
+    `rows_linear` takes few rows whatever the rule), one up to SINGLE_ROW_RESIDENT_BYTES does so for
+    single rows (measurements beside the constants), a bigger one keeps the product. The engine's
+    steps set the rule; the tokens are the same."""
     model = peaky_model("v3")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     seen = []

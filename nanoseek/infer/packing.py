@@ -41,7 +41,8 @@ from nanoseek.model.transformer import CausalLM
 PACK_ROWS_HINT = {torch.float32: 16, torch.bfloat16: 1}
 
 
-# How unpacked fp32 models run their few-row products in the engine (`nanoseek.model.layers.linear`):
+# How unpacked fp32 models run their few-row products in the engine (`nanoseek.model.layers.linear`)
+# where the fused kernels are not built (with them, 1-4 rows always take `cpu_ops.rows_linear`):
 # models whose weights take at most CACHE_RESIDENT_BYTES stay in this CPU's cache (32 MB L3) between
 # decode steps, and F.linear's single call beats the transposed product at every row count; up to
 # SINGLE_ROW_RESIDENT_BYTES it still wins for one row. In-process A/B of plain decoding with each

@@ -44,21 +44,21 @@ def few_row_products(start: int) -> Iterator[None]:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), faster on CPU in fp32: oneDNN's GEMM for products large enough
-    (forward and backward, `nanoseek.model.kernels.onednn_linear`), and a transposed product for the
-    few rows of a decode step.
+    (forward and backward, `nanoseek.model.kernels.onednn_linear`), and for the 1 to FEW_ROWS rows of a
+    decode step at inference `cpu_ops.rows_linear`, which streams the [out, in] weight once in register
+    blocks (2 threads, weights read from memory: the 32000 x 512 head at 1 / 2 rows 1.01 / 1.38 ms,
+    against 1.46 / 1.54 for the transposed product below and 4.2 / 8.5 for F.linear; 2-5x F.linear on
+    matrices that stay in cache).
 
-    x @ weight^T with one row sends the CPU BLAS down its matrix-vector path, which runs on one
-    thread and reads the [out, in] weight with per-row dot products; with a few rows, MKL's GEMM
-    parallelizes poorly over them. The same product computed as (weight @ x^T)^T splits the
-    weight's rows across threads and streams it (one row is doubled to two to get that kernel).
-    Measured on a 2-core AVX-512 EPYC, weights read from memory, against F.linear
-    (`benchmarks/few_rows_linear.py`): with 2 threads 1.7-4.6x faster for 1 to 4 rows (the 32000 x
-    512 output head: 4.4 -> 2.6 ms at one row, 8.5 -> 1.9 ms at two); with one thread 1.1-3x. From 5
-    rows oneDNN's GEMM on the plain weight is faster still (stop 22; up to 128 rows the transposed
-    product had been about even with F.linear while oneDNN ran 2.3-2.5x faster): unpacked
-    `qwen2-small` decoding, 8 / 16 / 64 requests, 1.15x / 1.46x / 1.62x; `small` 0.96x / 1.18x /
-    1.22x. The engine packs the fp32 weights of models from 16M parameters for oneDNN
-    (`nanoseek.infer.packing`), so this serves smaller models and engines that share a trainer's model.
+    Without the fused kernels the few rows take a transposed product: x @ weight^T with one row sends
+    the CPU BLAS down its matrix-vector path, which runs on one thread and reads the weight with per-row
+    dot products; with a few rows, MKL's GEMM parallelizes poorly over them. The same product computed
+    as (weight @ x^T)^T splits the weight's rows across threads and streams it (one row is doubled to
+    two to get that kernel): with 2 threads 1.7-4.6x faster than F.linear for 1 to 4 rows, with one
+    1.1-3x. From 5 rows oneDNN's GEMM on the plain weight is faster still (stop 22): unpacked
+    `qwen2-small` decoding, 8 / 16 / 64 requests, 1.15x / 1.46x / 1.62x; `small` 0.96x / 1.18x / 1.22x.
+    The engine packs fp32 weights in panels (`nanoseek.infer.packing`), so this serves engines that
+    share a trainer's model, training, and models the engine does not pack.
     """
     if x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
