@@ -1598,39 +1598,45 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const 
 // waking a second costs more than it saves). fp32 sums in another order than F.linear's.
 constexpr int64_t ROWS_LINEAR_CHUNK = 1 << 15;
 
-// out [rows][outs] += bias, for the products below
-void add_bias(float* out, int64_t rows, int64_t outs, const c10::optional<torch::Tensor>& bias) {
-  if (!bias.has_value()) return;
-  const auto b = bias->contiguous();
-  const float* add = b.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < outs; ++j) out[r * outs + j] += add[j];
-}
-
-torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
-                  weight.is_contiguous() && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "rows_linear: fp32 x [..., n] and a contiguous fp32 weight [out, n]");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == weight.size(0)),
-              "rows_linear: an fp32 bias [out]");
-  const int64_t n = weight.size(1), outs = weight.size(0);
+// The frame both few-row products share: x [..., n] as contiguous rows, an fp32 bias [outs] or none,
+// and `fill(xs, rows, out)` writing out [rows][outs] (split over torch's threads as it likes); returns
+// out + bias shaped like x with outs last.
+template <typename Fill>
+torch::Tensor rows_product(const char* name, const torch::Tensor& x, int64_t n, int64_t outs,
+                           const c10::optional<torch::Tensor>& bias, Fill&& fill) {
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == outs), name,
+              ": an fp32 bias [out]");
   const auto flat = x.reshape({-1, n}).contiguous();
   const int64_t rows = flat.size(0);
   auto sizes = x.sizes().vec();
   sizes.back() = outs;
   auto out = at::empty({rows, outs}, x.options());
   if (rows == 0 || outs == 0) return out.view(sizes);
-  const float* w = weight.data_ptr<float>();
-  const float* xs = flat.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t blocks = (outs + MATRIX_ROWS - 1) / MATRIX_ROWS;
-  const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (MATRIX_ROWS * std::max<int64_t>(n, 1)));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    matrix_vectors(w, static_cast<const float*>(nullptr), n, xs, rows, begin * MATRIX_ROWS,
-                   std::min(outs, end * MATRIX_ROWS), o, outs);
-  });
-  add_bias(o, rows, outs, bias);
+  fill(flat.data_ptr<float>(), rows, o);
+  if (bias.has_value()) {
+    const auto b = bias->contiguous();
+    const float* add = b.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < outs; ++j) o[r * outs + j] += add[j];
+  }
   return out.view(sizes);
+}
+
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                  weight.is_contiguous() && x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "rows_linear: fp32 x [..., n] and a contiguous fp32 weight [out, n]");
+  const int64_t n = weight.size(1), outs = weight.size(0);
+  const float* w = weight.data_ptr<float>();
+  return rows_product("rows_linear", x, n, outs, bias, [&](const float* xs, int64_t rows, float* o) {
+    const int64_t blocks = (outs + MATRIX_ROWS - 1) / MATRIX_ROWS;
+    const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (MATRIX_ROWS * std::max<int64_t>(n, 1)));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      matrix_vectors(w, static_cast<const float*>(nullptr), n, xs, rows, begin * MATRIX_ROWS,
+                     std::min(outs, end * MATRIX_ROWS), o, outs);
+    });
+  });
 }
 
 // F.linear(x, weight, bias) with the fp32 weight in panels (panel_rows above; packing.pack_panels lays
@@ -1643,25 +1649,15 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
                   panels.size(2) == PANEL && panels.is_contiguous() && x.dim() >= 1 && x.size(-1) == panels.size(1) &&
                   out_features > (panels.size(0) - 1) * PANEL && out_features <= panels.size(0) * PANEL,
               "panel_linear: fp32 x [..., n] and contiguous fp32 panels [ceil(out / 32), n, 32]");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == out_features),
-              "panel_linear: an fp32 bias [out]");
   const int64_t n = panels.size(1), count = panels.size(0);
-  const auto flat = x.reshape({-1, n}).contiguous();
-  const int64_t rows = flat.size(0);
-  auto sizes = x.sizes().vec();
-  sizes.back() = out_features;
-  auto out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out.view(sizes);
   const float* w = panels.data_ptr<float>();
-  const float* xs = flat.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (PANEL * std::max<int64_t>(n, 1)));
-  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL));
+  return rows_product("panel_linear", x, n, out_features, bias, [&](const float* xs, int64_t rows, float* o) {
+    const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (PANEL * std::max<int64_t>(n, 1)));
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL));
+    });
   });
-  add_bias(o, rows, out_features, bias);
-  return out.view(sizes);
 }
 
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
