@@ -359,8 +359,9 @@ class Engine:
     num_speculative_tokens: drafts per step (beyond 1 the MTP depth drafts from its own output).
     absorb: force MLA's absorbed (True) or naive (False) attention; None picks per forward.
     fuse: fuse the projections that read the same input (`fuse_projections`, in place).
-    pack_weights: swap fp32/bf16 linear and expert weights for oneDNN-packed ones (`nanoseek.infer.packing`,
-        in place, inference only: pass False for a model that keeps training; a no-op off CPU).
+    pack_weights: swap fp32 linear weights for panels (with the fused kernels built) and bf16 linear and
+        expert weights for oneDNN-packed ones (`nanoseek.infer.packing`, in place, inference only: pass
+        False for a model that keeps training; a no-op off CPU).
     prefix_caching: reuse the cached keys/values of a prompt's leading full blocks computed for an
         earlier request (`cache.py`): repeated system prompts, multi-turn chats, several requests for
         one prompt. Under speculative decoding the blocks carry the MTP depth's cache as well, and the

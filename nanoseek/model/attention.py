@@ -401,8 +401,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(W_UK, W_UV transposed) contiguous in fp32, as the fused kernel reads them: the frozen ones of a
-        packed model, or, for a model that is not packed (fp32 models under 16M parameters, engines
-        sharing a trainer's model), copies kept until kv_b_proj's weight changes (an optimizer step or
+        packed model, or, for a model that is not packed (engines sharing a trainer's model, fp32
+        models where the fused kernels are not built), copies kept until kv_b_proj's weight changes (an optimizer step or
         a load bumps its version; `.data =` or `.to()` moves it). None for a quantized kv_b_proj."""
         if self.frozen_absorbed is not None:
             return self.frozen_absorbed if self.frozen_absorbed[0].dtype == torch.float32 else None

@@ -53,7 +53,7 @@ from nanoseek.model.moe import MoE
 # layer -> its _Plan: outside the module, so that copying or pickling a model never meets a C++ object.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# How `cpu_ops.Product` runs a linear layer: F.linear, our `linear`, a oneDNN-packed weight, int8.
+# How `cpu_ops.Product` runs a linear layer: F.linear, our `linear`, a oneDNN-packed weight, int8, fp32 panels.
 PRODUCT_KINDS = {"f_linear": 0, "linear": 1, "packed": 2, "int8": 3, "panels": 4}
 
 

@@ -1925,9 +1925,10 @@ torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& u) {
 namespace {
 
 // One linear layer, run as the Python module runs it. kind: 0 F.linear; 1 nanoseek.model.layers.linear
-// (as its RowRule says: the transposed product, oneDNN's GEMM on the plain weight, or F.linear); 2 a
-// oneDNN-packed weight (packing.packed_linear); 3 int8 with per-row scales (quant.int8_linear's
-// packed-kernel path).
+// (rows_linear for 1 to few_to rows, else as its RowRule says: the transposed product, oneDNN's GEMM on
+// the plain weight, or F.linear); 2 a oneDNN-packed weight (packing.packed_linear); 3 int8 with
+// per-row scales (quant.int8_linear's packed-kernel path); 4 an fp32 weight in panels with its plain
+// tensor (packing.panel_product).
 // How `linear` (kind 1) picks its product here and now: the transposed product for rows in [few_from,
 // few_to] (layers.few_row_range), oneDNN's GEMM from onednn_from multiply-adds (kernels.onednn_from).
 struct RowRule {
