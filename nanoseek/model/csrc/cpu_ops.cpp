@@ -487,27 +487,21 @@ void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_strid
   }
 }
 
-// `count` (1 to PANEL_ROWS) rows against one panel as one block.
+// All `rows` input rows against one panel: blocks of PANEL_ROWS, then the rest as one block. The first
+// block reads the panel from memory, the others from L2. (Tried and dropped: passes of even size, 9 rows
+// as 5 + 4, no faster in an A/B of the builds; prefetching the next panel during the later passes, 32
+// and 64 rows 10-15% faster but 16-request `qwen2-small` decoding 6% slower.)
 template <int ROWS = PANEL_ROWS>
-void panel_pass(int64_t count, const float* panel, int64_t n, const float* xs, float* out, int64_t out_stride,
-                int64_t valid) {
-  if constexpr (ROWS > 0) {
-    if (count == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid);
-    panel_pass<ROWS - 1>(count, panel, n, xs, out, out_stride, valid);
-  }
-}
-
-// All `rows` input rows against one panel, in as few passes of at most PANEL_ROWS rows as can be, of
-// even sizes (9 rows: 5 + 4, not 8 + 1: 2816 x 512, 2 threads, weights cold, 187 -> ~135 us). The first
-// pass reads the panel from memory, the others from L2. (Prefetching the next panel during the later
-// passes made 32 and 64 rows 10-15% faster but 16-request `qwen2-small` decoding 6% slower: not kept.)
 void panel_rows(const float* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
                 int64_t valid) {
-  const int64_t passes = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-  for (int64_t pass = 0, r = 0; pass < passes; ++pass) {
-    const int64_t count = (rows - r + passes - pass - 1) / (passes - pass);
-    panel_pass(count, panel, n, xs + r * n, out + r * out_stride, out_stride, valid);
-    r += count;
+  if constexpr (ROWS == PANEL_ROWS) {
+    int64_t r = 0;
+    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS)
+      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid);
+    if (r < rows) panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid);
+  } else if constexpr (ROWS > 0) {
+    if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid);
+    panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid);
   }
 }
 
