@@ -687,12 +687,13 @@ def test_training_rope_kernel_equals_pytorch_with_gradients(kernels, monkeypatch
             torch.testing.assert_close(got.double(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, threads", [((3, 5, 24), 1), ((2, 300, 96), 2)])  # one part; rows split over threads
-def test_training_rms_norm_backward_kernel_equals_pytorch(kernels, monkeypatch, shape, threads):
-    """RMSNorm's gradients (input and weight) by the C++ backward against fp64 autograd."""
+@pytest.mark.parametrize("shape, threads", [((3, 5, 24), 1), ((3, 400, 96), 2)])  # one part; rows split over threads
+def test_training_rms_norm_kernels_equal_pytorch(kernels, monkeypatch, shape, threads):
+    """RMSNorm with a gradient: its output and gradients (input and weight) by the C++ kernels against fp64 autograd."""
     calls = []
-    original = kernels.rms_norm_backward
-    monkeypatch.setattr(kernels, "rms_norm_backward", lambda *args: calls.append(1) or original(*args))
+    for name in ("rms_norm", "rms_norm_backward"):  # the forward takes the inference kernel
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, original=original, name=name: calls.append(name) or original(*args))
     generator = torch.Generator().manual_seed(0)
     norm = RMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():
@@ -705,7 +706,7 @@ def test_training_rms_norm_backward_kernel_equals_pytorch(kernels, monkeypatch, 
         grads = torch.autograd.grad(out, (x, norm.weight), grad)
     finally:
         torch.set_num_threads(1)
-    assert calls == [1]
+    assert calls == ["rms_norm", "rms_norm_backward"]
     x64, weight64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
     expected = F.rms_norm(x64, (shape[-1],), weight64, eps=1e-5)
     expected_grads = torch.autograd.grad(expected, (x64, weight64), grad.double())

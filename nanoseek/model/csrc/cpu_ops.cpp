@@ -1490,8 +1490,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   const int64_t dim = input.size(-1);
   const int64_t rows = dim == 0 ? 0 : input.numel() / dim;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rms_norm", [&] {
-    rms_norm_rows<scalar_t>(input.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, dim,
-                            static_cast<float>(eps));
+    const scalar_t *in = input.data_ptr<scalar_t>(), *weights = w.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {  // a decode step's rows: one part
+      rms_norm_rows<scalar_t>(in + begin * dim, weights, out + begin * dim, end - begin, dim, static_cast<float>(eps));
+    });
   });
   return y;
 }
