@@ -542,13 +542,15 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
     (2, 130, 4, 4, 48, 32),   # MLA: value dim below the query's, past 128 positions
     (1, 33, 2, 2, 130, 70),   # head dims past 64 (the weighted sums' 64-wide chunks)
     (2, 17, 8, 2, 64, 64),
+    (2, 45, 8, 1, 24, 16),    # eight query heads a KV head: a block is one position's eight heads
+    (1, 40, 20, 1, 16, 16),   # twenty: blocks of eight heads, then four heads of two positions
 ])
 @pytest.mark.parametrize("packed", [None, "documents", "shared prefix"])
 def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq, heads, kv_heads, dim, value_dim, packed):
     """The fused training attention (forward, and the backward from its saved log-sum-exp) against SDPA
     in fp64, on strided inputs (views into wider tensors, as q/k/v split from a projection are); packed:
-    within documents (`DocumentMask.starts`: documents of 1 to dozens of positions, boundaries inside
-    the kernel's 4- and 16-row blocks), against SDPA with the dense mask; shared prefix: every document
+    within documents (`DocumentMask.starts`: documents of 1 to dozens of positions, of lengths off the
+    kernel's blocks of positions), against SDPA with the dense mask; shared prefix: every document
     also sees the first one (a GRPO prompt and its completions), which lies a key range apart for the
     later documents and touches the rows' own keys for the first ones."""
     generator = torch.Generator().manual_seed(seq)
@@ -585,6 +587,18 @@ def test_causal_attention_kernel_equals_sdpa_with_gradients(kernels, batch, seq,
         torch.testing.assert_close(grad.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # without a gradient: the forward alone, the same values
         torch.testing.assert_close(attention.causal_attention(query, key, value, scale, documents), out, rtol=0, atol=0)
+
+
+def test_causal_attention_kernel_refuses_a_prefix_that_varies_within_a_document(kernels):
+    """The kernel gathers each document's keys once: every position of a document must see the same
+    prefix range (as GRPO's packing gives), else a clear error rather than a wrong answer."""
+    query = key = value = torch.randn(1, 6, 2, 16)
+    starts = torch.tensor([[0, 0, 2, 2, 2, 2]])
+    prefix = torch.tensor([[[0, 0], [0, 0], [0, 2], [0, 2], [0, 1], [0, 2]]])
+    with pytest.raises(RuntimeError, match="same prefix range"):
+        kernels.causal_attention_forward(query, key, value, 0.25, starts, prefix)
+    with pytest.raises(RuntimeError, match="documents in runs"):
+        kernels.causal_attention_forward(query, key, value, 0.25, torch.tensor([[0, 0, 2, 0, 2, 2]]), None)
 
 
 def test_document_mask_starts_only_for_packed_layouts():

@@ -89,8 +89,9 @@ class DocumentMask:
 
     Built from document ids [batch, seq] (SFT packs several conversations into a row) and optionally
     `prefix` [batch, seq, 2]: a range [begin, end) of earlier positions each position sees as well, an
-    earlier document it shares (empty where begin == end; it ends before the position's own document:
-    GRPO runs a prompt once and each of its completions as a document that sees it). `dense` is the
+    earlier document it shares (empty where begin == end; the same for every position of a document,
+    and it ends before the document: GRPO runs a prompt once and each of its completions as a document
+    that sees it; the fused kernel refuses a range that varies within a document). `dense` is the
     boolean [batch, 1, seq, seq] mask for the PyTorch paths; `starts` [batch, seq] the first position
     of each position's document, for the fused kernel (which then scores only keys from there and the
     prefix: the work goes with the documents' lengths), or None when an id comes back after another

@@ -636,12 +636,16 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
 }
 
 // ----- causal self-attention for training: fp32, forward and backward --------------------------------
-// Per (sequence, KV head), the keys (and for the backward the values) are stored transposed, [dim][keys]
-// with 16 keys a vector, so that a query row's scores are sums of its values broadcast against 16 keys
-// at once: no lane sums and no partial vectors for head dims like 24 or 48. Query rows go
-// ATTENTION_ROWS at a time, each key vector loaded once for them. A row's probabilities never leave
-// L1; the backward recomputes them from the saved log-sum-exp, as flash attention does.
-constexpr int ATTENTION_ROWS = 4;
+// Per (sequence, KV head) and document, the keys its rows see (a shared prefix, then its own) are
+// gathered transposed, [dim][keys] with 16 keys a vector, so that a query row's scores are sums of its
+// values broadcast against 16 keys at once: no lane sums and no partial vectors for head dims like 24 or
+// 48. Query rows go ATTENTION_ROWS at a time: a few positions times the query heads that share the KV
+// head (they see the same keys), each key vector loaded once for all of them. Within a document a row
+// sees the gathered keys up to its own position: the causal limit is the only mask. A row's
+// probabilities never leave L1; the backward recomputes them from the saved log-sum-exp, as flash
+// attention does.
+constexpr int ATTENTION_ROWS = 8;
+constexpr int GRADIENT_ROWS = 16;  // the backward's blocks: two scoring blocks, then one update of dK and dV
 
 #if defined(__AVX512F__)
 inline __m512 as_m512(const Vector16& v) {
@@ -750,8 +754,6 @@ void row_block_products(const float* const* rows, const float* columns, int64_t 
 // (the transposed update of a key or value gradient from a block of query rows, rows_t being the block's
 // [n][GRADIENT_ROWS] values): each 16-column chunk of the block stays in registers while the columns
 // pass once.
-constexpr int GRADIENT_ROWS = 16;
-
 void accumulate_row_block(const float* rows_t, const float* block, int64_t block_stride, int64_t n,
                           int64_t chunks, float* columns, int64_t stride) {
   for (int64_t c = 0; c < chunks; ++c) {
@@ -803,40 +805,40 @@ void block_weighted_sums(const float* p, int64_t p_stride, const float* const* r
   }
 }
 
-// out[r][0:n] = sum_j p[r][j] * rows[j][0:n] for ATTENTION_ROWS rows (out has ATTENTION_ROWS rows).
+// out[r][0:n] = sum_j p[r][j] * rows[j][0:n] for ATTENTION_ROWS rows (out has ATTENTION_ROWS rows), 32
+// values of every row at a time (16 sums in registers).
 void row_block_weighted_sums(const float* p, int64_t p_stride, const float* const* rows, int64_t n, int64_t count,
                              float* out, int64_t out_stride) {
   int64_t from = 0;
-  for (; n - from > 48; from += 64) block_weighted_sums<4>(p, p_stride, rows, from, n, count, out, out_stride);
-  switch ((n - from + 15) / 16) {
-    case 3: block_weighted_sums<3>(p, p_stride, rows, from, n, count, out, out_stride); break;
-    case 2: block_weighted_sums<2>(p, p_stride, rows, from, n, count, out, out_stride); break;
-    case 1: block_weighted_sums<1>(p, p_stride, rows, from, n, count, out, out_stride); break;
-  }
+  for (; n - from > 16; from += 32) block_weighted_sums<2>(p, p_stride, rows, from, n, count, out, out_stride);
+  if (from < n) block_weighted_sums<1>(p, p_stride, rows, from, n, count, out, out_stride);
 }
 
-// out[d][r] = rows[r * row_stride + d] for the GRADIENT_ROWS rows of a block, of which the first `count`
-// are real (the others repeat the last real one), d < n: one gather per d where AVX-512 has them.
-void transpose_row_block(const float* rows, int64_t row_stride, int64_t count, int64_t n, float* out) {
+// out[d][r] = rows[r][d] for the GRADIENT_ROWS rows (pointers) of a block, d < n: one gather per d where
+// AVX-512 has them and the rows lie within 2^31 floats of the first.
+void transpose_row_block(const float* const* rows, int64_t n, float* out) {
 #if defined(__AVX512F__)
-  if ((GRADIENT_ROWS - 1) * row_stride + n < (int64_t{1} << 31)) {
-    alignas(64) int32_t offsets[GRADIENT_ROWS];
-    for (int r = 0; r < GRADIENT_ROWS; ++r) offsets[r] = static_cast<int32_t>(std::min<int64_t>(r, count - 1) * row_stride);
+  alignas(64) int32_t offsets[GRADIENT_ROWS];
+  bool near = true;
+  for (int r = 0; r < GRADIENT_ROWS; ++r) {
+    const int64_t offset = rows[r] - rows[0];
+    near = near && offset > -(int64_t{1} << 31) && offset + n < (int64_t{1} << 31);
+    offsets[r] = static_cast<int32_t>(offset);
+  }
+  if (near) {
     const __m512i index = _mm512_load_si512(offsets);
-    for (int64_t d = 0; d < n; ++d) _mm512_storeu_ps(out + d * GRADIENT_ROWS, _mm512_i32gather_ps(index, rows + d, 4));
+    for (int64_t d = 0; d < n; ++d) _mm512_storeu_ps(out + d * GRADIENT_ROWS, _mm512_i32gather_ps(index, rows[0] + d, 4));
     return;
   }
 #endif
-  for (int r = 0; r < GRADIENT_ROWS; ++r) {
-    const float* row = rows + std::min<int64_t>(r, count - 1) * row_stride;
-    for (int64_t d = 0; d < n; ++d) out[d * GRADIENT_ROWS + r] = row[d];
-  }
+  for (int r = 0; r < GRADIENT_ROWS; ++r)
+    for (int64_t d = 0; d < n; ++d) out[d * GRADIENT_ROWS + r] = rows[r][d];
 }
 
 
 // ----- causal self-attention for training (fp32): see row_block_products -------------------------------
 struct AttentionShape {
-  int64_t batch, seq, heads, kv_heads, dim, value_dim, padded;
+  int64_t batch, seq, heads, kv_heads, dim, value_dim;
 };
 
 AttentionShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const char* name) {
@@ -847,198 +849,179 @@ AttentionShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, c
                   k.size(3) == q.size(3) && v.size(2) == k.size(2) && q.size(2) % k.size(2) == 0,
               name, ": keys and values must match the query's batch and length, with heads a multiple of KV heads");
   for (const auto* t : {&q, &k, &v}) TORCH_CHECK(t->stride(-1) == 1, name, ": last dimensions must be contiguous");
-  const int64_t seq = q.size(1);
-  return {q.size(0), seq, q.size(2), k.size(2), q.size(3), v.size(3), (seq + 15) / 16 * 16};
+  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
-// [seq][dim] rows (stride between rows) -> [dim][padded] columns, zero past seq.
-void transpose_rows(const float* rows, int64_t row_stride, int64_t seq, int64_t dim, int64_t padded, float* columns) {
-  for (int64_t d = 0; d < dim; ++d) std::fill(columns + d * padded + seq, columns + (d + 1) * padded, 0.f);
-  for (int64_t j = 0; j < seq; ++j)
-    for (int64_t d = 0; d < dim; ++d) columns[d * padded + j] = rows[j * row_stride + d];
-}
-
-// The `size` rows of a block: `count` real query rows from `first`, padded with the last one (its
-// results are never stored).
-void block_rows(const float* base, int64_t row_stride, int64_t first, int64_t count, const float** rows,
-                int size = ATTENTION_ROWS) {
-  for (int r = 0; r < size; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - 1)) * row_stride;
-}
-
-// Which keys each position sees besides the causal limit: with `starts` (packed documents) none before
-// starts[i], its document's first position; with `prefix` also those in [prefix[i][0], prefix[i][1])
-// (an earlier document it shares, ending by starts[i]: GRPO's completions of one prompt each see the
-// prompt, stored once).
-struct Documents {
-  const int64_t* starts = nullptr;  // [seq] of one sequence, or nullptr: plain causal attention
-  const int64_t* prefix = nullptr;  // [seq][2], or nullptr
+// One document of a sequence: positions [begin, end), which see the keys from begin up to their own and
+// those in [prefix_begin, prefix_end), an earlier document they share (GRPO's completions of one prompt
+// each see the prompt, stored once). Plain causal attention is one document without a prefix.
+struct Document {
+  int64_t begin, end, prefix_begin = 0, prefix_end = 0;
+  int64_t keys() const { return prefix_end - prefix_begin + end - begin; }  // the most a row sees
 };
 
-// The 16-key chunks a block of query rows [first, first + count) has to score: [0, chunks) for plain
-// causal attention; with documents from the chunk of the rows' earliest start, plus their shared prefix
-// as a second range when it lies below that (so a block scores its documents, not the keys between).
-struct KeyChunks {
-  int ranges = 1;
-  int64_t from[2] = {0, 0}, to[2] = {0, 0};
-};
-
-KeyChunks key_chunks(const Documents& documents, int64_t first, int64_t count, int64_t chunks) {
-  KeyChunks out;
-  out.to[0] = chunks;
-  if (documents.starts == nullptr) return out;
-  int64_t lowest = documents.starts[first], prefix_from = std::numeric_limits<int64_t>::max(), prefix_to = 0;
-  for (int64_t r = 0; r < count; ++r) {
-    lowest = std::min(lowest, documents.starts[first + r]);
-    if (documents.prefix != nullptr && documents.prefix[2 * (first + r)] < documents.prefix[2 * (first + r) + 1]) {
-      prefix_from = std::min(prefix_from, documents.prefix[2 * (first + r)]);
-      prefix_to = std::max(prefix_to, documents.prefix[2 * (first + r) + 1]);
-    }
-  }
-  const int64_t own = lowest / 16;
-  if (prefix_to == 0) {
-    out.from[0] = own;
-  } else if ((prefix_to + 15) / 16 >= own) {  // the prefix touches the rows' own chunks: one range
-    out.from[0] = std::min(own, prefix_from / 16);
-  } else {
-    out.ranges = 2;
-    out.from[0] = prefix_from / 16, out.to[0] = (prefix_to + 15) / 16;
-    out.from[1] = own, out.to[1] = chunks;
-  }
-  return out;
-}
-
-// f(c) for every scored chunk c, in order.
-template <typename F>
-inline void for_each_chunk(const KeyChunks& chunks, F&& f) {
-  for (int range = 0; range < chunks.ranges; ++range)
-    for (int64_t c = chunks.from[range]; c < chunks.to[range]; ++c) f(c);
-}
-
-// out[r][0:n] = sum_j p[r][j] * rows[j][0:n] for ATTENTION_ROWS rows over the scored keys below `limit`
-// (each range's sums added up; `part` is scratch the size of out).
-void chunks_weighted_sums(const float* p, int64_t p_stride, const float* const* rows, int64_t n,
-                          const KeyChunks& chunks, int64_t limit, float* out, float* part) {
-  for (int range = 0; range < chunks.ranges; ++range) {
-    const int64_t from = chunks.from[range] * 16, to = std::min(chunks.to[range] * 16, limit);
-    row_block_weighted_sums(p + from, p_stride, rows + from, n, to - from, range == 0 ? out : part, n);
-    if (range > 0)
-      for (int64_t e = 0; e < ATTENTION_ROWS * n; ++e) out[e] += part[e];
-  }
-}
-
-// Over the scored chunks, -inf for the keys row r = 0..ATTENTION_ROWS-1 (position first + r) does not see;
-// rows past `count` see none.
-void mask_unseen(float* scores, int64_t stride, int64_t first, int64_t count, const KeyChunks& chunks,
-                 const Documents& documents) {
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  for (int r = 0; r < ATTENTION_ROWS; ++r) {
-    float* row = scores + r * stride;
-    const int64_t position = first + r;
-    for (int range = 0; range < chunks.ranges; ++range) {
-      const int64_t from = chunks.from[range] * 16, to = chunks.to[range] * 16;
-      if (r >= count) {
-        std::fill(row + from, row + to, minus_inf);
-        continue;
-      }
-      if (documents.starts == nullptr) {  // causal only: the chunks past the position's
-        std::fill(row + std::max(from, position + 1), row + to, minus_inf);
-        continue;
-      }
-      // seen: [prefix begin, prefix end) and [start, position]; an empty prefix is taken as [start, start)
-      const int64_t start = documents.starts[position];
-      int64_t prefix_begin = start, prefix_end = start;
-      if (documents.prefix != nullptr && documents.prefix[2 * position] < documents.prefix[2 * position + 1]) {
-        prefix_end = std::min(documents.prefix[2 * position + 1], start);
-        prefix_begin = std::min(documents.prefix[2 * position], prefix_end);
-      }
-      const std::pair<int64_t, int64_t> unseen[3] = {{from, prefix_begin}, {prefix_end, start}, {position + 1, to}};
-      for (const auto& [a, b] : unseen)
-        if (std::max(a, from) < std::min(b, to)) std::fill(row + std::max(a, from), row + std::min(b, to), minus_inf);
-    }
-  }
-}
-
-// The documents of sequence b from the optional [b, s] starts and [b, s, 2] prefix ranges.
-Documents sequence_documents(const c10::optional<torch::Tensor>& starts, const c10::optional<torch::Tensor>& prefix,
-                             int64_t batch, int64_t seq, int64_t b, const char* name) {
-  Documents documents;
+// The documents of every sequence from the optional [b, s] starts (each position's document's first
+// position: runs) and [b, s, 2] prefix ranges (the same for all positions of a document, clipped to end
+// by the document's start); checked.
+std::vector<std::vector<Document>> sequence_documents(const c10::optional<torch::Tensor>& starts,
+                                                      const c10::optional<torch::Tensor>& prefix, int64_t batch,
+                                                      int64_t seq, const char* name) {
+  std::vector<std::vector<Document>> documents(batch);
   if (!starts.has_value()) {
     TORCH_CHECK(!prefix.has_value(), name, ": prefix ranges need starts");
+    for (auto& sequence : documents) sequence.push_back({0, seq});
     return documents;
   }
   TORCH_CHECK(starts->scalar_type() == at::kLong && starts->is_contiguous() && starts->dim() == 2 &&
                   starts->size(0) == batch && starts->size(1) == seq,
               name, ": starts must be contiguous int64 [batch, seq]");
-  documents.starts = starts->data_ptr<int64_t>() + b * seq;
-  if (prefix.has_value()) {
+  if (prefix.has_value())
     TORCH_CHECK(prefix->scalar_type() == at::kLong && prefix->is_contiguous() && prefix->dim() == 3 &&
                     prefix->size(0) == batch && prefix->size(1) == seq && prefix->size(2) == 2,
                 name, ": prefix must be contiguous int64 [batch, seq, 2]");
-    documents.prefix = prefix->data_ptr<int64_t>() + b * seq * 2;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* first = starts->data_ptr<int64_t>() + b * seq;
+    const int64_t* ranges = prefix.has_value() ? prefix->data_ptr<int64_t>() + b * seq * 2 : nullptr;
+    for (int64_t i = 0; i < seq; ++i) {
+      const bool begins = first[i] == i;
+      TORCH_CHECK(begins || (i > 0 && first[i] == first[i - 1]), name,
+                  ": starts must give each position its document's first position (documents in runs)");
+      int64_t prefix_begin = 0, prefix_end = 0;
+      if (ranges != nullptr && ranges[2 * i] < ranges[2 * i + 1]) {
+        prefix_end = std::max<int64_t>(0, std::min(ranges[2 * i + 1], first[i]));
+        prefix_begin = std::max<int64_t>(0, std::min(ranges[2 * i], prefix_end));
+      }
+      if (begins) {
+        documents[b].push_back({i, i + 1, prefix_begin, prefix_end});
+      } else {
+        Document& document = documents[b].back();
+        TORCH_CHECK(document.prefix_begin == prefix_begin && document.prefix_end == prefix_end, name,
+                    ": every position of a document must see the same prefix range");
+        document.end = i + 1;
+      }
+    }
   }
   return documents;
+}
+
+// The most keys any row sees, rounded up to whole 16-key chunks.
+int64_t padded_keys(const std::vector<std::vector<Document>>& documents) {
+  int64_t most = 1;
+  for (const auto& sequence : documents)
+    for (const Document& document : sequence) most = std::max(most, document.keys());
+  return (most + 15) / 16 * 16;
+}
+
+// A document's keys (its prefix rows, then its own), as row pointers and, if `columns` is given,
+// transposed into [dim][padded] columns, zero from the last key to the chunk's end.
+void gather_keys(const float* base, int64_t row_stride, const Document& document, int64_t dim, int64_t padded,
+                 const float** rows, float* columns) {
+  const int64_t prefix = document.prefix_end - document.prefix_begin, count = document.keys();
+  for (int64_t j = 0; j < count; ++j)
+    rows[j] = base + (j < prefix ? document.prefix_begin + j : document.begin + j - prefix) * row_stride;
+  if (columns == nullptr) return;
+  const int64_t end = (count + 15) / 16 * 16;
+  for (int64_t d = 0; d < dim; ++d) std::fill(columns + d * padded + count, columns + d * padded + end, 0.f);
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t d = 0; d < dim; ++d) columns[d * padded + j] = rows[j][d];
+}
+
+// The query rows of one scoring block: `positions` positions from `first` times the heads
+// [head, head + heads), position-major, padded to ATTENTION_ROWS with the last real row; limit[r] is
+// how many of the document's gathered keys row r sees (0 for padding). Returns the real rows.
+struct RowBlock {
+  const float* rows[ATTENTION_ROWS];
+  int64_t position[ATTENTION_ROWS], head[ATTENTION_ROWS], limit[ATTENTION_ROWS];
+  int count = 0;
+  int64_t keys = 0;  // the most keys a row of the block sees
+};
+
+RowBlock row_block(const float* base, int64_t position_stride, int64_t head_stride, const Document& document,
+                   int64_t first, int64_t positions, int64_t head, int64_t heads) {
+  RowBlock block;
+  const int64_t prefix = document.prefix_end - document.prefix_begin;
+  positions = std::max<int64_t>(0, std::min(positions, document.end - first));
+  block.count = static_cast<int>(positions * heads);
+  for (int r = 0; r < ATTENTION_ROWS; ++r) {
+    const int real = std::min(r, std::max(block.count - 1, 0));  // none past the document: its last row
+    block.position[r] = block.count > 0 ? first + real / heads : document.end - 1;
+    block.head[r] = head + real % heads;
+    block.rows[r] = base + block.position[r] * position_stride + block.head[r] * head_stride;
+    block.limit[r] = r < block.count ? prefix + block.position[r] - document.begin + 1 : 0;
+    block.keys = std::max(block.keys, block.limit[r]);
+  }
+  return block;
+}
+
+// How a KV head's query heads split into blocks: up to ATTENTION_ROWS heads at a time, with as many
+// positions as fill the block's rows.
+struct HeadBlocks {
+  int64_t heads, positions;
+};
+
+HeadBlocks head_blocks(int64_t group) {
+  const int64_t heads = std::min<int64_t>(group, ATTENTION_ROWS);
+  return {heads, std::max<int64_t>(1, ATTENTION_ROWS / heads)};
 }
 
 // softmax(scale * q k^T, causal) v over q [b, s, h, d], k [b, s, kv_heads, d], v [b, s, kv_heads, dv] (any
 // strides, last dimensions contiguous): (out [b, s, h, dv], log-sum-exp of the scaled scores [b, h, s]).
 // With `starts` [b, s] (packed documents), position i sees keys starts[i]..i only, and with `prefix`
-// [b, s, 2] also those in [prefix[i][0], prefix[i][1]) (see Documents); a block of rows scores only the
-// key chunks of its documents (KeyChunks): the work goes with the documents' lengths.
+// [b, s, 2] also those in [prefix[i][0], prefix[i][1]) (see Document). The work goes with the documents'
+// lengths: a block of rows scores only its document's gathered keys, up to its last row's position.
 std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v, double scale_,
                                                     const c10::optional<torch::Tensor>& starts,
                                                     const c10::optional<torch::Tensor>& prefix) {
   const auto shape = attention_shape(q, k, v, "causal_attention_forward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
-                DV = shape.value_dim, TP = shape.padded, G = H / KVH;
-  sequence_documents(starts, prefix, B, T, 0, "causal_attention_forward");  // checks them
+                DV = shape.value_dim, G = H / KVH;
+  const auto documents = sequence_documents(starts, prefix, B, T, "causal_attention_forward");
+  const int64_t KP = padded_keys(documents);
+  const HeadBlocks split = head_blocks(G);
   const float scale = static_cast<float>(scale_);
   auto out = torch::empty({B, T, H, DV}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = torch::empty({B, H, T}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>();
   float *od = out.data_ptr<float>(), *ld = lse.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> keys_t(new float[D * TP]), scores(new float[ATTENTION_ROWS * TP]),
-        mixed(new float[ATTENTION_ROWS * DV]), part(new float[ATTENTION_ROWS * DV]);
-    std::vector<const float*> values(T);
+    std::unique_ptr<float[]> keys_t(new float[D * KP]), scores(new float[ATTENTION_ROWS * KP]),
+        mixed(new float[ATTENTION_ROWS * DV]);
+    std::vector<const float*> key_rows(KP), value_rows(KP);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, g = task % KVH;
-      const float* key = kd + b * k.stride(0) + g * k.stride(2);
-      transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
-      for (int64_t j = 0; j < T; ++j) values[j] = vd + b * v.stride(0) + j * v.stride(1) + g * v.stride(2);
-      const Documents documents = sequence_documents(starts, prefix, B, T, b, "causal_attention_forward");
-      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        for (int64_t first = 0; first < T; first += ATTENTION_ROWS) {
-          const int64_t count = std::min<int64_t>(ATTENTION_ROWS, T - first), keys = first + count;
-          const KeyChunks chunks = key_chunks(documents, first, count, (keys + 15) / 16);
-          const float* rows[ATTENTION_ROWS];
-          block_rows(qd + b * q.stride(0) + h * q.stride(2), q.stride(1), first, count, rows);
-          for (int range = 0; range < chunks.ranges; ++range) {
-            const int64_t from = chunks.from[range];
-            row_block_products(rows, keys_t.get() + from * 16, TP, D, chunks.to[range] - from, scale,
-                               scores.get() + from * 16, TP);
-          }
-          mask_unseen(scores.get(), TP, first, count, chunks, documents);
-          float inverse[ATTENTION_ROWS];
-          for (int r = 0; r < count; ++r) {
-            float* s = scores.get() + r * TP;
-            Vector16 peak = Vector16{} - std::numeric_limits<float>::infinity();
-            for_each_chunk(chunks, [&](int64_t c) { peak = max16(peak, load16f(s + c * 16)); });
-            const float m = lane_max(peak);
-            Vector16 total = {};
-            for_each_chunk(chunks, [&](int64_t c) {
-              const Vector16 e = exp16(load16f(s + c * 16) - m);
-              store16(s + c * 16, e);
-              total += e;
-            });
-            const float sum = lane_sum(total);
-            inverse[r] = 1.f / sum;
-            ld[(b * H + h) * T + first + r] = m + std::log(sum);
-          }
-          chunks_weighted_sums(scores.get(), TP, values.data(), DV, chunks, keys, mixed.get(), part.get());
-          for (int r = 0; r < count; ++r) {
-            float* o = od + ((b * T + first + r) * H + h) * DV;
-            for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
+      for (const Document& document : documents[b]) {
+        gather_keys(kd + b * k.stride(0) + g * k.stride(2), k.stride(1), document, D, KP, key_rows.data(), keys_t.get());
+        gather_keys(vd + b * v.stride(0) + g * v.stride(2), v.stride(1), document, DV, KP, value_rows.data(), nullptr);
+        for (int64_t head = g * G; head < (g + 1) * G; head += split.heads) {
+          const int64_t heads = std::min(split.heads, (g + 1) * G - head);
+          for (int64_t first = document.begin; first < document.end; first += split.positions) {
+            const RowBlock block = row_block(qd + b * q.stride(0), q.stride(1), q.stride(2), document, first,
+                                             split.positions, head, heads);
+            const int64_t chunks = (block.keys + 15) / 16;
+            row_block_products(block.rows, keys_t.get(), KP, D, chunks, scale, scores.get(), KP);
+            float inverse[ATTENTION_ROWS];
+            for (int r = 0; r < block.count; ++r) {
+              float* s = scores.get() + r * KP;
+              std::fill(s + block.limit[r], s + chunks * 16, -std::numeric_limits<float>::infinity());
+              Vector16 peak = load16f(s);
+              for (int64_t c = 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
+              const float m = lane_max(peak);
+              Vector16 total = {};
+              for (int64_t c = 0; c < chunks; ++c) {
+                const Vector16 e = exp16(load16f(s + c * 16) - m);
+                store16(s + c * 16, e);
+                total += e;
+              }
+              const float sum = lane_sum(total);
+              inverse[r] = 1.f / sum;
+              ld[(b * H + block.head[r]) * T + block.position[r]] = m + std::log(sum);
+            }
+            row_block_weighted_sums(scores.get(), KP, value_rows.data(), DV, block.keys, mixed.get(), DV);
+            for (int r = 0; r < block.count; ++r) {
+              float* o = od + ((b * T + block.position[r]) * H + block.head[r]) * DV;
+              for (int64_t e = 0; e < DV; ++e) o[e] = mixed[r * DV + e] * inverse[r];
+            }
           }
         }
       }
@@ -1048,112 +1031,121 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
 }
 
 // Gradients (dq, dk, dv) of causal_attention_forward's output, given its inputs, output, log-sum-exp and
-// the output's gradient (any strides, last dimension contiguous).
+// the output's gradient (any strides, last dimension contiguous). Per document, GRADIENT_ROWS query rows
+// at a time (two scoring blocks): their probabilities and score gradients give dQ row by row and, for
+// all of them at once, the updates of the document's gathered dK and dV, added to the keys' rows after.
 std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& q, const torch::Tensor& k,
                                                      const torch::Tensor& v, const torch::Tensor& out,
                                                      const torch::Tensor& lse, const torch::Tensor& grad_out_,
                                                      double scale_, const c10::optional<torch::Tensor>& starts,
                                                      const c10::optional<torch::Tensor>& prefix) {
+  static_assert(GRADIENT_ROWS == 2 * ATTENTION_ROWS, "a gradient block is two scoring blocks");
   const auto shape = attention_shape(q, k, v, "causal_attention_backward");
   const int64_t B = shape.batch, T = shape.seq, H = shape.heads, KVH = shape.kv_heads, D = shape.dim,
-                DV = shape.value_dim, TP = shape.padded, G = H / KVH;
-  sequence_documents(starts, prefix, B, T, 0, "causal_attention_backward");  // checks them
+                DV = shape.value_dim, G = H / KVH;
+  const auto documents = sequence_documents(starts, prefix, B, T, "causal_attention_backward");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == grad_out_.sizes() && out.size(3) == DV && lse.is_contiguous() &&
                   lse.size(2) == T && lse.scalar_type() == at::kFloat && grad_out_.scalar_type() == at::kFloat,
               "causal_attention_backward: out and lse as the forward returned them, grad_out shaped like out");
+  const int64_t KP = padded_keys(documents);
+  const HeadBlocks split = head_blocks(G);
   const auto grad_out = grad_out_.stride(-1) == 1 ? grad_out_ : grad_out_.contiguous();
   const float scale = static_cast<float>(scale_);
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   auto dq = torch::empty({B, T, H, D}, contiguous);
-  auto dk = torch::empty({B, T, KVH, D}, contiguous);
-  auto dv = torch::empty({B, T, KVH, DV}, contiguous);
+  auto dk = torch::zeros({B, T, KVH, D}, contiguous);
+  auto dv = torch::zeros({B, T, KVH, DV}, contiguous);
   const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>(),
               *od = out.data_ptr<float>(), *ld = lse.data_ptr<float>(), *gd = grad_out.data_ptr<float>();
   float *dqd = dq.data_ptr<float>(), *dkd = dk.data_ptr<float>(), *dvd = dv.data_ptr<float>();
+  // dO . O = sum_j P dP for every row, in one pass over both
+  std::vector<float> deltas(B * T * H);
+  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      for (int64_t h = 0; h < H; ++h)
+        deltas[row * H + h] = dot(gd + (row / T) * grad_out.stride(0) + (row % T) * grad_out.stride(1) + h * grad_out.stride(2),
+                                  od + (row * H + h) * DV, DV);
+  });
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> keys_t(new float[D * TP]), values_t(new float[DV * TP]), dkeys_t(new float[D * TP]),
-        dvalues_t(new float[DV * TP]), probs(new float[GRADIENT_ROWS * TP]), dscores(new float[GRADIENT_ROWS * TP]),
-        dquery(new float[ATTENTION_ROWS * D]), dquery_part(new float[ATTENTION_ROWS * D]),
-        q_block_t(new float[D * GRADIENT_ROWS]),
+    std::unique_ptr<float[]> keys_t(new float[D * KP]), values_t(new float[DV * KP]), dkeys_t(new float[D * KP]),
+        dvalues_t(new float[DV * KP]), probs(new float[GRADIENT_ROWS * KP]), dscores(new float[GRADIENT_ROWS * KP]),
+        dquery(new float[ATTENTION_ROWS * D]), q_block_t(new float[D * GRADIENT_ROWS]),
         g_block_t(new float[DV * GRADIENT_ROWS]);
-    std::vector<const float*> keys_rows(T);
+    std::vector<const float*> key_rows(KP), value_rows(KP);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, g = task % KVH;
-      const float* key = kd + b * k.stride(0) + g * k.stride(2);
-      transpose_rows(key, k.stride(1), T, D, TP, keys_t.get());
-      transpose_rows(vd + b * v.stride(0) + g * v.stride(2), v.stride(1), T, DV, TP, values_t.get());
-      for (int64_t j = 0; j < T; ++j) keys_rows[j] = key + j * k.stride(1);
-      std::fill(dkeys_t.get(), dkeys_t.get() + D * TP, 0.f);
-      std::fill(dvalues_t.get(), dvalues_t.get() + DV * TP, 0.f);
-      const Documents documents = sequence_documents(starts, prefix, B, T, b, "causal_attention_backward");
-      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        const float* row_lse = ld + (b * H + h) * T;
-        const float* q_head = qd + b * q.stride(0) + h * q.stride(2);
-        const float* g_head = gd + b * grad_out.stride(0) + h * grad_out.stride(2);
-        // GRADIENT_ROWS query rows at a time (from a multiple of 16, so all of them see the same key
-        // chunks), scored ATTENTION_ROWS at a time
-        for (int64_t block = 0; block < T; block += GRADIENT_ROWS) {
-          const int64_t keys = std::min(T, block + GRADIENT_ROWS);
-          const KeyChunks chunks = key_chunks(documents, block, keys - block, block / 16 + 1);
-          const float *q_rows[GRADIENT_ROWS], *g_rows[GRADIENT_ROWS];
-          block_rows(q_head, q.stride(1), block, keys - block, q_rows, GRADIENT_ROWS);
-          block_rows(g_head, grad_out.stride(1), block, keys - block, g_rows, GRADIENT_ROWS);
-          for (int64_t first = block; first < block + GRADIENT_ROWS; first += ATTENTION_ROWS) {
-            const int64_t count = std::max<int64_t>(0, std::min<int64_t>(ATTENTION_ROWS, T - first));
-            float* p = probs.get() + (first - block) * TP;
-            float* ds = dscores.get() + (first - block) * TP;
-            const float* const* q_part = q_rows + (first - block);
-            const float* const* g_part = g_rows + (first - block);
-            if (count > 0) {
-              for (int range = 0; range < chunks.ranges; ++range) {
-                const int64_t from = chunks.from[range], size = chunks.to[range] - from;
-                row_block_products(q_part, keys_t.get() + from * 16, TP, D, size, scale, p + from * 16, TP);  // scores
-                row_block_products(g_part, values_t.get() + from * 16, TP, DV, size, 1.f, ds + from * 16,
-                                   TP);  // dP = dO v^T
-              }
-              mask_unseen(p, TP, first, count, chunks, documents);
-            }
-            for (int r = 0; r < ATTENTION_ROWS; ++r) {
-              float* pr = p + r * TP;
-              float* dsr = ds + r * TP;
-              if (r >= count) {  // a padding row: no probabilities, no gradient
-                for (int range = 0; range < chunks.ranges; ++range) {
-                  std::fill(pr + chunks.from[range] * 16, pr + chunks.to[range] * 16, 0.f);
-                  std::fill(dsr + chunks.from[range] * 16, dsr + chunks.to[range] * 16, 0.f);
-                }
+      for (const Document& document : documents[b]) {
+        const int64_t count = document.keys(), padded = (count + 15) / 16 * 16;
+        gather_keys(kd + b * k.stride(0) + g * k.stride(2), k.stride(1), document, D, KP, key_rows.data(), keys_t.get());
+        gather_keys(vd + b * v.stride(0) + g * v.stride(2), v.stride(1), document, DV, KP, value_rows.data(), values_t.get());
+        for (int64_t d = 0; d < D; ++d) std::fill(dkeys_t.get() + d * KP, dkeys_t.get() + d * KP + padded, 0.f);
+        for (int64_t e = 0; e < DV; ++e) std::fill(dvalues_t.get() + e * KP, dvalues_t.get() + e * KP + padded, 0.f);
+        for (int64_t head = g * G; head < (g + 1) * G; head += split.heads) {
+          const int64_t heads = std::min(split.heads, (g + 1) * G - head);
+          for (int64_t first = document.begin; first < document.end; first += 2 * split.positions) {
+            const RowBlock blocks[2] = {
+                row_block(qd + b * q.stride(0), q.stride(1), q.stride(2), document, first, split.positions, head, heads),
+                row_block(qd + b * q.stride(0), q.stride(1), q.stride(2), document, first + split.positions,
+                          split.positions, head, heads)};
+            const int64_t chunks = (std::max(blocks[0].keys, blocks[1].keys) + 15) / 16;  // of both blocks
+            const float* g_rows[GRADIENT_ROWS];
+            for (int half = 0; half < 2; ++half) {
+              const RowBlock& block = blocks[half];
+              float* p = probs.get() + half * ATTENTION_ROWS * KP;
+              float* ds = dscores.get() + half * ATTENTION_ROWS * KP;
+              const float** g_part = g_rows + half * ATTENTION_ROWS;
+              for (int r = 0; r < ATTENTION_ROWS; ++r)
+                g_part[r] = gd + b * grad_out.stride(0) + block.position[r] * grad_out.stride(1) +
+                            block.head[r] * grad_out.stride(2);
+              if (block.count == 0) {  // past the document's end: no probabilities, no gradient
+                std::fill(p, p + ATTENTION_ROWS * KP, 0.f);
+                std::fill(ds, ds + ATTENTION_ROWS * KP, 0.f);
                 continue;
               }
-              const int64_t i = first + r;
-              const float delta = dot(g_part[r], od + ((b * T + i) * H + h) * DV, DV);  // dO . O = sum_j P dP
-              const float m = row_lse[i];
-              for_each_chunk(chunks, [&](int64_t c) {
-                const Vector16 prob = exp16(load16f(pr + c * 16) - m);
-                store16(pr + c * 16, prob);
-                store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
-              });
+              const int64_t own = (block.keys + 15) / 16;
+              row_block_products(block.rows, keys_t.get(), KP, D, own, scale, p, KP);        // scores
+              row_block_products(g_part, values_t.get(), KP, DV, own, 1.f, ds, KP);          // dP = dO v^T
+              for (int r = 0; r < ATTENTION_ROWS; ++r) {
+                float* pr = p + r * KP;
+                float* dsr = ds + r * KP;
+                const int64_t limit = block.limit[r];
+                if (r >= block.count) {  // a padding row
+                  std::fill(pr, pr + chunks * 16, 0.f);
+                  std::fill(dsr, dsr + chunks * 16, 0.f);
+                  continue;
+                }
+                const int64_t i = block.position[r], h = block.head[r];
+                const float delta = deltas[(b * T + i) * H + h], m = ld[(b * H + h) * T + i];
+                for (int64_t c = 0; c < (limit + 15) / 16; ++c) {  // keys past the limit: cleared below
+                  const Vector16 prob = exp16(load16f(pr + c * 16) - m);
+                  store16(pr + c * 16, prob);
+                  store16(dsr + c * 16, prob * (load16f(dsr + c * 16) - delta) * scale);
+                }
+                std::fill(pr + limit, pr + chunks * 16, 0.f);
+                std::fill(dsr + limit, dsr + chunks * 16, 0.f);
+              }
+              row_block_weighted_sums(ds, KP, key_rows.data(), D, block.keys, dquery.get(), D);  // dQ = dS k
+              for (int r = 0; r < block.count; ++r)
+                std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D,
+                          dqd + ((b * T + block.position[r]) * H + block.head[r]) * D);
             }
-            if (count > 0) {
-              chunks_weighted_sums(ds, TP, keys_rows.data(), D, chunks, first + count, dquery.get(),
-                                   dquery_part.get());  // dQ = dS k
-              for (int r = 0; r < count; ++r)
-                std::copy(dquery.get() + r * D, dquery.get() + (r + 1) * D, dqd + ((b * T + first + r) * H + h) * D);
-            }
-          }
-          transpose_row_block(q_head + block * q.stride(1), q.stride(1), keys - block, D, q_block_t.get());
-          transpose_row_block(g_head + block * grad_out.stride(1), grad_out.stride(1), keys - block, DV, g_block_t.get());
-          for (int range = 0; range < chunks.ranges; ++range) {
-            const int64_t from = chunks.from[range] * 16, size = chunks.to[range] - chunks.from[range];
+            const float* q_rows[GRADIENT_ROWS];
+            for (int r = 0; r < GRADIENT_ROWS; ++r) q_rows[r] = blocks[r / ATTENTION_ROWS].rows[r % ATTENTION_ROWS];
+            transpose_row_block(q_rows, D, q_block_t.get());
+            transpose_row_block(g_rows, DV, g_block_t.get());
             // dK^T += q^T dS, dV^T += dO^T P
-            accumulate_row_block(q_block_t.get(), dscores.get() + from, TP, D, size, dkeys_t.get() + from, TP);
-            accumulate_row_block(g_block_t.get(), probs.get() + from, TP, DV, size, dvalues_t.get() + from, TP);
+            accumulate_row_block(q_block_t.get(), dscores.get(), KP, D, chunks, dkeys_t.get(), KP);
+            accumulate_row_block(g_block_t.get(), probs.get(), KP, DV, chunks, dvalues_t.get(), KP);
           }
         }
-      }
-      for (int64_t j = 0; j < T; ++j) {
-        float* dk_row = dkd + ((b * T + j) * KVH + g) * D;
-        float* dv_row = dvd + ((b * T + j) * KVH + g) * DV;
-        for (int64_t d = 0; d < D; ++d) dk_row[d] = dkeys_t[d * TP + j];
-        for (int64_t e = 0; e < DV; ++e) dv_row[e] = dvalues_t[e * TP + j];
+        const int64_t prefix = document.prefix_end - document.prefix_begin;
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t row = j < prefix ? document.prefix_begin + j : document.begin + j - prefix;
+          float* dk_row = dkd + ((b * T + row) * KVH + g) * D;
+          float* dv_row = dvd + ((b * T + row) * KVH + g) * DV;
+          for (int64_t d = 0; d < D; ++d) dk_row[d] += dkeys_t[d * KP + j];
+          for (int64_t e = 0; e < DV; ++e) dv_row[e] += dvalues_t[e * KP + j];
+        }
       }
     }
   });
