@@ -828,15 +828,15 @@ class Engine:
         returned all hold their reservation.
         """
         running, writable = set(self._running), self.cache.writable
-        if all(s in running and writable(s.table, *span(s)) for s in sequences):
+        pending = [s for s in sequences if s not in running or not writable(s.table, *span(s))]
+        if not pending:
             return sequences  # the common decode step: every write lands in a block the sequence owns alone
-        ready = []
-        for sequence in sorted(sequences, key=lambda s: s.arrival):
+        for sequence in sorted(pending, key=lambda s: s.arrival):  # those that cross into a new block
             if sequence in self._running:
                 start, end = span(sequence)
-                if self._reserve(sequence, end, start):
-                    ready.append(sequence)
-        return [s for s in ready if s in self._running]
+                self._reserve(sequence, end, start)
+        running = set(self._running)  # a reservation may have preempted any younger sequence
+        return [s for s in sequences if s in running]
 
     def _preempt(self, sequence: _Sequence) -> None:
         """Free a sequence's blocks and queue it first in line; it is recomputed from its tokens later."""
@@ -951,6 +951,18 @@ class Engine:
         """Add sampled tokens to a sequence, apply every stop rule, and publish the event (None: the
         request is not streamed and goes on, so its tokens were only recorded)."""
         params = sequence.params
+        deferred = sequence.tracker.deferred
+        if (len(tokens) == 1 and deferred is not None and sequence.penalties is None and not sequence.handle.streamed
+                and tokens[0] not in params.stop_token_ids and (params.ignore_eos or tokens[0] not in self.eos_token_ids)
+                and len(sequence.token_ids) + 1 - sequence.prompt_length < sequence.max_tokens
+                and len(sequence.token_ids) + 1 < self.max_model_len):
+            # most decode steps of a request nobody streams, without stop strings or penalties (GRPO's
+            # rollouts): a token that cannot end it is only recorded, as the rules below would
+            sequence.token_ids.append(tokens[0])
+            deferred.append(tokens[0])
+            self._stats.generation_tokens += 1
+            sequence.handle._record(sequence.index, tokens, logprobs)
+            return None
         added: list[int] = []
         finish, stop_reason = None, None
         for token in tokens:
