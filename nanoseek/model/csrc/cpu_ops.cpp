@@ -271,6 +271,37 @@ inline Vector16 load16_tail(const T* p, int64_t count) {
   return load16(buffer);
 }
 
+#if defined(__AVX512F__)
+inline __m512 as_m512(const Vector16& v) {
+  __m512 x;
+  std::memcpy(&x, &v, sizeof x);
+  return x;
+}
+
+inline Vector16 as_vector16(const __m512& x) {
+  Vector16 v;
+  std::memcpy(&v, &x, sizeof v);
+  return v;
+}
+#endif
+
+inline Vector16 load16f(const float* p) {
+  Vector16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, const Vector16& v) { std::memcpy(p, &v, sizeof v); }
+
+// The first `count` (1 to 16) lanes of v to p, writing nothing past p[count - 1].
+inline void store16_tail(float* p, const Vector16& v, int64_t count) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), as_m512(v));
+#else
+  std::memcpy(p, &v, count * sizeof(float));
+#endif
+}
+
 // Rotary embedding of x [batch, seq, heads, dim] (last dimension contiguous) by angles cos/sin
 // [batch or 1, seq, dim / 2] (fp32), computed in fp32 and rounded to x's dtype. Interleaved rotates
 // the pairs (x0, x1), (x2, x3)... (DeepSeek's MLA); otherwise channel i with i + dim / 2 (NeoX).
@@ -589,35 +620,51 @@ void key_scores(const T* const* keys, int64_t count, const T* zeros, const float
   }
 }
 
+// out[r][from:...] = sum_t p[r * p_stride + t] * values[t][from:...] for R rows of weights over `count`
+// value rows (pointers, read in place): CHUNKS whole vectors of outputs from `from`, then with TAIL the
+// partial last one (n - from - 16 * CHUNKS values, zero-filled loads), all R rows' sums in registers so
+// each value row is loaded once for them.
+template <int R, int CHUNKS, bool TAIL, typename T>
+void weighted_sums_block(const float* p, int64_t p_stride, const T* const* values, int64_t from, int64_t n,
+                         int64_t count, float* out, int64_t out_stride) {
+  constexpr int VECTORS = CHUNKS + (TAIL ? 1 : 0);
+  const int64_t tail = n - from - 16 * CHUNKS;
+  Vector16 sums[R][VECTORS] = {};
+  for (int64_t t = 0; t < count; ++t) {
+    if (from == 0 && t + PREFETCH_ROWS_AHEAD < count) prefetch(values[t + PREFETCH_ROWS_AHEAD], n);
+    Vector16 row[VECTORS];
+    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(values[t] + from + 16 * c);
+    if constexpr (TAIL) row[CHUNKS] = load16_tail(values[t] + from + 16 * CHUNKS, tail);
+    for (int r = 0; r < R; ++r) {
+      const float weight = p[r * p_stride + t];
+      for (int c = 0; c < VECTORS; ++c) sums[r][c] += weight * row[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + r * out_stride + from;
+    for (int c = 0; c < CHUNKS; ++c) store16(o + 16 * c, sums[r][c]);
+    if constexpr (TAIL) store16_tail(o + 16 * CHUNKS, sums[r][CHUNKS], tail);  // no memcpy of a variable size:
+                                                                                 // it keeps the sums on the stack
+  }
+}
+
 // out[r][0:n] = sum_t p[r * p_stride + t] * values[t][0:n] for R rows of weights (a softmax's
-// probabilities) over `count` value rows (pointers, read in place): 64 outputs of all R rows at a
-// time in registers, so each value row is loaded once per 64 outputs.
+// probabilities) over `count` value rows: 64 outputs at a time, then the rest (a head dim of 24: one
+// whole and one partial vector) in one more pass.
 template <int R, typename T>
 void weighted_sums(const float* p, int64_t p_stride, const T* const* values, int64_t n, int64_t count, float* out,
                    int64_t out_stride) {
-  const int64_t whole = n / 16 * 16;
-  for (int64_t from = 0; from < whole; from += 64) {
-    const int chunks = static_cast<int>(std::min<int64_t>(4, (whole - from) / 16));
-    Vector16 sums[R][4] = {};
-    for (int64_t t = 0; t < count; ++t) {
-      if (from == 0 && t + PREFETCH_ROWS_AHEAD < count) prefetch(values[t + PREFETCH_ROWS_AHEAD], n);
-      Vector16 row[4] = {};
-      for (int c = 0; c < chunks; ++c) row[c] = load16(values[t] + from + 16 * c);
-      for (int r = 0; r < R; ++r) {
-        const float weight = p[r * p_stride + t];
-        for (int c = 0; c < 4; ++c) sums[r][c] += weight * row[c];
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < chunks; ++c) std::memcpy(out + r * out_stride + from + 16 * c, &sums[r][c], sizeof(Vector16));
-  }
-  if (whole < n) {  // the last partial vector of outputs (a head dim of 24), zero-filled loads
-    Vector16 sums[R] = {};
-    for (int64_t t = 0; t < count; ++t) {
-      const Vector16 row = load16_tail(values[t] + whole, n - whole);
-      for (int r = 0; r < R; ++r) sums[r] += p[r * p_stride + t] * row;
-    }
-    for (int r = 0; r < R; ++r) std::memcpy(out + r * out_stride + whole, &sums[r], (n - whole) * sizeof(float));
+  int64_t from = 0;
+  for (; n - from >= 64; from += 64) weighted_sums_block<R, 4, false>(p, p_stride, values, from, n, count, out, out_stride);
+  const int64_t rest = n - from;
+  switch (rest / 16 * 2 + (rest % 16 != 0)) {
+    case 1: weighted_sums_block<R, 0, true>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 2: weighted_sums_block<R, 1, false>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 3: weighted_sums_block<R, 1, true>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 4: weighted_sums_block<R, 2, false>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 5: weighted_sums_block<R, 2, true>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 6: weighted_sums_block<R, 3, false>(p, p_stride, values, from, n, count, out, out_stride); break;
+    case 7: weighted_sums_block<R, 3, true>(p, p_stride, values, from, n, count, out, out_stride); break;
   }
 }
 
@@ -647,19 +694,6 @@ void weighted_sums_any(const float* p, int64_t p_stride, const T* const* values,
 constexpr int ATTENTION_ROWS = 8;
 constexpr int GRADIENT_ROWS = 16;  // the backward's blocks: two scoring blocks, then one update of dK and dV
 
-#if defined(__AVX512F__)
-inline __m512 as_m512(const Vector16& v) {
-  __m512 x;
-  std::memcpy(&x, &v, sizeof x);
-  return x;
-}
-
-inline Vector16 as_vector16(const __m512& x) {
-  Vector16 v;
-  std::memcpy(&v, &x, sizeof v);
-  return v;
-}
-#endif
 
 inline Vector16 max16(const Vector16& a, const Vector16& b) {
 #if defined(__AVX512F__)
@@ -701,22 +735,6 @@ inline float lane_max(const Vector16& v) {
 #endif
 }
 
-inline Vector16 load16f(const float* p) {
-  Vector16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store16(float* p, const Vector16& v) { std::memcpy(p, &v, sizeof v); }
-
-// The first `count` (1 to 16) lanes of v to p, writing nothing past p[count - 1].
-inline void store16_tail(float* p, const Vector16& v, int64_t count) {
-#if defined(__AVX512F__)
-  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), as_m512(v));
-#else
-  std::memcpy(p, &v, count * sizeof(float));
-#endif
-}
 
 // out[r][0:16 * chunks] = scale * rows[r][0:n] @ columns[0:n][0:16 * chunks] for ATTENTION_ROWS rows
 // (pointers) and a [n][stride] matrix: two 16-column chunks of every row in registers at a time.
@@ -801,7 +819,7 @@ void block_weighted_sums(const float* p, int64_t p_stride, const float* const* r
   for (int r = 0; r < ATTENTION_ROWS; ++r) {
     float* o = out + r * out_stride + from;
     for (int c = 0; c < CHUNKS - 1; ++c) store16(o + 16 * c, sums[r][c]);
-    std::memcpy(o + 16 * (CHUNKS - 1), &sums[r][CHUNKS - 1], last * sizeof(float));
+    store16_tail(o + 16 * (CHUNKS - 1), sums[r][CHUNKS - 1], last);
   }
 }
 
