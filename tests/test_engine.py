@@ -179,15 +179,24 @@ def test_streamed_text_adds_up_to_the_decoded_tokens():
 
 
 @pytest.mark.parametrize("logprobs", [None, 0, 2])
-def test_generate_records_what_a_stream_delivers(logprobs):
-    """generate() (nobody streams: tokens recorded without events) returns what the stream delivers."""
+@pytest.mark.parametrize("ending", ["length", "stop token"])
+def test_generate_records_what_a_stream_delivers(logprobs, ending):
+    """generate() (nobody streams: most tokens recorded in one step, `_Sequence.quiet_stops`) returns
+    what the stream delivers, ended by the length limit or by a stop token."""
     tokenizer = tiny_tokenizer()
     engine = Engine(peaky_model("v3", vocab_size=tokenizer.vocab_size, logit_scale=1.0), tokenizer)
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, logprobs=logprobs)
+    if ending == "stop token":  # one the first completion samples midway
+        first = engine.generate("Once upon", params, n=2)[0].outputs[0].token_ids
+        params = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, logprobs=logprobs,
+                                stop_token_ids=[first[6]])
     result = engine.generate("Once upon", params, n=2)[0]
+    if ending == "stop token":
+        assert result.outputs[0].finish_reason == "stop" and len(result.outputs[0].token_ids) <= 7
     for completion in result.outputs:
         events = [e for e in engine.stream("Once upon", params, n=2) if e.index == completion.index]
         assert completion.token_ids == [t for e in events for t in e.token_ids]
+        assert completion.finish_reason == events[-1].finish_reason
         assert completion.text == "".join(e.text for e in events)
         if logprobs is None:
             assert completion.logprobs is None and completion.top_logprobs is None

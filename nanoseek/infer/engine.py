@@ -314,6 +314,12 @@ class _Sequence:
         self.last_key = self.root_key
         self.epoch = -1
         self.prefix_keys: tuple[int, list[bytes]] | None = None  # (token count, keys) of the last lookup
+        # a quiet request (nobody streams it; no stop strings, no penalties: GRPO's rollouts) records a
+        # token that is not in `quiet_stops` and leaves it short of `quiet_limit` tokens in one step
+        # (`Engine._sample_and_append`); None: every token takes `Engine._append`
+        self.quiet_stops: frozenset[int] | None = None
+        self.quiet_limit = 0
+        self.completion = handle._output.outputs[index]
 
     @property
     def num_generated(self) -> int:
@@ -631,6 +637,9 @@ class Engine:
                                  _TextTracker(self.tokenizer, params, incremental=streamed))
             if params.uses_penalties:
                 sequence.penalties = PenaltyState.from_tokens(prompt_ids, [], self.vocab_size, self.device)
+            elif not streamed and not params.stop:
+                sequence.quiet_stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+                sequence.quiet_limit = min(length + max_tokens, self.max_model_len)
             sequences.append(sequence)
         sequences[0].followers = sequences[1:]
         return handle, sequences
@@ -935,34 +944,36 @@ class Engine:
         """Sample one token per sequence from `logits` [rows, vocab] and append it."""
         params = [s.params for s in sequences]
         if greedy_only(params):
-            tokens = greedy_tokens(logits)
-            events = [self._append(s, [token], None) for s, token in zip(sequences, tokens, strict=True)]
-            return [event for event in events if event is not None]
-        probs = sampling_probs(logits, params, [s.penalties for s in sequences])
-        chosen = draw(probs, uniforms([s.random for s in sequences], self.device))
-        logprobs = token_logprobs(logits, probs, chosen, params)
-        events = [
-            self._append(s, [token], None if entry is None else [entry])
-            for s, token, entry in zip(sequences, chosen.tolist(), logprobs, strict=True)
-        ]
-        return [event for event in events if event is not None]
+            tokens, logprobs = greedy_tokens(logits), [None] * len(sequences)
+        else:
+            probs = sampling_probs(logits, params, [s.penalties for s in sequences])
+            chosen = draw(probs, uniforms([s.random for s in sequences], self.device))
+            tokens, logprobs = chosen.tolist(), token_logprobs(logits, probs, chosen, params)
+        events = []
+        quiet = 0
+        for s, token, entry in zip(sequences, tokens, logprobs, strict=True):
+            if (s.quiet_stops is not None and token not in s.quiet_stops and len(s.token_ids) + 1 < s.quiet_limit
+                    and (entry is None or entry[1] is None)):
+                # the token cannot end a quiet request: record it as `_append` would, without its calls
+                # (a 64-completion rollout makes 4,000 of them)
+                s.token_ids.append(token)
+                if s.tracker.deferred is not None:
+                    s.tracker.deferred.append(token)
+                s.completion.token_ids.append(token)
+                if entry is not None:
+                    if s.completion.logprobs is None:
+                        s.completion.logprobs = []
+                    s.completion.logprobs.append(entry[0])
+                quiet += 1
+            elif (event := self._append(s, [token], None if entry is None else [entry])) is not None:
+                events.append(event)
+        self._stats.generation_tokens += quiet
+        return events
 
     def _append(self, sequence: _Sequence, tokens: list[int], logprobs: list | None) -> StreamEvent | None:
         """Add sampled tokens to a sequence, apply every stop rule, and publish the event (None: the
         request is not streamed and goes on, so its tokens were only recorded)."""
         params = sequence.params
-        deferred = sequence.tracker.deferred
-        if (len(tokens) == 1 and deferred is not None and sequence.penalties is None and not sequence.handle.streamed
-                and tokens[0] not in params.stop_token_ids and (params.ignore_eos or tokens[0] not in self.eos_token_ids)
-                and len(sequence.token_ids) + 1 - sequence.prompt_length < sequence.max_tokens
-                and len(sequence.token_ids) + 1 < self.max_model_len):
-            # most decode steps of a request nobody streams, without stop strings or penalties (GRPO's
-            # rollouts): a token that cannot end it is only recorded, as the rules below would
-            sequence.token_ids.append(tokens[0])
-            deferred.append(tokens[0])
-            self._stats.generation_tokens += 1
-            sequence.handle._record(sequence.index, tokens, logprobs)
-            return None
         added: list[int] = []
         finish, stop_reason = None, None
         for token in tokens:
