@@ -45,7 +45,7 @@ import torch
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
-from nanoseek.infer.cache import PagedKVCache, block_key, chain_keys, salted_root
+from nanoseek.infer.cache import PagedKVCache, block_key, chain_keys, long_tensor, salted_root
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -863,8 +863,8 @@ class Engine:
         width = max(len(t) for t in tokens)
         padding = [width - len(t) for t in tokens]
         if width == 1:  # a decode step (flat lists convert to tensors twice as fast as nested ones)
-            ids = torch.tensor([t[0] for t in tokens], device=self.device).view(-1, 1)
-            positions = torch.tensor(starts, device=self.device).view(-1, 1)
+            ids = long_tensor([t[0] for t in tokens], self.device).view(-1, 1)
+            positions = long_tensor(starts, self.device).view(-1, 1)
         else:
             ids = torch.tensor([[0] * pad + t for pad, t in zip(padding, tokens, strict=True)], device=self.device)
             positions = torch.tensor(

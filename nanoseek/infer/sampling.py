@@ -14,6 +14,7 @@ same two functions for the draft and the target distributions (see speculative.p
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -224,7 +225,8 @@ def _truncate_sorted(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
 
 def uniforms(streams: Sequence[RandomStream], device: torch.device | str | None = None) -> torch.Tensor:
     """One U[0, 1) number per row, each from its row's stream. [rows] float64."""
-    return torch.tensor([stream.next() for stream in streams], dtype=torch.float64, device=device)
+    values = torch.frombuffer(array("d", [stream.next() for stream in streams]), dtype=torch.float64)  # 3x torch.tensor
+    return values if device is None or torch.device(device).type == "cpu" else values.to(device)
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
