@@ -172,6 +172,27 @@ def test_inverse_cdf_draws_the_tokens_pytorch_draws(kernels, rows, vocab):
     assert kernels.inverse_cdf(probs, torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)).tolist() == [2, 2, 3]
 
 
+@pytest.mark.parametrize("rows, vocab, temperature", [(1, 1, 1.0), (5, 16, 0.7), (64, 618, 1.0), (3, 33000, 1.3)])
+def test_sample_rows_is_the_inverse_cdf_of_the_softmax(kernels, rows, vocab, temperature):
+    """Temperature sampling in one call: the token is the inverse-CDF draw of softmax(logits / T)
+    computed in fp64 (the same token wherever u is not within rounding of a boundary of the
+    cumulative distribution), its log-prob the fp64 log-softmax's; sharp, flat and partly underflowing
+    rows, vocabularies off the kernel's 16-value blocks, u at 0 and just below 1."""
+    generator = torch.Generator().manual_seed(vocab)
+    for trial in range(6):
+        logits = torch.randn(rows, vocab, generator=generator) * (trial * 8 + 0.1)
+        u = torch.rand(rows, generator=generator, dtype=torch.float64)
+        u[0] = 0.0 if trial == 1 else 1 - 2**-53 if trial == 2 else u[0]
+        tokens, logprobs = kernels.sample_rows(logits, torch.full((rows,), temperature), u)
+        reference = (logits.double() / temperature).log_softmax(dim=-1)
+        cdf = reference.exp().cumsum(dim=-1)
+        expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=vocab - 1)
+        near = ((cdf - (u * cdf[:, -1])[:, None]).abs() < 1e-6).any(dim=-1)  # a boundary within rounding
+        assert (tokens == expected)[~near].all()
+        assert reference.exp().gather(1, tokens[:, None]).min() > 0  # never a token of probability 0
+        torch.testing.assert_close(logprobs.double(), reference.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_linear_is_the_same_ops_in_one_call(kernels, dtype, with_bias):

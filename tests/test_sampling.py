@@ -16,6 +16,8 @@ from nanoseek.infer.sampling import (
     apply_penalties,
     draw,
     greedy_tokens,
+    in_kernel,
+    sample,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -94,6 +96,27 @@ def test_draw_samples_the_distribution_and_is_reproducible():
     assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
     again = RandomStream(1)
     assert [int(draw(probs, uniforms([again]))) for _ in range(20)] == samples[:20].tolist()
+
+
+@torch.no_grad()
+def test_sample_takes_the_kernel_per_row_whatever_shares_the_batch():
+    """`sample`: rows whose params `in_kernel` takes are drawn by `cpu_ops.sample_rows` alone or next to
+    rows that need the general path (greedy, top-k, top logprobs), so a seeded row's token and log-prob
+    do not depend on the batch; the other rows get what sampling_probs / draw / token_logprobs give."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=generator) * 2
+    plain = SamplingParams(temperature=0.8, logprobs=0, logprobs_mode="processed", seed=1)
+    others = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=1.0, logprobs=2)]
+    assert in_kernel(plain) and in_kernel(SamplingParams(logprobs=0)) and not any(in_kernel(p) for p in others)
+    assert not in_kernel(SamplingParams(temperature=0.8, logprobs=0))  # the raw log-prob: not the sampled distribution's
+    alone = sample(logits[:1], [plain], [None], [RandomStream(11)])
+    tokens, entries = sample(logits, [plain, *others], [None] * 4, [RandomStream(seed) for seed in (11, 12, 13, 14)])
+    assert tokens[0] == alone[0][0] and entries[0] == alone[1][0]
+    assert entries[0][1] is None and math.isclose(entries[0][0], float((logits[0] / 0.8).log_softmax(-1)[tokens[0]]), abs_tol=1e-5)
+    streams = [RandomStream(seed) for seed in (12, 13, 14)]
+    probs = sampling_probs(logits[1:], others)
+    chosen = draw(probs, uniforms(streams))
+    assert tokens[1:] == chosen.tolist() and entries[1:] == token_logprobs(logits[1:], probs, chosen, others)
 
 
 def test_top_k_beyond_the_vocabulary_keeps_every_token():

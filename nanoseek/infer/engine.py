@@ -64,6 +64,7 @@ from nanoseek.infer.sampling import (
     draw,
     greedy_only,
     greedy_tokens,
+    sample,
     sampling_probs,
     token_logprobs,
     uniforms,
@@ -946,9 +947,7 @@ class Engine:
         if greedy_only(params):
             tokens, logprobs = greedy_tokens(logits), [None] * len(sequences)
         else:
-            probs = sampling_probs(logits, params, [s.penalties for s in sequences])
-            chosen = draw(probs, uniforms([s.random for s in sequences], self.device))
-            tokens, logprobs = chosen.tolist(), token_logprobs(logits, probs, chosen, params)
+            tokens, logprobs = sample(logits, params, [s.penalties for s in sequences], [s.random for s in sequences])
         events = []
         quiet = 0
         for s, token, entry in zip(sequences, tokens, logprobs, strict=True):

@@ -1328,9 +1328,6 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
   return {dx, partial.sum(0)};
 }
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
 // In place, one query's scores[0:keys] -> scale-d, masked (row_mask[t * mask_stride]), softmaxed
 // probabilities (masked keys 0), 16 keys a vector (the last one partial): the grouped-query decode
 // attention's softmax, for a few query rows over their sequence's cached keys.
@@ -1371,6 +1368,77 @@ void softmax_row(float* scores, int64_t keys, float scale, const bool* row_mask,
   }
 }
 
+
+// Temperature sampling of rows of fp32 logits in one call. Per row, e = exp(logits / temperature - max)
+// in fp32 (the unnormalized softmax), its fp64 total taken 16 values at a time (each block's fp32 lane
+// sum, the running sums in fp64); the token is the first whose running fp64 sum exceeds u * total, found by skipping
+// whole 16-value blocks, then lane by lane within one (the last of that block if rounding leaves none):
+// inverse_cdf's rule on the softmax, without a sequential fp64 pass over the vocabulary. Also the chosen
+// token's log-probability, z - max - log(sum e), z = logits * (1 / temperature). Returns (tokens int64 [rows], logprobs fp32 [rows]).
+std::vector<torch::Tensor> sample_rows(const torch::Tensor& logits, const torch::Tensor& temperature,
+                                       const torch::Tensor& u) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.scalar_type() == at::kFloat,
+              "sample_rows: logits must be fp32 [rows, vocab] with vocab > 0");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == rows && u.scalar_type() == at::kDouble, "sample_rows: u must be fp64 [rows]");
+  TORCH_CHECK(temperature.dim() == 1 && temperature.size(0) == rows && temperature.scalar_type() == at::kFloat,
+              "sample_rows: temperature must be fp32 [rows]");
+  const auto x = logits.contiguous();
+  const auto uniform = u.contiguous();
+  const auto temperatures = temperature.contiguous();
+  auto tokens = torch::empty({rows}, x.options().dtype(at::kLong));
+  auto logprobs = torch::empty({rows}, x.options());
+  const float *data = x.data_ptr<float>(), *t = temperatures.data_ptr<float>();
+  const double* us = uniform.data_ptr<double>();
+  int64_t* chosen = tokens.data_ptr<int64_t>();
+  float* chosen_logprob = logprobs.data_ptr<float>();
+  const int64_t blocks = (n + 15) / 16;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(blocks * 16);
+    std::vector<double> block_sums(blocks);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = data + r * n;
+      const float temp = t[r];
+      const int64_t whole = n / 16;
+      Vector16 peaks = Vector16{} - std::numeric_limits<float>::infinity();
+      for (int64_t b = 0; b < whole; ++b) peaks = max16(peaks, load16f(row + 16 * b));
+      float largest = lane_max(peaks);
+      for (int64_t i = 16 * whole; i < n; ++i) largest = std::max(largest, row[i]);
+      const float inverse = 1.f / temp, peak = largest * inverse;  // scaling by 1 / temp > 0 keeps the order
+      Vector16 total32 = {};
+      double total = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t count = std::min<int64_t>(16, n - 16 * b);
+        Vector16 values = exp16(load16_tail(row + 16 * b, count) * inverse - peak);
+        if (count < 16)
+          for (int l = static_cast<int>(count); l < 16; ++l) values[l] = 0.f;  // past the vocabulary
+        store16(e.data() + 16 * b, values);
+        total32 += values;
+        const double sum = lane_sum(values);  // 16 values in fp32, the running sums in fp64
+        block_sums[b] = sum;
+        total += sum;
+      }
+      const double target = us[r] * total;
+      double running = 0.0;
+      int64_t at = n - 1, b = 0;
+      while (b < blocks - 1 && running + block_sums[b] <= target) running += block_sums[b++];
+      for (int64_t i = 16 * b; i < std::min(16 * b + 16, n); ++i) {
+        at = i;
+        running += static_cast<double>(e[i]);
+        if (running > target) break;
+      }
+      chosen[r] = at;
+      chosen_logprob[r] = (row[at] * inverse - peak) - std::log(lane_sum(total32));
+    }
+  });
+  return {tokens, logprobs};
+}
+
+// The end of the region where fused multiply-adds are allowed (see MATRIX_ROWS). GCC inlines a function
+// only into one compiled with the same options: kernels that call the helpers above belong inside.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
 
@@ -2103,6 +2171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention_backward", &causal_attention_backward, "gradients of causal_attention_forward",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("scale"),
         py::arg("starts") = py::none(), py::arg("prefix") = py::none());
+  m.def("sample_rows", &sample_rows, "temperature sampling: softmax, inverse-CDF draw and the chosen log-prob per row");
   m.def("inverse_cdf", &inverse_cdf, "inverse-CDF draw per row: first position whose fp64 cumulative sum exceeds u * total");
   m.def("routed_experts", &routed_experts, "a routed-experts layer, each used expert streamed once by torch's threads",
         py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("indices"), py::arg("weights"),
