@@ -335,7 +335,8 @@ def sample(
         chosen, logprobs = kernels.sample_rows(logits, temperature, u)
         if all(p.logprobs is None for p in kinds):
             return chosen.tolist(), [None] * len(params)
-        return chosen.tolist(), [None if p.logprobs is None else (lp, None) for p, lp in zip(params, logprobs.tolist())]
+        return chosen.tolist(), [None if p.logprobs is None else (lp, None)
+                                 for p, lp in zip(params, logprobs.tolist(), strict=True)]
     rows = [i for i, p in enumerate(params) if fast[id(p)]]
     tokens: list[int] = [0] * len(params)
     entries: list = [None] * len(params)
