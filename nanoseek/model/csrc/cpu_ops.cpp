@@ -1434,13 +1434,6 @@ std::vector<torch::Tensor> sample_rows(const torch::Tensor& logits, const torch:
   return {tokens, logprobs};
 }
 
-// The end of the region where fused multiply-adds are allowed (see MATRIX_ROWS). GCC inlines a function
-// only into one compiled with the same options: kernels that call the helpers above belong inside.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
 
 constexpr int64_t GQA_PARALLEL_MIN_SCORES = 512;  // (query, position) pairs from which threads share the work
 
@@ -1502,6 +1495,14 @@ void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, 
   else
     pairs(0, batch * kv_heads);
 }
+
+// The end of the region where fused multiply-adds are allowed (see MATRIX_ROWS). GCC inlines a function
+// only into one compiled with the same options: kernels that call the helpers above belong inside.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
 
 template <typename T>
 inline float rounded(float value) {
