@@ -241,8 +241,10 @@ class _TextTracker:
         return self._find_stop()
 
     def flush(self) -> str | None:
-        if self.deferred is not None:
-            self._decode_deferred()
+        if self.deferred is not None:  # the whole text at once: what feeding and flushing the decoder give
+            ids, self.deferred = self.deferred, None  # (one decode, not one per token of a broken character)
+            self.text += self.decoder.tokenizer.decode(ids, skip_special_tokens=self.decoder.skip_special_tokens)
+            return None  # no stop strings: a deferred tracker has none
         if self.decoder is None:
             return None
         self.text += self.decoder.flush()
