@@ -1018,22 +1018,28 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
                                              split.positions, head, heads);
             const int64_t chunks = (block.keys + 15) / 16;
             row_block_products(block.rows, keys_t.get(), KP, D, chunks, scale, scores.get(), KP);
-            float inverse[ATTENTION_ROWS];
-            for (int r = 0; r < block.count; ++r) {
-              float* s = scores.get() + r * KP;
-              std::fill(s + block.limit[r], s + chunks * 16, -std::numeric_limits<float>::infinity());
-              Vector16 peak = load16f(s);
-              for (int64_t c = 1; c < chunks; ++c) peak = max16(peak, load16f(s + c * 16));
-              const float m = lane_max(peak);
-              Vector16 total = {};
-              for (int64_t c = 0; c < chunks; ++c) {
-                const Vector16 e = exp16(load16f(s + c * 16) - m);
-                store16(s + c * 16, e);
-                total += e;
+            // the softmax of all the block's rows at once (padding rows too, never stored): one row's
+            // maximum and sum are chains of dependent operations, eight of them overlap
+            for (int r = 0; r < block.count; ++r)
+              std::fill(scores.get() + r * KP + block.limit[r], scores.get() + r * KP + chunks * 16,
+                        -std::numeric_limits<float>::infinity());
+            Vector16 peaks[ATTENTION_ROWS], totals[ATTENTION_ROWS];
+            for (int r = 0; r < ATTENTION_ROWS; ++r) peaks[r] = load16f(scores.get() + r * KP), totals[r] = Vector16{};
+            for (int64_t c = 1; c < chunks; ++c)
+              for (int r = 0; r < ATTENTION_ROWS; ++r) peaks[r] = max16(peaks[r], load16f(scores.get() + r * KP + c * 16));
+            float peak[ATTENTION_ROWS], inverse[ATTENTION_ROWS];
+            for (int r = 0; r < ATTENTION_ROWS; ++r) peak[r] = lane_max(peaks[r]);
+            for (int64_t c = 0; c < chunks; ++c)
+              for (int r = 0; r < ATTENTION_ROWS; ++r) {
+                float* s = scores.get() + r * KP + c * 16;
+                const Vector16 e = exp16(load16f(s) - peak[r]);
+                store16(s, e);
+                totals[r] += e;
               }
-              const float sum = lane_sum(total);
+            for (int r = 0; r < block.count; ++r) {
+              const float sum = lane_sum(totals[r]);
               inverse[r] = 1.f / sum;
-              ld[(b * H + block.head[r]) * T + block.position[r]] = m + std::log(sum);
+              ld[(b * H + block.head[r]) * T + block.position[r]] = peak[r] + std::log(sum);
             }
             row_block_weighted_sums(scores.get(), KP, value_rows.data(), DV, block.keys, mixed.get(), DV);
             for (int r = 0; r < block.count; ++r) {
