@@ -1334,43 +1334,67 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
   return {dx, partial.sum(0)};
 }
 
-// In place, one query's scores[0:keys] -> scale-d, masked (row_mask[t * mask_stride]), softmaxed
-// probabilities (masked keys 0), 16 keys a vector (the last one partial): the grouped-query decode
-// attention's softmax, for a few query rows over their sequence's cached keys.
-void softmax_row(float* scores, int64_t keys, float scale, const bool* row_mask, int64_t mask_stride) {
+// In place, R query rows' scores (row r at scores + r * stride, keys of them) -> scale-d, masked
+// (masks[r][t * mask_stride]), softmaxed probabilities (masked keys 0; a row with every key masked all 0),
+// 16 keys a vector (the last one partial): the grouped-query decode attention's softmax, for a few query
+// rows over their sequence's cached keys. The rows go together, so their max and sum chains overlap.
+template <int R>
+void softmax_rows(float* scores, int64_t stride, int64_t keys, float scale, const bool* const* masks,
+                  int64_t mask_stride) {
   const float lowest = -std::numeric_limits<float>::infinity();
-  Vector16 peaks = Vector16{} + lowest;
+  Vector16 peaks[R], totals[R];
+  for (int r = 0; r < R; ++r) peaks[r] = Vector16{} + lowest, totals[r] = Vector16{};
   for (int64_t t = 0; t < keys; t += 16) {
     const int64_t count = std::min<int64_t>(16, keys - t);
-    const Vector16 scaled = load16_tail(scores + t, count) * scale;
-    Vector16 v;
+    for (int r = 0; r < R; ++r) {
+      float* row = scores + r * stride;
+      const Vector16 scaled = load16_tail(row + t, count) * scale;
+      Vector16 v;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-    if (mask_stride == 1) {  // 16 mask bytes at once
-      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), row_mask + t);
-      v = as_vector16(_mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), _mm512_set1_ps(lowest), as_m512(scaled)));
-    } else
+      if (mask_stride == 1) {  // 16 mask bytes at once
+        const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), masks[r] + t);
+        v = as_vector16(_mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), _mm512_set1_ps(lowest), as_m512(scaled)));
+      } else
 #endif
-      for (int l = 0; l < 16; ++l) v[l] = l < count && row_mask[(t + l) * mask_stride] ? scaled[l] : lowest;
-    store16_tail(scores + t, v, count);
-    peaks = max16(peaks, v);
+        for (int l = 0; l < 16; ++l) v[l] = l < count && masks[r][(t + l) * mask_stride] ? scaled[l] : lowest;
+      store16_tail(row + t, v, count);
+      peaks[r] = max16(peaks[r], v);
+    }
   }
-  const float peak = lane_max(peaks);
-  if (peak == lowest) {  // every key masked
-    std::fill(scores, scores + keys, 0.f);
-    return;
+  float peak[R], inverse[R];
+  for (int r = 0; r < R; ++r) {
+    peak[r] = lane_max(peaks[r]);
+    if (peak[r] == lowest) peak[r] = 0.f;  // every key masked: all exponentials 0, the row 0 below
   }
-  Vector16 totals = {};
   for (int64_t t = 0; t < keys; t += 16) {
     const int64_t count = std::min<int64_t>(16, keys - t);
-    Vector16 e = exp16(load16_tail(scores + t, count) - peak);
-    for (int l = static_cast<int>(count); l < 16; ++l) e[l] = 0.f;  // the lanes past the keys
-    store16_tail(scores + t, e, count);
-    totals += e;
+    for (int r = 0; r < R; ++r) {
+      Vector16 e = exp16(load16_tail(scores + r * stride + t, count) - peak[r]);
+      for (int l = static_cast<int>(count); l < 16; ++l) e[l] = 0.f;  // the lanes past the keys
+      store16_tail(scores + r * stride + t, e, count);
+      totals[r] += e;
+    }
   }
-  const float inverse = 1.f / lane_sum(totals);
+  for (int r = 0; r < R; ++r) {
+    const float total = lane_sum(totals[r]);
+    inverse[r] = total > 0.f ? 1.f / total : 0.f;
+  }
   for (int64_t t = 0; t < keys; t += 16) {
     const int64_t count = std::min<int64_t>(16, keys - t);
-    store16_tail(scores + t, load16_tail(scores + t, count) * inverse, count);
+    for (int r = 0; r < R; ++r)
+      store16_tail(scores + r * stride + t, load16_tail(scores + r * stride + t, count) * inverse[r], count);
+  }
+}
+
+// softmax_rows over `rows` rows, up to 4 at a time.
+void softmax_rows_any(float* scores, int64_t stride, int64_t rows, int64_t keys, float scale, const bool* const* masks,
+                      int64_t mask_stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) softmax_rows<4>(scores + r * stride, stride, keys, scale, masks + r, mask_stride);
+  switch (rows - r) {
+    case 3: softmax_rows<3>(scores + r * stride, stride, keys, scale, masks + r, mask_stride); break;
+    case 2: softmax_rows<2>(scores + r * stride, stride, keys, scale, masks + r, mask_stride); break;
+    case 1: softmax_rows<1>(scores + r * stride, stride, keys, scale, masks + r, mask_stride); break;
   }
 }
 
@@ -1471,6 +1495,7 @@ void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, 
     std::vector<T> zeros(dim, T(0));
     const int64_t score_stride = (keys + 3) / 4 * 4;
     std::vector<float> query_rows(rows * dim), scores(rows * score_stride), mixed(rows * dim);
+    std::vector<const bool*> row_masks(rows);
     for (int64_t pair = first; pair < last; ++pair) {
       const int64_t b = pair / kv_heads, g = pair % kv_heads;
       const int64_t* positions = slot + b * slot_stride;
@@ -1483,10 +1508,8 @@ void gqa_decode_rows(const torch::Tensor& query, const torch::Tensor& key_pool, 
           to_float(query_data + b * q_batch + s * q_seq + (g * group + h) * q_head, dim,
                    query_rows.data() + (s * group + h) * dim);
       key_scores(key_rows.data(), keys, zeros.data(), query_rows.data(), rows, dim, scores.data(), score_stride);
-      for (int64_t s = 0; s < seq; ++s)
-        for (int64_t h = 0; h < group; ++h)
-          softmax_row(scores.data() + (s * group + h) * score_stride, keys, scale, allowed + b * mask_batch + s * mask_seq,
-                      mask_key);
+      for (int64_t row = 0; row < rows; ++row) row_masks[row] = allowed + b * mask_batch + row / group * mask_seq;
+      softmax_rows_any(scores.data(), score_stride, rows, keys, scale, row_masks.data(), mask_key);
       weighted_sums_any(scores.data(), score_stride, value_rows.data(), dim, keys, rows, mixed.data(), dim);
       for (int64_t s = 0; s < seq; ++s)
         for (int64_t h = 0; h < group; ++h) {
