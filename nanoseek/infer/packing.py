@@ -264,8 +264,29 @@ def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
     previous attribute values) per changed fused projection or attention layer, to undo it."""
     if not packing_supported(model):
         return [], []
+    settings = []
+    covered = set()  # the parameter dicts of linears whose fused projection is packed: they never run alone
+    for module in model.modules():
+        fused = getattr(module, "fused", None)
+        if fused is not None and fused.kind == "linear" and worth_packing(fused.weight.dtype):
+            settings.append((fused, {key: getattr(fused, key)
+                                     for key in ("weight", "linear", "kind", "plain", "parameter_slots", "pointers")}))
+            covered.update(id(parameters) for parameters, _ in fused.parameter_slots)
+            if fused.weight.dtype == torch.float32:
+                fused.plain = fused.weight
+                fused.weight, fused.linear, fused.kind = pack_panels(fused.weight), panel_product, "panels"
+            else:
+                fused.weight, fused.linear, fused.kind = pack_weight(fused.weight), packed_linear, "packed"
+            fused.parameter_slots, fused.pointers = [], []  # packed weights are frozen: no checks needed
+        if isinstance(module, MultiHeadLatentAttention):
+            settings.append((module, {"frozen_absorbed": module.frozen_absorbed}))
+            weight = module.kv_b_proj.weight
+            compute = absorbed_dtype(weight.dtype, weight.device)
+            module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(compute))
     replaced = []
     for name, module in list(model.named_modules()):
+        if id(module._parameters) in covered:
+            continue
         if is_plain_linear(module) and not name.endswith("kv_b_proj") and worth_packing(module.weight.dtype):
             new: nn.Module = PackedLinear(module)
         elif type(module) is RoutedExperts and worth_packing(module.gate_up_proj.dtype):
@@ -278,21 +299,4 @@ def _pack(model: CausalLM, all_at_once: bool = True) -> tuple[list, list]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         replaced.append((parent, child, module))
-    settings = []
-    for module in model.modules():
-        fused = getattr(module, "fused", None)
-        if fused is not None and fused.kind == "linear" and worth_packing(fused.weight.dtype):
-            settings.append((fused, {key: getattr(fused, key)
-                                     for key in ("weight", "linear", "kind", "plain", "parameter_slots", "pointers")}))
-            if fused.weight.dtype == torch.float32:
-                fused.plain = fused.weight
-                fused.weight, fused.linear, fused.kind = pack_panels(fused.weight), panel_product, "panels"
-            else:
-                fused.weight, fused.linear, fused.kind = pack_weight(fused.weight), packed_linear, "packed"
-            fused.parameter_slots, fused.pointers = [], []  # its layers are replaced (or small): no checks needed
-        if isinstance(module, MultiHeadLatentAttention):
-            settings.append((module, {"frozen_absorbed": module.frozen_absorbed}))
-            weight = module.kv_b_proj.weight
-            compute = absorbed_dtype(weight.dtype, weight.device)
-            module.frozen_absorbed = tuple(w.contiguous() for w in module.absorbed_weights(compute))
     return replaced, settings
