@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -530,24 +531,38 @@ class Rollouts(EpochLoader):
     def pad_rows(self, rollout: Rollout, rows: Sequence[int], advantages: torch.Tensor) -> Batch:
         """Prompt + completion of each row, right-padded, with the masks and per-token tensors."""
         pad = self.engine.tokenizer.pad_id if self.engine.tokenizer.pad_id is not None else 0
-        width = max(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in rows) - 1
+        prompts = torch.tensor([len(rollout.prompt_ids[i]) for i in rows])
+        totals = prompts + torch.tensor([len(rollout.completion_ids[i]) for i in rows])
+        width = int(totals.max()) - 1
         batch = {
             "input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
             "targets": torch.zeros((len(rows), width), dtype=torch.long),
             "completion_mask": torch.zeros((len(rows), width), dtype=torch.bool),
             "engine_logprobs": torch.zeros((len(rows), width)),
             "advantages": advantages[list(rows)],
-            "lengths": torch.tensor([len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) - 1 for i in rows]),
-            "prompt_lengths": torch.tensor([len(rollout.prompt_ids[i]) for i in rows]),
+            "lengths": totals - 1,
+            "prompt_lengths": prompts,
             "groups": torch.tensor([rollout.group_ids[i] for i in rows]),
         }
-        for row, i in enumerate(rows):
-            ids = torch.tensor(rollout.prompt_ids[i] + rollout.completion_ids[i])
-            first, count = len(rollout.prompt_ids[i]) - 1, len(rollout.completion_ids[i])
-            batch["input_ids"][row, : len(ids) - 1] = ids[:-1]
-            batch["targets"][row, first : first + count] = ids[first + 1 :]
-            batch["completion_mask"][row, first : first + count] = True
-            batch["engine_logprobs"][row, first : first + count] = torch.tensor(rollout.engine_logprobs[i])
+        # every row's prompt + completion as one flat run of tokens, placed with a few indexed writes (a
+        # loop of slice assignments per row took ~1 ms for GRPO's 64 rows): position p of row r is an
+        # input if p < total - 1 and, from the prompt's end on, the target of position p - 1
+        ids = array("q")
+        logprobs = array("f")
+        for i in rows:
+            ids.extend(rollout.prompt_ids[i])
+            ids.extend(rollout.completion_ids[i])
+            logprobs.extend(rollout.engine_logprobs[i])
+        ids = torch.frombuffer(ids, dtype=torch.int64)
+        row = torch.repeat_interleave(torch.arange(len(rows)), totals)
+        position = torch.arange(len(ids)) - (totals.cumsum(0) - totals)[row]
+        inputs = position < totals[row] - 1
+        batch["input_ids"][row[inputs], position[inputs]] = ids[inputs]
+        completion = position >= prompts[row]
+        target_row, target_position = row[completion], position[completion] - 1
+        batch["targets"][target_row, target_position] = ids[completion]
+        batch["completion_mask"][target_row, target_position] = True
+        batch["engine_logprobs"][target_row, target_position] = torch.frombuffer(logprobs, dtype=torch.float32)
         batch["loss_mask"] = batch["completion_mask"].clone()
         return batch
 
