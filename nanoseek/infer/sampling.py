@@ -307,8 +307,8 @@ def token_logprobs(
 def in_kernel(params: SamplingParams) -> bool:
     """Whether rows with these params sample in `cpu_ops.sample_rows` (where it is built, on CPU):
     temperature sampling alone (no greedy, top-k, top-p, min-p or penalties) and at most the sampled
-    token's processed log-prob (the raw one too at temperature 1, where they are one). It depends on the params only, so a seeded row samples the same way
-    whatever shares its batch."""
+    token's processed log-prob (the raw one too at temperature 1, where they are one). It depends on
+    the params only, so a seeded row samples the same way whatever shares its batch."""
     return (not params.greedy and params.top_k <= 0 and params.top_p >= 1 and params.min_p <= 0
             and not params.uses_penalties
             and (params.logprobs is None
@@ -324,7 +324,8 @@ def sample(
     """One token per row of `logits` [rows, vocab] and its `token_logprobs` entry, each row drawing one
     number from its stream. Rows `in_kernel` takes run as one `cpu_ops.sample_rows` call (softmax, draw
     and log-prob without the [rows, vocab] tensors between them: a 64-row decode step of `qwen2-nano`,
-    ~70 -> ~15 us), the others through sampling_probs / draw / token_logprobs."""
+    69 -> 44 us with the Python around it, the kernel itself 19 us), the others through sampling_probs /
+    draw / token_logprobs."""
     logits = logits.float()
     u = uniforms(streams, logits.device)
     kernels = cpu_ops.for_inference(logits) if logits.dim() == 2 and logits.shape[-1] else None

@@ -946,7 +946,8 @@ void gather_keys(const float* base, int64_t row_stride, const Document& document
 
 // The query rows of one scoring block: `positions` positions from `first` times the heads
 // [head, head + heads), position-major, padded to ATTENTION_ROWS with the last real row; limit[r] is
-// how many of the document's gathered keys row r sees (0 for padding). Returns the real rows.
+// how many of the document's gathered keys row r sees (0 for padding); `count` real rows (0 past the
+// document's end, the rows then pointing at its last position).
 struct RowBlock {
   const float* rows[ATTENTION_ROWS];
   int64_t position[ATTENTION_ROWS], head[ATTENTION_ROWS], limit[ATTENTION_ROWS];
