@@ -338,16 +338,19 @@ def sample(
             return chosen.tolist(), [None] * len(params)
         return chosen.tolist(), [None if p.logprobs is None else (lp, None)
                                  for p, lp in zip(params, logprobs.tolist(), strict=True)]
+    if not any(fast.values()):  # no kernels (CUDA, not built), or every row asks for more
+        probs = sampling_probs(logits, params, states)
+        chosen = draw(probs, u)
+        return chosen.tolist(), token_logprobs(logits, probs, chosen, params)
     rows = [i for i, p in enumerate(params) if fast[id(p)]]
     tokens: list[int] = [0] * len(params)
     entries: list = [None] * len(params)
-    if rows:
-        index = torch.tensor(rows)
-        temperature = torch.frombuffer(array("f", [params[i].temperature for i in rows]), dtype=torch.float32)
-        chosen, logprobs = kernels.sample_rows(logits[index], temperature, u[index])
-        for i, token, logprob in zip(rows, chosen.tolist(), logprobs.tolist(), strict=True):
-            tokens[i] = token
-            entries[i] = None if params[i].logprobs is None else (logprob, None)
+    index = torch.tensor(rows)
+    temperature = torch.frombuffer(array("f", [params[i].temperature for i in rows]), dtype=torch.float32)
+    chosen, logprobs = kernels.sample_rows(logits[index], temperature, u[index])
+    for i, token, logprob in zip(rows, chosen.tolist(), logprobs.tolist(), strict=True):
+        tokens[i] = token
+        entries[i] = None if params[i].logprobs is None else (logprob, None)
     others = [i for i, p in enumerate(params) if not fast[id(p)]]
     index = torch.tensor(others, device=logits.device)
     rest, rest_params = logits[index], [params[i] for i in others]
