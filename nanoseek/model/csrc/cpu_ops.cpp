@@ -494,11 +494,12 @@ constexpr int PANEL_ROWS = 8;
 
 template <int ROWS>
 void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_stride, float* out, int64_t out_stride,
-                 int64_t valid) {
+                 int64_t valid, const float* fetch = nullptr) {
   Vector16 low[ROWS], high[ROWS];
   for (int r = 0; r < ROWS; ++r) low[r] = high[r] = Vector16{};
   for (int64_t k = 0; k < n; ++k) {
     const Vector16 w_low = load16(panel + k * PANEL), w_high = load16(panel + k * PANEL + 16);
+    if (fetch != nullptr) __builtin_prefetch(fetch + k * 16);  // a line of the next panel (see panel_rows)
     for (int r = 0; r < ROWS; ++r) {
       const float x = xs[r * x_stride + k];
       low[r] += x * w_low;
@@ -518,21 +519,32 @@ void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_strid
   }
 }
 
-// All `rows` input rows against one panel: blocks of PANEL_ROWS, then the rest as one block. The first
-// block reads the panel from memory, the others from L2. (Tried and dropped: passes of even size, 9 rows
-// as 5 + 4, no faster in an A/B of the builds; prefetching the next panel during the later passes, 32
-// and 64 rows 10-15% faster but 16-request `qwen2-small` decoding 6% slower.)
+// All `rows` input rows against one panel: blocks of PANEL_ROWS, then the rest as one block. With more
+// than one block, the first two prefetch the next panel (`next`), half of its 2n cache lines each, one
+// line per input: the next panel's first pass then reads from cache, and the stream from memory is
+// spread over the arithmetic of both passes instead of stalling the first (16 rows: the 32000 x 512
+// head 1.85 -> ~1.25 ms, 2816 x 512 170 -> ~110 us, 2 threads, weights cold; 64 rows 15% faster).
+// (Tried and dropped: passes of even size, 9 rows as 5 + 4, no faster in an A/B of the builds;
+// prefetching the whole next panel during the later passes only, 16-request `qwen2-small` decoding 6%
+// slower; 16 rows as one pass per half panel, 16 vectors of sums over x transposed, slower than two
+// 8-row passes: 16 broadcasts per 16 FMAs against 8.)
 template <int ROWS = PANEL_ROWS>
 void panel_rows(const float* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
-                int64_t valid) {
+                int64_t valid, const float* next = nullptr) {
   if constexpr (ROWS == PANEL_ROWS) {
+    // With two passes or more, the first two prefetch the next panel's two halves of lines (n each).
+    const bool fetch = next != nullptr && rows > PANEL_ROWS;
     int64_t r = 0;
-    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS)
-      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid);
-    if (r < rows) panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid);
+    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS) {
+      const float* lines = fetch && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr;
+      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid, lines);
+    }
+    if (r < rows)
+      panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid,
+                                 fetch && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr);
   } else if constexpr (ROWS > 0) {
-    if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid);
-    panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid);
+    if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid, next);
+    panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid, next);
   }
 }
 
@@ -1770,7 +1782,8 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
     const int64_t grain = std::max<int64_t>(1, ROWS_LINEAR_CHUNK / (PANEL * std::max<int64_t>(n, 1)));
     at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p)
-        panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL));
+        panel_rows(w + p * n * PANEL, n, xs, rows, o + p * PANEL, out_features, std::min(PANEL, out_features - p * PANEL),
+                   p + 1 < end ? w + (p + 1) * n * PANEL : nullptr);
     });
   });
 }
