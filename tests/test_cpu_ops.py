@@ -105,10 +105,12 @@ WIDE_MLA = {"num_attention_heads": 11, "num_key_value_heads": 11, "kv_lora_rank"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize("shape", ["tiny", "wide"])
-def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape, batch):
     """The fused absorbed attention of a decode (1 query) or verify step (3) against the batched
-    matmuls, over a ragged batch (the shorter row's padding keys masked) with the latent a strided view
-    of a cache buffer; weights frozen in fp32 as the engine keeps them."""
+    matmuls, over a ragged batch (the shorter row's padding keys masked; its sequences split over two
+    threads) or one sequence (its heads split over two threads, 11 of them unevenly), with the latent a
+    strided view of a cache buffer; weights frozen in fp32 as the engine keeps them."""
     config = tiny_config("v3", **(WIDE_MLA if shape == "wide" else {}))
     attention = build_model(config, seed=0).model.layers[0].self_attn.to(dtype)
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
@@ -120,11 +122,17 @@ def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape):
     latent, k_pe = entries.split([attention.kv_lora_rank, attention.qk_rope_head_dim], dim=-1)
     positions = torch.tensor([[keys - queries + i for i in range(queries)], [6 - queries + i for i in range(queries)]])
     mask = (torch.arange(keys)[None, None, :] <= positions[:, :, None])[:, None]
-    with torch.no_grad():
-        fused = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
-        with pytorch_ops():
-            expected = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
-    assert fused.shape == expected.shape == (2, queries, heads, attention.v_head_dim) and fused.dtype == dtype
+    q_nope, q_pe, latent, k_pe, mask = (t[:batch] for t in (q_nope, q_pe, latent, k_pe, mask))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            fused = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+            with pytorch_ops():
+                expected = attention.attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert fused.shape == expected.shape == (batch, queries, heads, attention.v_head_dim) and fused.dtype == dtype
     torch.testing.assert_close(fused, expected, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
 
 
@@ -385,8 +393,11 @@ def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dt
 def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(kernels, monkeypatch, activations):
     """An int8 model with bf16 activations (the products' own dtype) or fp32 ones (`quantize_model`'s
     default) runs its MoE layers through the kernel (int8 weights, fp32 copies of the scales) and
-    decodes the tokens of one int8 product per expert."""
+    decodes the tokens of one int8 product per expert. (Through the layers' modules, where the kernel
+    is called from Python and can be counted; tests/test_decode_layer.py shows the one-call layer step
+    gives the same tokens.)"""
     model = quantize_model(peaky_model("v3"), "int8", dtype=activations)
+    monkeypatch.setattr(transformer, "fused_decode_step", lambda *args: None)
     calls = []
     fused = kernels.routed_experts
     monkeypatch.setattr(kernels, "routed_experts", lambda *args: calls.append(args[1].dtype) or fused(*args))
@@ -521,10 +532,10 @@ def test_a_finished_build_is_imported_without_ninja(kernels, monkeypatch, tmp_pa
 
 def test_which_attention_steps_take_the_fused_kernels(kernels):
     """MLA's fused attention kernel is for decode steps over caches of modest length; beyond
-    FUSED_MLA_MAX_SCORES (query, position) pairs (per cache dtype), or with many queries in a batch,
-    the batched matmuls run instead. The grouped-query kernel takes decode and verify steps of any
-    batch and cache length, up to FUSED_ATTENTION_MAX_QUERIES queries per sequence."""
-    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_MLA_MAX_SCORES
+    FUSED_MLA_MAX_SCORES (query, position) pairs (per cache dtype), or past FUSED_MLA_MAX_QUERIES
+    queries in a batch, the batched matmuls run instead. The grouped-query kernel takes decode and
+    verify steps of any batch and cache length, up to FUSED_ATTENTION_MAX_QUERIES queries per sequence."""
+    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_MLA_MAX_QUERIES, FUSED_MLA_MAX_SCORES
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
@@ -541,8 +552,10 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
             assert attention.decode_kernels(two, mask(2, budget // 2))[0] is kernels
             assert attention.decode_kernels(two, mask(2, budget // 2 + 1)) is None
         assert FUSED_MLA_MAX_SCORES[torch.bfloat16] > FUSED_MLA_MAX_SCORES[torch.float32]
-        many = torch.zeros(FUSED_ATTENTION_MAX_QUERIES + 1, 1, attention.num_heads, attention.qk_nope_head_dim)
-        assert attention.decode_kernels(many, torch.ones(FUSED_ATTENTION_MAX_QUERIES + 1, 1, 1, 8, dtype=torch.bool)) is None
+        for batch in (FUSED_MLA_MAX_QUERIES, FUSED_MLA_MAX_QUERIES + 1):  # one query per sequence, 8 keys
+            rows = torch.zeros(batch, 1, attention.num_heads, attention.qk_nope_head_dim)
+            taken = attention.decode_kernels(rows, torch.ones(batch, 1, 1, 8, dtype=torch.bool))
+            assert (taken is not None) == (batch <= FUSED_MLA_MAX_QUERIES)
 
     grouped = build_model(tiny_config("qwen2"), seed=0).model.layers[0].self_attn
     cache = PagedKVCache(tiny_config("qwen2"), num_blocks=4, block_size=4)

@@ -42,18 +42,18 @@ class KVCache(Protocol):
 
 # Largest [batch, heads, queries, keys] score tensor the eager path materializes (fp32: 256 MB).
 EAGER_ATTENTION_MAX_SCORES = 1 << 26
-# MLA takes its fused CPU kernel (one thread) up to this many queries in a batch (batch-1 decode and
-# speculative verification); beyond, the batched matmuls' GEMM efficiency wins (MLA, 16 requests,
-# `small`: 20.3 vs 21.3 ms a step with the kernel; still 2-5% slower with the kernel spread over both
-# threads by OpenMP). Grouped-query attention takes its kernel up to this many queries per sequence,
-# in any batch: it splits sequences (or one sequence's KV heads) over the threads.
+# Grouped-query attention takes its fused CPU kernel up to this many queries per sequence (a decode or
+# verify step), in any batch: it splits sequences (or one sequence's KV heads) over the threads.
 FUSED_ATTENTION_MAX_QUERIES = 4
-# ...and MLA up to this many (query, cached position) pairs: its work grows with both, on one thread,
-# while the matmuls' GEMMs use every thread (`small`, kernel alone vs matmuls: 1 query 1.97x fp32 /
-# 2.58x bf16 at 192 keys, 1.26x / 1.77x at 512, 0.97x / 1.26x at 1,024; 4 queries 1.43x / 1.70x at
-# 64 keys, 0.95x / 1.18x at 192). A bf16/fp16 cache goes further: the matmul path first converts every
-# cached row to fp32 (whole decode steps at 960-1,088 cached positions: 1.19x bf16, 0.98x fp32).
-FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16: 2048}
+# MLA takes its kernel up to this many queries in a batch and FUSED_MLA_MAX_SCORES (query, cached
+# position) pairs in all; it splits the sequences (one sequence: its heads' products with W_UK and
+# W_UV) over the threads. Beyond, the batched matmuls' GEMMs win. Whole decode steps of `small`,
+# kernel against the matmuls (2 threads): fp32 1 x 900 cached positions 2.24x, 1 x 3,000 1.18x,
+# 4 x 600 1.47x, 8 x 120 1.23x, 16 x 120 1.08x, 16 x 300 0.98x, 4 x 900 0.84x; bf16 1 x 3,000 1.51x,
+# 8 x 500 1.15x, 16 x 400 1.17x (a bf16 cache costs the matmuls a conversion of every cached row).
+# The 16-request `benchmarks/decode.py` row: 947 -> 1,032 tok/s, 8 requests 644 -> 747.
+FUSED_MLA_MAX_QUERIES = 16
+FUSED_MLA_MAX_SCORES = {torch.float32: 4096, torch.bfloat16: 8192, torch.float16: 8192}
 # The grouped-query kernel has no such limit: reading keys and values where they lie in the paged
 # pool, it beats gathering the history and SDPA at every length measured (`qwen2-small`, fp32, whole
 # decode steps: 1 request 1.00x at 64 cached positions, 1.02x at 900, 0.98x at 3,500 (there both read
@@ -63,7 +63,7 @@ FUSED_MLA_MAX_SCORES = {torch.float32: 768, torch.bfloat16: 2048, torch.float16:
 
 def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max_scores: int | None):
     """The fused CPU kernels if the attention of `query` [b, s, ...] may take them: a mask given (decode
-    or verify), no gradient, CPU, and either (MLA, `max_scores` given) at most FUSED_ATTENTION_MAX_QUERIES
+    or verify), no gradient, CPU, and either (MLA, `max_scores` given) at most FUSED_MLA_MAX_QUERIES
     queries and `max_scores` (query, cached position) pairs in all, or (grouped-query, None) at most
     FUSED_ATTENTION_MAX_QUERIES queries per sequence; else None."""
     if mask is None:
@@ -73,7 +73,7 @@ def decode_attention_kernels(query: torch.Tensor, mask: torch.Tensor | None, max
             return None
     else:
         queries = query.shape[0] * query.shape[1]
-        if queries > FUSED_ATTENTION_MAX_QUERIES or queries * mask.shape[-1] > max_scores:
+        if queries > FUSED_MLA_MAX_QUERIES or queries * mask.shape[-1] > max_scores:
             return None
     return cpu_ops.for_inference(query)
 

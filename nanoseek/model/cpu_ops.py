@@ -5,10 +5,11 @@ ATen ops (cast up, norm, cast down, scale), each paying dispatch and allocation 
 from streaming the weights. These kernels do such chains in one call (the idea of vLLM's and
 SGLang's CPU kernels, written here for our layouts): RMSNorm, SiLU-and-multiply, rotary embedding,
 MoE routing, MLA's absorbed attention for the few queries of a decode step, and the int8 linear's
-casts around its matmul. They run on the calling thread, which is why the attention kernel is kept
-to small batches. One kernel streams weights instead and splits them over torch's own threads
-(`at::parallel_for`; on Linux the build links the OpenMP runtime torch already loaded): a routed-experts
-layer, each used expert's matrices read once, with no library call per expert.
+casts around its matmul. The small ones run on the calling thread; the decode attention kernels split
+sequences (or one sequence's heads) over torch's own threads (`at::parallel_for`; on Linux the build
+links the OpenMP runtime torch already loaded), and the products that stream weights split the weights:
+the few-row linears over panels, a routed-experts layer's used experts, each read once, with no library
+call per expert.
 
 They run only where no gradient is recorded (`torch.is_grad_enabled()` False: the engine, eval,
 rollouts) on CPU tensors; training and every CUDA path keep the PyTorch code, which stays the

@@ -181,12 +181,20 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   auto row_of = [&](const torch::Tensor& cached, int64_t b, int64_t t) {
     return cached.data_ptr<T>() + (paged ? slot[b * slot_row + t] * cached.stride(0) : b * cached.stride(0) + t * cached.stride(1));
   };
-  // cached rows [padded_keys][rank | rope] (pad rows zero), the query [dims][lanes] and latent
-  // [heads][rank], scores then probabilities [keys][lanes], mixed latents [heads][rank].
-  std::vector<float> cached(padded_keys * dims, 0.f), query_t(dims * lanes, 0.f), q_latent(rank),
-      nope_row(nope), scores(keys * lanes), mixed(heads * rank), head_out(value_dim), peak(lanes), total(lanes);
   const bool* allowed = mask.data_ptr<bool>();
-  for (int64_t b = 0; b < batch; ++b) {
+  // One sequence: its cached rows [padded_keys][rank | rope] (pad rows zero) in fp32, then per query
+  // the absorbed latents [heads][rank] and the query [dims][lanes], scores then probabilities
+  // [keys][lanes], the mixed latents [heads][rank]. With `split_heads` (a batch of one) the per-head
+  // products with W_UK and W_UV, which read 2 x heads x nope x rank weights, run on torch's threads.
+  auto sequence = [&](int64_t b, bool split_heads) {
+    std::vector<float> cached(padded_keys * dims, 0.f), query_t(dims * lanes, 0.f), latents(heads * rank),
+        scores(keys * lanes), mixed(heads * rank), peak(lanes), total(lanes);
+    auto over_heads = [&](auto&& body) {
+      if (split_heads)
+        at::parallel_for(0, heads, 1, body);
+      else
+        body(0, heads);
+    };
     for (int64_t t = 0; t < keys; ++t) {
       if (t + PREFETCH_ROWS_AHEAD < keys) {
         prefetch(row_of(latent, b, t + PREFETCH_ROWS_AHEAD), rank);
@@ -198,24 +206,39 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
     for (int64_t s = 0; s < seq; ++s) {
       const T* qn = q_nope.data_ptr<T>() + b * q_nope.stride(0) + s * q_nope.stride(1);
       const T* qp = q_pe.data_ptr<T>() + b * q_pe.stride(0) + s * q_pe.stride(1);
-      for (int64_t h = 0; h < heads; ++h) {  // absorbed: q_latent = q_nope W_UK[h]
-        to_float(qn + h * q_nope.stride(2), nope, nope_row.data());
-        weighted_rows(nope_row.data(), 1, w_uk + h * nope * rank, rank, nope, rank, q_latent.data());
-        for (int64_t d = 0; d < rank; ++d) query_t[d * lanes + h] = q_latent[d];
+      over_heads([&](int64_t first, int64_t last) {  // absorbed: q_latent = q_nope W_UK[h]
+        std::vector<float> nope_row(nope);
+        for (int64_t h = first; h < last; ++h) {
+          to_float(qn + h * q_nope.stride(2), nope, nope_row.data());
+          weighted_rows(nope_row.data(), 1, w_uk + h * nope * rank, rank, nope, rank, latents.data() + h * rank);
+        }
+      });
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t d = 0; d < rank; ++d) query_t[d * lanes + h] = latents[h * rank + d];
         for (int64_t d = 0; d < rope; ++d) query_t[(rank + d) * lanes + h] = static_cast<float>(qp[h * q_pe.stride(2) + d]);
       }
       head_scores(query_t.data(), lanes, cached.data(), dims, keys, scale, scores.data());
       const bool* row_mask = allowed + (b * mask.stride(0) + s * mask.stride(2));
       softmax_over_keys(scores.data(), keys, lanes, row_mask, mask.stride(3), peak.data(), total.data());
-      for (int64_t h = 0; h < heads; ++h) {
-        float* mix = mixed.data() + h * rank;
-        weighted_rows(scores.data() + h, lanes, cached.data(), dims, keys, rank, mix);
-        weighted_rows(mix, 1, w_uv_t + h * rank * value_dim, value_dim, rank, value_dim, head_out.data());
-        T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
-        for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
-      }
+      over_heads([&](int64_t first, int64_t last) {
+        std::vector<float> head_out(value_dim);
+        for (int64_t h = first; h < last; ++h) {
+          float* mix = mixed.data() + h * rank;
+          weighted_rows(scores.data() + h, lanes, cached.data(), dims, keys, rank, mix);
+          weighted_rows(mix, 1, w_uv_t + h * rank * value_dim, value_dim, rank, value_dim, head_out.data());
+          T* o = out.data_ptr<T>() + ((b * seq + s) * heads + h) * value_dim;
+          for (int64_t v = 0; v < value_dim; ++v) o[v] = static_cast<T>(head_out[v]);
+        }
+      });
     }
-  }
+  };
+  // One sequence splits its heads over the threads; more split the sequences (each computed the same way).
+  if (batch == 1)
+    sequence(0, true);
+  else
+    at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) sequence(b, false);
+    });
 }
 
 typedef float Vector16 __attribute__((vector_size(16 * sizeof(float))));
