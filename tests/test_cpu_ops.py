@@ -108,9 +108,9 @@ WIDE_MLA = {"num_attention_heads": 11, "num_key_value_heads": 11, "kv_lora_rank"
 @pytest.mark.parametrize("batch", [1, 2])
 def test_absorbed_mla_attention_equals_pytorch(kernels, dtype, queries, shape, batch):
     """The fused absorbed attention of a decode (1 query) or verify step (3) against the batched
-    matmuls, over a ragged batch (the shorter row's padding keys masked; its sequences split over two
-    threads) or one sequence (its heads split over two threads, 11 of them unevenly), with the latent a
-    strided view of a cache buffer; weights frozen in fp32 as the engine keeps them."""
+    matmuls, over a ragged batch (the shorter row's padding keys masked) or one sequence, with the latent
+    a strided view of a cache buffer; weights frozen in fp32 as the engine keeps them. The wide shape is
+    enough work to split over two threads: the batch's sequences, or one sequence's 11 heads (unevenly)."""
     config = tiny_config("v3", **(WIDE_MLA if shape == "wide" else {}))
     attention = build_model(config, seed=0).model.layers[0].self_attn.to(dtype)
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))

@@ -166,6 +166,8 @@ void to_float(const T* in, int64_t cols, float* out) {
 // [b, t, rope]) or as the paged pool itself (latent [slots, rank], k_pe [slots, rope]) with `slots`
 // [b, >= t] mapping each row's positions, so the kernel reads each cached row where it lies instead of
 // from a gathered copy.
+constexpr int64_t MLA_PARALLEL_MIN_WORK = 1 << 17;  // multiply-adds (see mla_decode_rows' end)
+
 template <typename T>
 void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
                      const torch::Tensor& k_pe, const c10::optional<torch::Tensor>& slots, const torch::Tensor& mask,
@@ -232,13 +234,18 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
       });
     }
   };
-  // One sequence splits its heads over the threads; more split the sequences (each computed the same way).
+  // Enough work for the threads (waking the second costs a few microseconds: a nano model's 4 heads x
+  // 32 ranks stay on one): one sequence splits its heads, more split the sequences (each computed the
+  // same way whatever the split).
+  const bool parallel = batch * seq * heads * rank * (nope + value_dim + 2 * keys) >= MLA_PARALLEL_MIN_WORK;
   if (batch == 1)
-    sequence(0, true);
-  else
+    sequence(0, parallel);
+  else if (parallel)
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) sequence(b, false);
     });
+  else
+    for (int64_t b = 0; b < batch; ++b) sequence(b, false);
 }
 
 typedef float Vector16 __attribute__((vector_size(16 * sizeof(float))));
