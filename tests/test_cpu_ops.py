@@ -332,15 +332,17 @@ def test_decoding_reads_the_paged_pool(kernels, monkeypatch, name, kernel, path)
 
 
 @pytest.mark.parametrize("name", ["v3", "v3-qlora-null-yarn-tied-nonorm", "v2-group-limited-yarn", "v2-lite-greedy"])
-def test_routing_equals_pytorch(kernels, name):
+@pytest.mark.parametrize("tokens", [2, 37])
+def test_routing_equals_pytorch(kernels, name, tokens):
     """Same experts in the same order (the order sets the summation order), same weights and scores:
-    noaux_tc with bias and groups, softmax with group-limited and plain greedy, norm_topk_prob on/off."""
+    noaux_tc with bias and groups, softmax with group-limited and plain greedy, norm_topk_prob on/off;
+    the logits of a decode step's few tokens from the kernel's own product, of more from at::linear."""
     router = Router(tiny_config(name))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         router.weight.normal_(generator=generator)
         router.e_score_correction_bias.normal_(0, 0.1, generator=generator)
-        x = torch.randn(37, router.weight.shape[1], generator=generator)
+        x = torch.randn(tokens, router.weight.shape[1], generator=generator)
         weights, indices, scores = router(x)
         with pytorch_ops():
             expected_weights, expected_indices, expected_scores = router(x)

@@ -66,9 +66,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (weights [tokens, k] fp32, indices [tokens, k], scores [tokens, E] fp32)."""
+        kernels = cpu_ops.for_inference(x)
         with torch.autocast(x.device.type, enabled=False):  # fp32 logits under autocast too (DeepSeek's and HF's)
-            logits = F.linear(x.float(), self.weight.float())
-        if (kernels := cpu_ops.for_inference(logits)) is not None:  # the ~20 ops below as one
+            if kernels is not None:  # as the one-call decode layer computes them (few tokens: no GEMM call)
+                logits = kernels.router_logits(x.float(), self.weight.float())
+            else:
+                logits = F.linear(x.float(), self.weight.float())
+        if kernels is not None:  # the ~20 ops below as one
             return tuple(kernels.route(
                 logits, self.e_score_correction_bias if self.topk_method == "noaux_tc" else None,
                 self.scoring_func == "sigmoid", self.n_group, self.topk_group, self.topk_method == "noaux_tc",

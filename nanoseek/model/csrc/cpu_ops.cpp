@@ -591,7 +591,10 @@ struct ExpertRun {
 template <typename T>
 void expert_products(const std::vector<ExpertRun<T>>& runs, const float* xs, int64_t n, int64_t rows, float* out) {
   const int64_t total = static_cast<int64_t>(runs.size()) * rows;
-  at::parallel_for(0, total, MATRIX_ROWS * 16, [&](int64_t begin, int64_t end) {
+  // Chunks of at least 64k weights: a nano model's two experts (2 x 37k) stay on one thread, where
+  // waking the second would cost more than it saves.
+  const int64_t grain = std::max<int64_t>(MATRIX_ROWS * 16, (1 << 16) / std::max<int64_t>(n, 1));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     for (int64_t at = begin; at < end;) {
       const ExpertRun<T>& run = runs[at / rows];
       const int64_t from = at % rows, to = std::min(rows, from + (end - at));
@@ -1818,6 +1821,19 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
   });
 }
 
+// A MoE router's fp32 logits x [tokens, n] @ weight [experts, n]^T: for the few tokens of a decode or
+// verify step as rows_linear's register blocks (a 2-token at::linear goes through a GEMM call: ~5 us
+// against ~1 for one token's GEMV, a nano model's 2-token verification paying it in every layer);
+// more tokens take at::linear.
+constexpr int64_t ROUTER_KERNEL_MAX_TOKENS = 16;
+
+torch::Tensor router_logits(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() == 2,
+              "router_logits: fp32 x [tokens, n] and weight [experts, n]");
+  if (x.size(0) > ROUTER_KERNEL_MAX_TOKENS) return at::linear(x, weight);
+  return rows_linear(x, weight.contiguous(), c10::nullopt);
+}
+
 // DeepSeek MoE routing from fp32 router logits [tokens, experts]: scores (sigmoid or softmax), the
 // optional selection bias (noaux_tc), group-limited selection (a group scores the sum of its top 2
 // biased scores for noaux_tc, its max otherwise), top-k, optional renormalization, scaling.
@@ -2214,7 +2230,7 @@ struct DecodeLayer {
     if (!moe) return {residual + swiglu(hidden, rule), c10::nullopt};
     // MoE.forward: router, routed experts (the fused kernel), shared experts
     const auto flat = hidden.reshape({-1, hidden.size(-1)});
-    const auto logits = at::linear(flat.to(at::kFloat), router.to(at::kFloat));
+    const auto logits = router_logits(flat.to(at::kFloat), router.to(at::kFloat));
     const auto routing = route(logits, router_bias, sigmoid, n_group, topk_group, group_top2, top_k, normalize, scaling);
     auto out = routed_experts(flat, stack_gate_up, stack_down, routing[1], routing[0], stack_gate_up_scale,
                               stack_down_scale).view(hidden.sizes());
@@ -2234,6 +2250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_attention", &mla_decode_attention, "MLA absorbed attention for a few queries");
   m.def("gqa_decode_attention", &gqa_decode_attention, "grouped-query attention for a few queries over the pool");
   m.def("rope", &rope, "rotary embedding, interleaved pairs or halves");
+  m.def("router_logits", &router_logits, "a MoE router's fp32 logits (few tokens: rows_linear's kernel)");
   m.def("route", &route, "DeepSeek MoE routing from fp32 router logits");
   m.def("argmax", &argmax, "first maximum over the last dimension");
   m.def("rms_norm_backward", &rms_norm_backward, "gradients of F.rms_norm (fp32)");
