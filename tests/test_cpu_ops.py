@@ -537,7 +537,11 @@ def test_which_attention_steps_take_the_fused_kernels(kernels):
     FUSED_MLA_MAX_SCORES (query, position) pairs (per cache dtype), or past FUSED_MLA_MAX_QUERIES
     queries in a batch, the batched matmuls run instead. The grouped-query kernel takes decode and
     verify steps of any batch and cache length, up to FUSED_ATTENTION_MAX_QUERIES queries per sequence."""
-    from nanoseek.model.attention import FUSED_ATTENTION_MAX_QUERIES, FUSED_MLA_MAX_QUERIES, FUSED_MLA_MAX_SCORES
+    from nanoseek.model.attention import (
+        FUSED_ATTENTION_MAX_QUERIES,
+        FUSED_MLA_MAX_QUERIES,
+        FUSED_MLA_MAX_SCORES,
+    )
 
     attention = build_model(tiny_config("v3"), seed=0).model.layers[0].self_attn
     attention.frozen_absorbed = tuple(w.contiguous() for w in attention.absorbed_weights(torch.float32))
