@@ -196,13 +196,23 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   T* out_data = out.data_ptr<T>();
   const int64_t q_head = q_nope.stride(2), pe_head = q_pe.stride(2);
   const bool* allowed = mask.data_ptr<bool>();
-  // One sequence: its cached rows [padded_keys][rank | rope] (pad rows zero) in fp32, then per query
-  // the absorbed latents [heads][rank] and the query [dims][lanes], scores then probabilities
-  // [keys][lanes], the mixed latents [heads][rank]. With `split_heads` (a batch of one) the per-head
-  // products with W_UK and W_UV, which read 2 x heads x nope x rank weights, run on torch's threads.
-  auto sequence = [&](int64_t b, bool split_heads) {
-    std::vector<float> cached(padded_keys * dims, 0.f), query_t(dims * lanes, 0.f), latents(heads * rank),
-        scores(keys * lanes), mixed(heads * rank), peak(lanes), total(lanes);
+  // A sequence's working space, reused by the sequences a thread runs: its cached rows [padded_keys]
+  // [rank | rope] (pad rows zero) in fp32, then per query the absorbed latents [heads][rank] and the
+  // query [dims][lanes] (pad lanes zero), scores then probabilities [keys][lanes], the mixed latents
+  // [heads][rank].
+  struct Buffers {
+    std::vector<float> cached, query_t, latents, scores, mixed, peak, total;
+  };
+  auto buffers = [&]() {
+    return Buffers{std::vector<float>(padded_keys * dims, 0.f), std::vector<float>(dims * lanes, 0.f),
+                   std::vector<float>(heads * rank), std::vector<float>(keys * lanes), std::vector<float>(heads * rank),
+                   std::vector<float>(lanes), std::vector<float>(lanes)};
+  };
+  // One sequence. With `split_heads` (a batch of one) the per-head products with W_UK and W_UV, which
+  // read 2 x heads x nope x rank weights, run on torch's threads.
+  auto sequence = [&](int64_t b, bool split_heads, Buffers& space) {
+    std::vector<float> &cached = space.cached, &query_t = space.query_t, &latents = space.latents,
+                        &scores = space.scores, &mixed = space.mixed, &peak = space.peak, &total = space.total;
     auto over_heads = [&](auto&& body) {
       if (split_heads)
         at::parallel_for(0, heads, 1, body);
@@ -250,14 +260,14 @@ void mla_decode_rows(const torch::Tensor& q_nope, const torch::Tensor& q_pe, con
   // 32 ranks stay on one): one sequence splits its heads, more split the sequences (each computed the
   // same way whatever the split).
   const bool parallel = batch * seq * heads * rank * (nope + value_dim + 2 * keys) >= MLA_PARALLEL_MIN_WORK;
-  if (batch == 1)
-    sequence(0, parallel);
-  else if (parallel)
-    at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) sequence(b, false);
-    });
+  auto sequences = [&](int64_t first, int64_t last) {
+    Buffers space = buffers();
+    for (int64_t b = first; b < last; ++b) sequence(b, batch == 1 && parallel, space);
+  };
+  if (batch > 1 && parallel)
+    at::parallel_for(0, batch, 1, sequences);
   else
-    for (int64_t b = 0; b < batch; ++b) sequence(b, false);
+    sequences(0, batch);
 }
 
 typedef float Vector16 __attribute__((vector_size(16 * sizeof(float))));
@@ -574,16 +584,15 @@ template <int ROWS = PANEL_ROWS>
 void panel_rows(const float* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
                 int64_t valid, const float* next = nullptr) {
   if constexpr (ROWS == PANEL_ROWS) {
-    // With two passes or more, the first two prefetch the next panel's two halves of lines (n each).
-    const bool fetch = next != nullptr && rows > PANEL_ROWS;
+    // The half of the next panel's lines the pass starting at row r prefetches (none past the second).
+    auto lines = [&](int64_t r) -> const float* {
+      return next != nullptr && rows > PANEL_ROWS && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr;
+    };
     int64_t r = 0;
-    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS) {
-      const float* lines = fetch && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr;
-      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid, lines);
-    }
+    for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS)
+      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid, lines(r));
     if (r < rows)
-      panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid,
-                                 fetch && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr);
+      panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid, lines(r));
   } else if constexpr (ROWS > 0) {
     if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid, next);
     panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid, next);
