@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_configs import tiny_config
 
-from nanoseek.model import build_model
+from nanoseek.model import build_model, transformer
 from nanoseek.tokenizer import Tokenizer
 
 CORPUS = [
@@ -35,6 +35,33 @@ def peaky_model(name: str = "v3", seed: int = 0, logit_scale: float = 30.0, **ov
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
     return model
+
+
+def watch_fused_decode(monkeypatch, seen) -> None:
+    """Call seen(kind, x, result) for every try of a whole-layer decode step: each stack of layers as one
+    call (kind "stack": `fused_decode_stack`; on None the layers then try one by one, unrecorded) and
+    each single layer (kind "layer": `fused_decode_step`, as the MTP block runs)."""
+    stack, step = transformer.fused_decode_stack, transformer.fused_decode_step
+
+    def stacked(layers, x, *args):
+        result = stack(layers, x, *args)
+        if result is not None:
+            seen("stack", x, result)
+        return result
+
+    def stepped(layer, x, *args):
+        result = step(layer, x, *args)
+        seen("layer", x, result)
+        return result
+
+    monkeypatch.setattr(transformer, "fused_decode_stack", stacked)
+    monkeypatch.setattr(transformer, "fused_decode_step", stepped)
+
+
+def modules_only(monkeypatch) -> None:
+    """Decode steps through the layers' modules: no whole-layer C++ call."""
+    monkeypatch.setattr(transformer, "fused_decode_stack", lambda *args: None)
+    monkeypatch.setattr(transformer, "fused_decode_step", lambda *args: None)
 
 
 @functools.lru_cache(maxsize=1)

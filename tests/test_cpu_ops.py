@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
+from engine_fixtures import modules_only, peaky_model, single_thread, watch_fused_decode  # noqa: F401 (autouse fixture)
 from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import draw, greedy_tokens
-from nanoseek.model import attention, build_model, cpu_ops, transformer
+from nanoseek.model import attention, build_model, cpu_ops
 from nanoseek.model.layers import (
     RMSNorm,
     RotaryAngles,
@@ -222,7 +222,7 @@ def count_decode_path(kernels, monkeypatch, path: str, kernel: str, calls: list)
     "decode_layer" (the whole layer as one C++ call, `nanoseek.model.decode_layer`, which always reads
     the pool; whether it ran, for each decode step)."""
     if path == "modules":
-        monkeypatch.setattr(transformer, "fused_decode_step", lambda *args: None)
+        modules_only(monkeypatch)
         fused = getattr(kernels, kernel)
 
         def recorded(*args):
@@ -231,15 +231,11 @@ def count_decode_path(kernels, monkeypatch, path: str, kernel: str, calls: list)
 
         monkeypatch.setattr(kernels, kernel, recorded)
     else:
-        step = transformer.fused_decode_step
-
-        def stepped(layer, x, *args):
-            result = step(layer, x, *args)
+        def seen(kind, x, result):
             if x.shape[1] == 1 and cpu_ops.for_inference(x) is not None:  # a decode step with the kernels on
                 calls.append(result is not None)
-            return result
 
-        monkeypatch.setattr(transformer, "fused_decode_step", stepped)
+        watch_fused_decode(monkeypatch, seen)
 
 
 @pytest.mark.parametrize("path", ["modules", "decode_layer"])
@@ -399,7 +395,7 @@ def test_quantized_experts_take_the_kernel_with_the_tokens_of_the_int8_products(
     is called from Python and can be counted; tests/test_decode_layer.py shows the one-call layer step
     gives the same tokens.)"""
     model = quantize_model(peaky_model("v3"), "int8", dtype=activations)
-    monkeypatch.setattr(transformer, "fused_decode_step", lambda *args: None)
+    modules_only(monkeypatch)
     calls = []
     fused = kernels.routed_experts
     monkeypatch.setattr(kernels, "routed_experts", lambda *args: calls.append(args[1].dtype) or fused(*args))

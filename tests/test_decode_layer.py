@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from engine_fixtures import peaky_model, single_thread  # noqa: F401 (autouse fixture)
+from engine_fixtures import peaky_model, single_thread, watch_fused_decode  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from nanoseek.infer import Engine, SamplingParams
@@ -26,17 +26,15 @@ PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=
 
 @pytest.fixture
 def fused_steps(monkeypatch) -> list[bool]:
-    """For each decode step of a layer with the kernels on: whether DecodeLayer ran it."""
+    """For each decode step with the kernels on: whether DecodeLayer ran its layers (all of them as one
+    call, or a layer alone)."""
     steps: list[bool] = []
-    step = transformer.fused_decode_step
 
-    def recorded(layer, x, *args):
-        result = step(layer, x, *args)
-        if x.shape[1] == 1 and cpu_ops.for_inference(x) is not None and layer.fused_decode:
+    def seen(kind, x, result):
+        if x.shape[1] == 1 and cpu_ops.for_inference(x) is not None:
             steps.append(result is not None)
-        return result
 
-    monkeypatch.setattr(transformer, "fused_decode_step", recorded)
+    watch_fused_decode(monkeypatch, seen)
     return steps
 
 
@@ -116,25 +114,16 @@ def test_grouped_query_layers_run_whole_in_any_batch(kernels, fused_steps, name,
         assert_same_as_modules(engine, fused_steps, prompts=prompts)
 
 
-def test_speculative_verification_takes_the_decode_layer(kernels, fused_steps):
-    """MTP speculative decoding: the verify steps (2 queries a sequence) and the MTP depth's own
-    decoder block run as whole-layer calls, with the output of the modules."""
+def test_speculative_verification_takes_the_decode_layer(kernels, monkeypatch):
+    """MTP speculative decoding: the verify steps (2 queries a sequence, the layers as one call) and
+    the MTP depth's own decoder block run as whole-layer calls, with the output of the modules."""
     engine = Engine(peaky_model("v3"), max_num_seqs=2, block_size=4, speculative=True, prefix_caching=False)
-    verified = []
-    step = transformer.fused_decode_step
-
-    def spy(layer, x, *args):
-        result = step(layer, x, *args)
-        verified.append(x.shape[1] == 2 and result is not None)
-        return result
-
     expected = outputs(engine, False)
-    transformer.fused_decode_step = spy
-    try:
-        got = outputs(engine, True)
-    finally:
-        transformer.fused_decode_step = step
-    assert any(verified) and got == expected
+    verified, drafted = [], []
+    watch_fused_decode(monkeypatch, lambda kind, x, result: (verified if kind == "stack" else drafted).append(
+        (x.shape[1], result is not None)))
+    got = outputs(engine, True)
+    assert (2, True) in verified and drafted and all(ran for _, ran in drafted) and got == expected
     mtp_block = engine.model.mtp[0].block
     assert isinstance(mtp_block, transformer.DecoderLayer) and mtp_block.fused_decode
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import DocumentMask, GroupedQueryAttention, KVCache, MultiHeadLatentAttention
-from nanoseek.model.decode_layer import fused_decode_step
+from nanoseek.model.decode_layer import fused_decode_stack, fused_decode_step
 from nanoseek.model.kernels import linear_cross_entropy
 from nanoseek.model.layers import Linear, RMSNorm, RotaryAngles, RotaryEmbedding, SwiGLU, is_plain_linear
 from nanoseek.model.moe import MoE, RoutedExperts, Router, RouterStats
@@ -84,6 +84,11 @@ class Transformer(nn.Module):
         balance_loss: bool = False,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         x = self.embed_tokens(input_ids)
+        if self.layers[0].fused_decode and (fused := fused_decode_stack(self.layers, x, angles, cache, mask, absorb)):
+            x, indices = fused
+            stats = [RouterStats(i, layer.mlp.gate.num_experts, None) for layer, i in zip(self.layers, indices, strict=True)
+                     if i is not None]
+            return self.norm(x), stats
         stats = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -2260,6 +2260,26 @@ struct DecodeLayer {
   }
 };
 
+// The decoder layers of a decode step one after the other (decode_layer.fused_decode_stack): layer i
+// reads and writes first_pools[i] / second_pools[i]. Returns the last output and each layer's routed
+// indices (None for a dense layer).
+std::tuple<torch::Tensor, std::vector<c10::optional<torch::Tensor>>> decode_layers(
+    const std::vector<const DecodeLayer*>& layers, torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+    std::vector<torch::Tensor> first_pools, std::vector<torch::Tensor> second_pools, const torch::Tensor& write_slots,
+    const torch::Tensor& read_slots, const torch::Tensor& mask, int64_t few_from, int64_t few_to, int64_t onednn_from) {
+  TORCH_CHECK(first_pools.size() == layers.size() && second_pools.size() == layers.size(),
+              "decode_layers: one pair of pools per layer");
+  const RowRule rule{few_from, few_to, onednn_from};
+  std::vector<c10::optional<torch::Tensor>> indices;
+  indices.reserve(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto [out, routed] = layers[i]->forward(x, cos, sin, first_pools[i], second_pools[i], write_slots, read_slots, mask, rule);
+    x = std::move(out);
+    indices.push_back(std::move(routed));
+  }
+  return {x, indices};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[..., :n]) * x[..., n:]");
@@ -2352,4 +2372,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return layer.forward(x, cos, sin, first_pool, second_pool, write_slots, read_slots, mask,
                              RowRule{few_from, few_to, onednn_from});
       });
+  m.def("decode_layers", &decode_layers, "decoder layers of a decode step one after the other (DecodeLayer each)");
 }
