@@ -136,6 +136,27 @@ def test_speculative_decoding_reuses_prefixes_with_their_mtp_entries():
     assert_pool_consistent(engine.cache)
 
 
+def test_write_slots_given_as_ints_equal_the_ones_bind_computes():
+    """A decode or verify step hands `bind` its write slots and kv_length as ints (`slots_of`); a
+    prefill lets it gather them from the positions. Both give the same slots, padding to the null block."""
+    cache = PagedKVCache(peaky_model("qwen2").config, num_blocks=8, block_size=BLOCK)
+    tables = [[3, 5, 1], [6, 2]]
+    starts, counts = [BLOCK * 2 + 1, BLOCK - 1], [2, 3]  # the second row crosses into its second block
+    width = max(counts)
+    positions = torch.tensor([[0] * (width - c) + list(range(s, s + c)) for s, c in zip(starts, counts, strict=True)])
+    valid = torch.tensor([[False] * (width - c) + [True] * c for c in counts])
+    cache.bind(tables, positions, valid)
+    gathered, read = cache.write_slots.clone(), cache.read_slots.clone()
+    assert cache.kv_length is None
+    write = []
+    for table, start, count in zip(tables, starts, counts, strict=True):
+        write += [0] * (width - count) + cache.slots_of(table, start, count)
+    cache.bind(tables, positions, valid, write, kv_length=max(s + c for s, c in zip(starts, counts, strict=True)))
+    assert torch.equal(cache.write_slots, gathered) and torch.equal(cache.read_slots, read)
+    assert cache.kv_length == BLOCK * 2 + 3
+    assert gathered.tolist() == [0, 1 * BLOCK + 1, 1 * BLOCK + 2, 6 * BLOCK + BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1]
+
+
 def test_a_full_pool_evicts_the_least_recently_released_cached_block():
     config = peaky_model("qwen2").config
     cache = PagedKVCache(config, num_blocks=4, block_size=BLOCK)

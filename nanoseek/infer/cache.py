@@ -110,7 +110,9 @@ class PagedKVCache:
         self.epoch = 0  # incremented by reset_prefix_cache: sequences admitted before it register nothing
         self.write_slots: torch.Tensor | None = None
         self.read_slots: torch.Tensor | None = None
+        self.kv_length: int | None = None  # 1 + the highest bound position, when the caller knew it
         self._read_flat: tuple[int, torch.Tensor] | None = None
+        self._block_offsets = torch.arange(block_size, device=self.device)
 
     # ----- sizes --------------------------------------------------------------------------------
     @property
@@ -249,11 +251,14 @@ class PagedKVCache:
                 buffer[destination * size : (destination + 1) * size] = buffer[source * size : (source + 1) * size]
 
     # ----- the forward's slot mapping -------------------------------------------------------------
-    def bind(self, tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def bind(self, tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor | None = None,
+             write: list[int] | None = None, kv_length: int | None = None) -> None:
         """Set the slots of the next forward.
 
         tables: the block table of each row; positions [batch, seq] the positions of the input tokens
         (on the cache's device); valid [batch, seq] False for padding tokens (they write to block 0).
+        write: the write slots, row by row, where the caller has them as ints (`slots_of`: a decode
+        step's few, cheaper than three tensor ops); kv_length: 1 + the highest position, if known.
         """
         size = self.block_size
         width = max(len(table) for table in tables)
@@ -262,13 +267,22 @@ class PagedKVCache:
             flat += table
             flat += [NULL_BLOCK] * (width - len(table))
         padded = long_tensor(flat, self.device).view(len(tables), width)
-        read = (padded[:, :, None] * size + torch.arange(size, device=self.device)).flatten(1)
-        write = read.gather(1, positions.clamp(max=read.shape[1] - 1))
-        if valid is not None:
-            write = write.masked_fill(~valid, NULL_BLOCK * size)
+        read = torch.add(self._block_offsets, padded[:, :, None], alpha=size).flatten(1)
+        if write is not None:
+            self.write_slots = long_tensor(write, self.device)
+        else:
+            slots = read.gather(1, positions.clamp(max=read.shape[1] - 1))
+            if valid is not None:
+                slots = slots.masked_fill(~valid, NULL_BLOCK * size)
+            self.write_slots = slots.flatten()
         self.read_slots = read
-        self.write_slots = write.flatten()
+        self.kv_length = kv_length
         self._read_flat = None  # (kv_length, read slots flattened), made by the first layer's `update`
+
+    def slots_of(self, table: list[int], start: int, count: int) -> list[int]:
+        """The slots of positions start .. start + count - 1 in `table`."""
+        size = self.block_size
+        return [table[position // size] * size + position % size for position in range(start, start + count)]
 
     def update(
         self, layer_index: int, positions: torch.Tensor, kv_length: int, *entries: torch.Tensor

@@ -45,7 +45,7 @@ import torch
 
 from nanoseek.errors import GenerationError
 from nanoseek.infer.beam import BeamSearchParams, beam_search
-from nanoseek.infer.cache import PagedKVCache, block_key, chain_keys, long_tensor, salted_root
+from nanoseek.infer.cache import NULL_BLOCK, PagedKVCache, block_key, chain_keys, long_tensor, salted_root
 from nanoseek.infer.outputs import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -877,7 +877,14 @@ class Engine:
         valid = None
         if any(padding):  # padding tokens write to the cache's null block
             valid = torch.tensor([[False] * pad + [True] * (width - pad) for pad in padding], device=self.device)
-        self.cache.bind([s.table for s in sequences], positions, valid)
+        write = None
+        if width <= 1 + self.num_speculative_tokens:  # decode and verify steps: their few slots as ints
+            write = []
+            for sequence, start, pad in zip(sequences, starts, padding, strict=True):
+                write += [NULL_BLOCK * self.cache.block_size] * pad
+                write += self.cache.slots_of(sequence.table, start, width - pad)
+        kv_length = max(start + len(t) for start, t in zip(starts, tokens, strict=True))
+        self.cache.bind([s.table for s in sequences], positions, valid, write, kv_length)
         return ids, positions
 
     def _forward(self, sequences: list[_Sequence], tokens: list[list[int]], logits_to_keep: int) -> ModelOutput:

@@ -199,15 +199,24 @@ def enable_fused_decode(model: nn.Module, enabled: bool = True) -> None:
             module.fused_decode = enabled
 
 
-def _volatile(layer, dtype: torch.dtype) -> tuple:
+def _watched(layer) -> tuple:
+    """The modules whose attributes `_volatile` reads (attention, the SwiGLU with a fused projection or
+    None, the routed experts or None): replacing one is a registration, so they are looked up again
+    only after one."""
+    attention, mlp = layer.self_attn, layer.mlp
+    if isinstance(mlp, MoE):
+        return attention, mlp.shared_experts, mlp.experts
+    return attention, mlp, None
+
+
+def _volatile(watched: tuple, dtype: torch.dtype) -> tuple:
     """What may change under a built DecodeLayer without a module, parameter, buffer or hook being
     registered: fused projections broken up (`.data =`, `.to()`), MLA's absorbed copies and int8 expert
     scales remade after an in-place update."""
-    attention, mlp = layer.self_attn, layer.mlp
-    shared = mlp.shared_experts if isinstance(mlp, MoE) else mlp
-    fused = tuple(f.weight if f is not None and f.usable else None for f in (attention.fused, getattr(shared, "fused", None)))
+    attention, swiglu, experts = watched
+    fused = tuple(f.weight if f is not None and f.usable else None for f in (attention.fused, getattr(swiglu, "fused", None)))
     absorbed = attention.kernel_weights() if isinstance(attention, MultiHeadLatentAttention) else ()
-    stacks = mlp.experts.streamable_stacks(dtype) if isinstance(mlp, MoE) else ()
+    stacks = experts.streamable_stacks(dtype) if experts is not None else ()
     return (*fused, *(absorbed or (None,)), *(stacks or (None,)))
 
 
@@ -280,17 +289,21 @@ def _step_applies(layer, x: torch.Tensor, cache, mask: torch.Tensor | None, abso
 def _layer_plan(layer, dtype: torch.dtype):
     """The layer's DecodeLayer for `dtype` (built, or rebuilt when what it was built from changed), or
     None where the modules must run it."""
-    registrations, volatile = _registrations(), _volatile(layer, dtype)
+    registrations = _registrations()
     cached = _PLANS.get(layer)
-    if (cached is None or cached.sources is HOOKED or cached.registrations != registrations or cached.dtype != dtype
-            or len(volatile) != len(cached.volatile) or not all(map(operator.is_, volatile, cached.volatile))):
-        sources = _sources(layer, dtype)  # hooks are looked for at every step while there are some
-        if cached is None or not _same(cached.sources, sources):
-            plan = None if sources is None or sources is HOOKED else _build(layer, sources)
-        else:
-            plan = cached.plan
-        cached = _PLANS[layer] = _Plan(registrations, dtype, volatile, sources, plan)
-    return cached.plan
+    if cached is not None and cached.registrations == registrations and cached.dtype == dtype and cached.sources is not HOOKED:
+        volatile = _volatile(cached.watched, dtype)  # the usual case: ~1.5 us
+        if len(volatile) == len(cached.volatile) and all(map(operator.is_, volatile, cached.volatile)):
+            return cached.plan
+    watched = _watched(layer)
+    volatile = _volatile(watched, dtype)
+    sources = _sources(layer, dtype)  # hooks are looked for at every step while there are some
+    if cached is None or not _same(cached.sources, sources):
+        plan = None if sources is None or sources is HOOKED else _build(layer, sources)
+    else:
+        plan = cached.plan
+    _PLANS[layer] = _Plan(registrations, dtype, watched, volatile, sources, plan)
+    return plan
 
 
 @dataclass
@@ -299,6 +312,7 @@ class _Plan:
 
     registrations: tuple[int, int]
     dtype: torch.dtype
+    watched: tuple
     volatile: tuple
     sources: tuple | str | None
     plan: object | None

@@ -246,7 +246,7 @@ class CausalLM(nn.Module):
         """Boolean [batch, 1, seq, kv_len] mask over a cache, a DocumentMask for packed documents, or None
         for plain causal self-attention."""
         if cache is not None:
-            kv_length = int(positions.max()) + 1
+            kv_length = getattr(cache, "kv_length", None) or int(positions.max()) + 1  # a paged cache knows it
             key_positions = torch.arange(kv_length, device=positions.device)
             return (key_positions[None, None, :] <= positions[:, :, None])[:, None]
         if document_ids is None or isinstance(document_ids, DocumentMask):
