@@ -14,6 +14,7 @@ from model_configs import PARITY_CONFIGS, tiny_config
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cache import PagedKVCache
+from nanoseek.infer.packing import pack_expert_panels
 from nanoseek.infer.quant import INT8_KERNEL_DTYPE, int8_linear, quantize_int8, quantize_model
 from nanoseek.infer.sampling import draw, greedy_tokens
 from nanoseek.model import attention, build_model, cpu_ops
@@ -385,6 +386,36 @@ def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dt
     torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=tolerance)
     with pytest.raises(RuntimeError, match="expert index out of range"):
         kernels.routed_experts(x, gate_up, down, indices + 7, weights, *scales)
+
+
+@pytest.mark.parametrize("hidden", [22, 230])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_routed_experts_kernel_streams_fp32_panels(kernels, hidden, tokens, threads):
+    """fp32 stacks also laid out in panels (`pack_expert_panels`, what packed engines stream) against
+    the executable specification, on sizes off the 32-wide panels (72 outputs of down, 2 x 22 and 2 x 230
+    of gate/up): small experts split over the threads as one range of panels; larger ones (3 x 460 x 72
+    weights and more) a whole expert per thread, unless fewer experts are used than there are threads (4)."""
+    experts = RoutedExperts(tiny_config("v3", hidden_size=72, moe_intermediate_size=hidden, n_routed_experts=7,
+                                        num_experts_per_tok=3, n_group=1, topk_group=1))
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2, generator=generator)
+        experts.down_proj.normal_(0, 0.2, generator=generator)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    panels = pack_expert_panels(gate_up), pack_expert_panels(down)
+    assert panels[0].shape == (7, -(-2 * hidden // 32), 72, 32) and panels[1].shape == (7, 3, hidden, 32)
+    x = torch.randn(tokens, 72, generator=generator)
+    indices = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3, generator=generator)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        got = kernels.routed_experts(x, gate_up, down, indices, weights, None, None, *panels)
+        with pytorch_ops():
+            expected = experts.naive_forward(x, weights, indices)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="panels are fp32"):
+        kernels.routed_experts(x, gate_up, down, indices, weights, None, None, panels[1], panels[0])
 
 
 @pytest.mark.parametrize("activations", [torch.bfloat16, None])

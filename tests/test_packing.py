@@ -13,6 +13,7 @@ from nanoseek.infer.engine import fuse_projections
 from nanoseek.infer.packing import (
     PackedLinear,
     PackedRoutedExperts,
+    pack_expert_panels,
     pack_model,
     pack_panels,
     packed_while,
@@ -134,9 +135,10 @@ def test_packed_experts_all_at_once_equal_each_token_through_its_experts(dtype, 
     torch.testing.assert_close(one_by_one, expected, rtol=0, atol=tolerance)
     assert "side_by_side" not in "".join(packed.state_dict())  # not state: the same weights, repacked
 
-def test_packed_experts_keep_the_stacks_the_kernel_streams():
-    """With the fused CPU kernels the expert stacks are not copied: the routed-experts kernel streams
-    the parameters' own storage (and nothing is packed side by side, since the kernel comes first)."""
+def test_packed_experts_keep_the_stacks_the_kernel_streams(monkeypatch):
+    """With the fused CPU kernels the expert stacks are not copied (the parameters' own storage, which
+    prefill paths without the kernel read); the routed-experts kernel streams their fp32 copy in
+    panels, and nothing is packed side by side, since the kernel comes first."""
     if cpu_ops.load() is None:
         pytest.skip("the fused CPU kernels could not be built here")
     model = build_model(tiny_config("v3", n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1), seed=0)
@@ -144,11 +146,16 @@ def test_packed_experts_keep_the_stacks_the_kernel_streams():
     packed = PackedRoutedExperts(experts)
     assert packed.streamed and packed.stacks[0].data_ptr() == experts.gate_up_proj.data_ptr()
     assert packed.stacks[1].data_ptr() == experts.down_proj.data_ptr()
+    assert all(torch.equal(panels, pack_expert_panels(stack)) for panels, stack in zip(packed.panels, packed.stacks, strict=True))
     x, indices = torch.randn(12, 64), torch.stack([torch.randperm(16)[:4] for _ in range(12)])
     weights = torch.rand(12, 4)
+    streamed = []
+    kernel = cpu_ops.load().routed_experts
+    monkeypatch.setattr(cpu_ops.load(), "routed_experts", lambda *args: streamed.append(args[-2:]) or kernel(*args))
     with torch.no_grad():
         torch.testing.assert_close(packed(x, weights, indices), experts.naive_forward(x, weights, indices), rtol=1e-5, atol=1e-5)
     assert packed.side_by_side is None
+    assert len(streamed) == 1 and streamed[0][0] is packed.panels[0] and streamed[0][1] is packed.panels[1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -112,6 +112,16 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(count, 32, in_features).transpose(1, 2).contiguous()
 
 
+def pack_expert_panels(stack: torch.Tensor) -> torch.Tensor:
+    """`pack_panels` for each expert of an fp32 stack [E, out, in]: [E, ceil(out / 32), in, 32], as the
+    routed-experts kernel streams them (each panel one sequential run of memory: `small`'s layer of 4
+    experts for one token 118 -> 92 us, 16 tokens 1,072 -> 708 us, 2 threads, weights cold)."""
+    experts, out_features, in_features = stack.shape
+    count = -(-out_features // 32)
+    padded = torch.nn.functional.pad(stack.detach(), (0, 0, 0, count * 32 - out_features))
+    return padded.view(experts, count, 32, in_features).transpose(2, 3).contiguous()
+
+
 def panel_product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, plain: torch.Tensor) -> torch.Tensor:
     """F.linear(x, plain, bias) for an fp32 weight also laid out in `panels` (`pack_panels`): steps of up
     to PANEL_MAX_ROWS rows take `cpu_ops.panel_linear`, more rows (or the kernels turned off) `linear` on
@@ -174,7 +184,8 @@ class PackedRoutedExperts(RoutedExperts):
     model's parameters (no copy): the routed-experts kernel streams them (fp32 at any token count, bf16
     up to EXPERT_KERNEL_MAX_TOKENS; figures in nanoseek.model.moe), and larger bf16 steps multiply
     each expert's matrices unpacked (prefill of 512 tokens: 4.9 ms per `small` layer against 4.6 ms
-    packed). Without the kernels each expert's two matrices are packed, and steps where most experts
+    packed). fp32 stacks are also laid out in panels (`pack_expert_panels`), which the kernel streams
+    instead: a second copy of the experts, as fp32 linears keep theirs. Without the kernels each expert's two matrices are packed, and steps where most experts
     are busy (a decode batch of 16 requests on `small`'s 32 experts) run every expert in one pair of
     matmuls over all experts' matrices side by side, packed on first use (a second copy of the experts:
     only models with small experts whose batches get there pay for it)."""
@@ -187,6 +198,8 @@ class PackedRoutedExperts(RoutedExperts):
         self.streamed = cpu_ops.load() is not None
         if self.streamed:
             self.linear, self.per_expert = linear, self.stacks
+            if self.stacks[0].dtype == torch.float32:
+                self.panels = tuple(pack_expert_panels(stack) for stack in self.stacks)
         else:  # the inherited per-expert loop calls self.linear with these
             self.linear = packed_linear
             self.per_expert = tuple([pack_weight(weight) for weight in stack] for stack in self.stacks)

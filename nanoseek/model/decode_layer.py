@@ -119,7 +119,8 @@ def _sources(layer, dtype: torch.dtype) -> tuple | str | None:
         stacks = mlp.experts.streamable_stacks(dtype)
         if stacks is None or (mlp.shared_experts is not None and shared is None):
             return None
-        mlp_sources = ("moe", shared, stacks, mlp.gate.weight, mlp.gate.e_score_correction_bias)
+        mlp_sources = ("moe", shared, stacks, mlp.experts.stream_panels(dtype), mlp.gate.weight,
+                       mlp.gate.e_score_correction_bias)
     elif isinstance(mlp, SwiGLU):
         products = _swiglu_products(mlp)
         if products is None:
@@ -172,7 +173,7 @@ def _build(layer, sources: tuple):
         plan.input_sizes = [(heads + kv_heads) * dim, kv_heads * dim]
         plan.heads, plan.kv_heads, plan.head_dim = heads, kv_heads, dim
     if mlp_kind == "moe":
-        shared, stacks, router, bias = mlp_rest
+        shared, stacks, panels, router, bias = mlp_rest
         gate = mlp.gate
         plan.moe = True
         plan.has_mlp = shared is not None
@@ -186,6 +187,8 @@ def _build(layer, sources: tuple):
         plan.stack_gate_up, plan.stack_down, *scales = stacks
         if scales:
             plan.stack_gate_up_scale, plan.stack_down_scale = scales
+        if panels is not None:
+            plan.stack_gate_up_panels, plan.stack_down_panels = panels
     else:
         plan.has_mlp = True
         plan.gate_up, plan.down = (_product(spec) for spec in mlp_rest[0])

@@ -161,6 +161,8 @@ class RoutedExperts(nn.Module):
     # stacks cannot (their per-row scales differ between experts that share an output row).
     all_at_once = True
 
+    panels: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 stacks in panels (`stream_panels`)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         num_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -179,7 +181,8 @@ class RoutedExperts(nn.Module):
                 stacks = self.streamable_stacks(dtype)
                 if stacks is not None and (stacks[0].dtype == torch.float32 or indices.shape[0] <= EXPERT_KERNEL_MAX_TOKENS):
                     gate_up, down, *scales = stacks
-                    return kernels.routed_experts(x.to(dtype), gate_up, down, indices, weights, *scales)
+                    return kernels.routed_experts(x.to(dtype), gate_up, down, indices, weights, *(scales or (None, None)),
+                                                  *(self.stream_panels(dtype) or (None, None)))
             if self.all_at_once_pays(indices):
                 return self.all_experts_forward(x, weights, indices)
             if indices.numel() <= FEW_PAIRS:
@@ -265,6 +268,11 @@ class RoutedExperts(nn.Module):
         if self.linear is not linear or dtype not in (torch.float32, torch.bfloat16):
             return None
         return stacks if all(s.dtype == dtype and s.is_contiguous() for s in stacks) else None
+
+    def stream_panels(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fp32 stacks in panels [E, ceil(out / 32), in, 32] that the kernel streams instead of the
+        plain ones, where packing made them (`nanoseek.infer.packing.PackedRoutedExperts`)."""
+        return self.panels if dtype == torch.float32 else None
 
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""
