@@ -97,6 +97,34 @@ def test_rope_equals_pytorch(kernels, rope, dtype):
         torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("angle_rows", [1, 2])
+def test_mla_cache_write_stores_the_bits_of_the_ops(kernels, interleaved, dtype, angle_rows):
+    """The one-pass MLA cache write of a verify step (2 sequences x 3 tokens, kv a slice of a wider fused
+    projection, angles per sequence or shared) stores exactly what rms_norm, rope and index_copy_
+    store, at the same slots, and nothing elsewhere."""
+    generator = torch.Generator().manual_seed(8)
+    rank, rope_dim = 40, 16
+    fused = torch.randn(2, 3, 24 + rank + rope_dim, generator=generator).to(dtype)
+    kv = fused[..., 24:]
+    norm = (torch.rand(rank, generator=generator) + 0.5).to(dtype)
+    angles = torch.rand(angle_rows, 3, rope_dim // 2, generator=generator) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([5, 9, 2, 17, 11, 0])
+    pools = [torch.zeros(20, rank, dtype=dtype), torch.zeros(20, rope_dim, dtype=dtype)]
+    expected = [pool.clone() for pool in pools]
+    latent = kernels.rms_norm(kv[..., :rank], norm, 1e-6)
+    k_pe = kernels.rope(kv[..., rank:], cos, sin, interleaved)
+    expected[0].index_copy_(0, slots, latent.flatten(0, 1))
+    expected[1].index_copy_(0, slots, k_pe.flatten(0, 1))
+    kernels.mla_cache_write(kv, norm, 1e-6, cos, sin, interleaved, *pools, slots)
+    assert torch.equal(pools[0], expected[0]) and torch.equal(pools[1], expected[1])
+    assert pools[0][slots].abs().sum(-1).min() > 0 and pools[0][[1, 3, 4]].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="write slot out of range"):
+        kernels.mla_cache_write(kv, norm, 1e-6, cos, sin, interleaved, *pools, slots + 10)
+
+
 # Attention shapes off the kernel's vector widths: heads past one 8-head vector and not a multiple of
 # it, a latent rank that takes a 128-wide chunk, a 16-wide one and a scalar tail, an odd value width.
 WIDE_MLA = {"num_attention_heads": 11, "num_key_value_heads": 11, "kv_lora_rank": 152, "qk_nope_head_dim": 24,
