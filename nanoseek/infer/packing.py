@@ -106,10 +106,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     52 / 61 / 117 / 234; the 32000 x 512 head 0.85 / 0.89 / 1.76 / 4.86 ms against 0.86 / 0.95 / 1.86
     / 4.86; `qwen2-nano`'s small matrices at GRPO's 64 rows, one thread, 1.2-2.4x (oneDNN's call costs
     ~11 us whatever the size)."""
-    out_features, in_features = weight.shape
-    count = -(-out_features // 32)
-    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, count * 32 - out_features))
-    return padded.view(count, 32, in_features).transpose(1, 2).contiguous()
+    return pack_expert_panels(weight[None])[0]
 
 
 def pack_expert_panels(stack: torch.Tensor) -> torch.Tensor:
@@ -185,7 +182,8 @@ class PackedRoutedExperts(RoutedExperts):
     up to EXPERT_KERNEL_MAX_TOKENS; figures in nanoseek.model.moe), and larger bf16 steps multiply
     each expert's matrices unpacked (prefill of 512 tokens: 4.9 ms per `small` layer against 4.6 ms
     packed). fp32 stacks are also laid out in panels (`pack_expert_panels`), which the kernel streams
-    instead: a second copy of the experts, as fp32 linears keep theirs. Without the kernels each expert's two matrices are packed, and steps where most experts
+    instead: a second copy of the experts, as fp32 linears keep theirs. Without the kernels each
+    expert's two matrices are packed, and steps where most experts
     are busy (a decode batch of 16 requests on `small`'s 32 experts) run every expert in one pair of
     matmuls over all experts' matrices side by side, packed on first use (a second copy of the experts:
     only models with small experts whose batches get there pay for it)."""

@@ -7,16 +7,17 @@ one call (hot loop; batch-1 `small` decodes 1.21x faster). When the engine turns
 `cpu_ops`' DecodeLayer, which runs the same ATen ops and fused kernels in the same order as the modules
 would (so the same numbers: tests/test_decode_layer.py compares token ids and log-probs with ==), from
 C++; `Transformer.forward` hands it all of its layers at once (`fused_decode_stack`, one C++ call:
-12-layer nano model, plain decode step 624 -> 568 us). Every other case (training, prefill, long contexts, GPUs, layers it cannot run, such as FP8 weights,
-or layers with forward hooks) runs the modules.
+12-layer nano model, plain decode step 624 -> 568 us). Every other case (training, prefill, long
+contexts, GPUs, layers it cannot run, such as FP8 weights, or layers with forward hooks) runs the
+modules.
 
-The C++ object holds the layer's tensors, not copies: in-place updates (an optimizer step on a model
-the engine shares with a trainer) reach it. It is rebuilt when anything it was built from is replaced:
-a module, parameter, buffer or hook registered anywhere moves a counter (`_registrations`, checked at
+The C++ object holds the layer's tensors, not copies: in-place updates (an optimizer step on a model the
+engine shares with a trainer) reach it. It is rebuilt when anything it was built from is replaced: a
+module, parameter, buffer or hook registered anywhere moves a counter (`_registrations`, checked at
 every call), and what can change without a registration (a fused projection broken up by `.data =`,
 MLA's absorbed copies and int8 expert scales remade after an in-place update) is compared by identity
-(`_volatile`, ~1.5 us a layer, through the modules looked up at the last registration); only then is
-the layer examined again (`_sources`).
+(`_volatile`, ~1.5 us a layer, through the modules looked up at the last registration); only then is the
+layer examined again (`_sources`).
 """
 
 from __future__ import annotations
