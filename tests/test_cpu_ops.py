@@ -416,12 +416,14 @@ def test_routed_experts_kernel_equals_each_token_through_its_experts(kernels, dt
         kernels.routed_experts(x, gate_up, down, indices + 7, weights, *scales)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [22, 230])
 @pytest.mark.parametrize("tokens", [1, 3, 70])
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_routed_experts_kernel_streams_fp32_panels(kernels, hidden, tokens, threads):
-    """fp32 stacks also laid out in panels (`pack_expert_panels`, what packed engines stream) against
-    the executable specification, on sizes off the 32-wide panels (72 outputs of down, 2 x 22 and 2 x 230
+def test_routed_experts_kernel_streams_panels(kernels, dtype, hidden, tokens, threads):
+    """fp32 and bf16 stacks also laid out in panels (`pack_expert_panels`, what packed engines stream)
+    against the executable specification (bf16: from the same rounded weights, within bf16's rounding of
+    each product's output), on sizes off the 32-wide panels (72 outputs of down, 2 x 22 and 2 x 230
     of gate/up): small experts split over the threads as one range of panels; larger ones (3 x 460 x 72
     weights and more) a whole expert per thread, unless fewer experts are used than there are threads (4)."""
     experts = RoutedExperts(tiny_config("v3", hidden_size=72, moe_intermediate_size=hidden, n_routed_experts=7,
@@ -430,20 +432,27 @@ def test_routed_experts_kernel_streams_fp32_panels(kernels, hidden, tokens, thre
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.2, generator=generator)
         experts.down_proj.normal_(0, 0.2, generator=generator)
+    experts = experts.to(dtype)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     panels = pack_expert_panels(gate_up), pack_expert_panels(down)
     assert panels[0].shape == (7, -(-2 * hidden // 32), 72, 32) and panels[1].shape == (7, 3, hidden, 32)
-    x = torch.randn(tokens, 72, generator=generator)
+    x = torch.randn(tokens, 72, generator=generator).to(dtype)
     indices = torch.stack([torch.randperm(6, generator=generator)[:3] for _ in range(tokens)])
     weights = torch.rand(tokens, 3, generator=generator)
     torch.set_num_threads(threads)
     with torch.no_grad():
         got = kernels.routed_experts(x, gate_up, down, indices, weights, None, None, *panels)
+        rows = kernels.routed_experts(x, gate_up, down, indices, weights)
         with pytorch_ops():
-            expected = experts.naive_forward(x, weights, indices)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="panels are fp32"):
+            expected = experts.float().naive_forward(x.float(), weights, indices)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=tolerance)
+    torch.testing.assert_close(got.float(), rows.float(), rtol=1e-5, atol=tolerance)
+    with pytest.raises(RuntimeError, match="panels are"):
         kernels.routed_experts(x, gate_up, down, indices, weights, None, None, panels[1], panels[0])
+    with pytest.raises(RuntimeError, match="panels are"):
+        kernels.routed_experts(x, gate_up, down, indices, weights, None, None, *(p.half() for p in panels))
 
 
 @pytest.mark.parametrize("activations", [torch.bfloat16, None])

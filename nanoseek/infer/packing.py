@@ -110,7 +110,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_expert_panels(stack: torch.Tensor) -> torch.Tensor:
-    """`pack_panels` for each expert of an fp32 stack [E, out, in]: [E, ceil(out / 32), in, 32], as the
+    """`pack_panels` for each expert of a stack [E, out, in] (fp32 or bf16): [E, ceil(out / 32), in, 32], as the
     routed-experts kernel streams them (each panel one sequential run of memory: `small`'s layer of 4
     experts for one token 118 -> 92 us, 16 tokens 1,072 -> 708 us, 2 threads, weights cold)."""
     experts, out_features, in_features = stack.shape
@@ -181,8 +181,8 @@ class PackedRoutedExperts(RoutedExperts):
     model's parameters (no copy): the routed-experts kernel streams them (fp32 at any token count, bf16
     up to EXPERT_KERNEL_MAX_TOKENS; figures in nanoseek.model.moe), and larger bf16 steps multiply
     each expert's matrices unpacked (prefill of 512 tokens: 4.9 ms per `small` layer against 4.6 ms
-    packed). fp32 stacks are also laid out in panels (`pack_expert_panels`), which the kernel streams
-    instead: a second copy of the experts, as fp32 linears keep theirs. Without the kernels each
+    packed). fp32 and bf16 stacks are also laid out in panels (`pack_expert_panels`), which the kernel
+    streams instead: a second copy of the experts, as fp32 linears keep theirs. Without the kernels each
     expert's two matrices are packed, and steps where most experts
     are busy (a decode batch of 16 requests on `small`'s 32 experts) run every expert in one pair of
     matmuls over all experts' matrices side by side, packed on first use (a second copy of the experts:
@@ -196,7 +196,7 @@ class PackedRoutedExperts(RoutedExperts):
         self.streamed = cpu_ops.load() is not None
         if self.streamed:
             self.linear, self.per_expert = linear, self.stacks
-            if self.stacks[0].dtype == torch.float32:
+            if self.stacks[0].dtype in (torch.float32, torch.bfloat16):
                 self.panels = tuple(pack_expert_panels(stack) for stack in self.stacks)
         else:  # the inherited per-expert loop calls self.linear with these
             self.linear = packed_linear

@@ -135,8 +135,8 @@ GPU_DENSE_MAX_TOKENS, GPU_DENSE_MAX_STACK_BYTES = 64, 64 << 20
 # 111 / 232 / 281 us, 16 tokens 0.88 / 1.72 / 2.04 ms, 128 tokens 2.3 / 2.5 / 2.9 ms, 512 tokens 7.2 /
 # 4.6 / 4.9 ms. It comes before running all experts at once (below), which it beats at `small`'s 16
 # tokens (fp32 1.33 vs 1.54 ms), so that path is the fallback where the kernels are unavailable. Packed
-# fp32 engines stream copies of the stacks in panels (`stream_panels`; stop 30, weights cold: 1 token
-# 118 -> 92 us, 16 tokens 1,072 -> 708 us).
+# fp32 and bf16 engines stream copies of the stacks in panels (`stream_panels`; stop 30, fp32, weights
+# cold: 1 token 118 -> 92 us, 16 tokens 1,072 -> 708 us).
 EXPERT_KERNEL_MAX_TOKENS = 128
 
 
@@ -163,7 +163,7 @@ class RoutedExperts(nn.Module):
     # stacks cannot (their per-row scales differ between experts that share an output row).
     all_at_once = True
 
-    panels: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 stacks in panels (`stream_panels`)
+    panels: tuple[torch.Tensor, torch.Tensor] | None = None  # the stacks in panels (`stream_panels`)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -272,9 +272,9 @@ class RoutedExperts(nn.Module):
         return stacks if all(s.dtype == dtype and s.is_contiguous() for s in stacks) else None
 
     def stream_panels(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The fp32 stacks in panels [E, ceil(out / 32), in, 32] that the kernel streams instead of the
-        plain ones, where packing made them (`nanoseek.infer.packing.PackedRoutedExperts`)."""
-        return self.panels if dtype == torch.float32 else None
+        """The stacks in panels [E, ceil(out / 32), in, 32] that the kernel streams instead of the plain
+        ones for activations of `dtype`, where packing made them (`nanoseek.infer.packing.PackedRoutedExperts`)."""
+        return self.panels if self.panels is not None and self.panels[0].dtype == dtype else None
 
     def grouped_forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every expert on its run of rows: `x` [tokens * k, hidden] holds counts[e] rows for expert e."""

@@ -544,9 +544,9 @@ void matrix_vectors(const T* w, const float* scale, int64_t n, const float* xs, 
 constexpr int64_t PANEL = 32;
 constexpr int PANEL_ROWS = 8;
 
-template <int ROWS>
-void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_stride, float* out, int64_t out_stride,
-                 int64_t valid, const float* fetch = nullptr) {
+template <int ROWS, typename T = float>
+void panel_block(const T* panel, int64_t n, const float* xs, int64_t x_stride, float* out, int64_t out_stride,
+                 int64_t valid, const T* fetch = nullptr) {
   Vector16 low[ROWS], high[ROWS];
   for (int r = 0; r < ROWS; ++r) low[r] = high[r] = Vector16{};
   for (int64_t k = 0; k < n; ++k) {
@@ -580,22 +580,22 @@ void panel_block(const float* panel, int64_t n, const float* xs, int64_t x_strid
 // prefetching the whole next panel during the later passes only, 16-request `qwen2-small` decoding 6%
 // slower; 16 rows as one pass per half panel, 16 vectors of sums over x transposed, slower than two
 // 8-row passes: 16 broadcasts per 16 FMAs against 8.)
-template <int ROWS = PANEL_ROWS>
-void panel_rows(const float* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
-                int64_t valid, const float* next = nullptr) {
+template <int ROWS = PANEL_ROWS, typename T = float>
+void panel_rows(const T* panel, int64_t n, const float* xs, int64_t rows, float* out, int64_t out_stride,
+                int64_t valid, const T* next = nullptr) {
   if constexpr (ROWS == PANEL_ROWS) {
     // The half of the next panel's lines the pass starting at row r prefetches (none past the second).
-    auto lines = [&](int64_t r) -> const float* {
-      return next != nullptr && rows > PANEL_ROWS && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr;
+    auto lines = [&](int64_t r) -> const T* {  // fp32 lines; other types none
+      return std::is_same_v<T, float> && next != nullptr && rows > PANEL_ROWS && r < 2 * PANEL_ROWS ? next + r / PANEL_ROWS * n * 16 : nullptr;
     };
     int64_t r = 0;
     for (; r + PANEL_ROWS <= rows; r += PANEL_ROWS)
-      panel_block<PANEL_ROWS>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid, lines(r));
+      panel_block<PANEL_ROWS, T>(panel, n, xs + r * n, n, out + r * out_stride, out_stride, valid, lines(r));
     if (r < rows)
-      panel_rows<PANEL_ROWS - 1>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid, lines(r));
+      panel_rows<PANEL_ROWS - 1, T>(panel, n, xs + r * n, rows - r, out + r * out_stride, out_stride, valid, lines(r));
   } else if constexpr (ROWS > 0) {
-    if (rows == ROWS) return panel_block<ROWS>(panel, n, xs, n, out, out_stride, valid, next);
-    panel_rows<ROWS - 1>(panel, n, xs, rows, out, out_stride, valid, next);
+    if (rows == ROWS) return panel_block<ROWS, T>(panel, n, xs, n, out, out_stride, valid, next);
+    panel_rows<ROWS - 1, T>(panel, n, xs, rows, out, out_stride, valid, next);
   }
 }
 
@@ -1863,18 +1863,20 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 // runs[u] = (expert's panels, first vector, count); all (expert, panel) pairs split over torch's threads
 // as one range, each streamed once for the expert's vectors by panel_rows. Each panel is one sequential
 // run of memory, where plain rows of 256 inputs (`small`'s down projections) stream ~30% slower.
+template <typename T>
 struct PanelRun {
-  const float* panels;
+  const T* panels;
   int64_t first, count;
 };
 
-void expert_panel_products(const std::vector<PanelRun>& runs, const float* xs, int64_t n, int64_t outs, float* out) {
+template <typename T>
+void expert_panel_products(const std::vector<PanelRun<T>>& runs, const float* xs, int64_t n, int64_t outs, float* out) {
   const int64_t per_expert = (outs + PANEL - 1) / PANEL, total = static_cast<int64_t>(runs.size()) * per_expert;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (PANEL * std::max<int64_t>(n, 1)));  // as expert_products
   auto panel_of = [&](int64_t unit) { return runs[unit / per_expert].panels + unit % per_expert * n * PANEL; };
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const PanelRun& run = runs[unit / per_expert];
+      const PanelRun<T>& run = runs[unit / per_expert];
       const int64_t p = unit % per_expert;
       panel_rows(panel_of(unit), n, xs + run.first * n, run.count, out + run.first * outs + p * PANEL, outs,
                  std::min(PANEL, outs - p * PANEL), unit + 1 < end ? panel_of(unit + 1) : nullptr);
@@ -1992,12 +1994,12 @@ template <typename T, typename W, typename P>
 void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* gate_up_scale, const W* down,
                          const float* down_scale, int64_t hidden, const std::vector<int64_t>& counts,
                          const std::vector<int64_t>& slot, int64_t k, const float* gates, torch::Tensor& out,
-                         const float* gate_up_panels = nullptr, const float* down_panels = nullptr) {
+                         const W* gate_up_panels = nullptr, const W* down_panels = nullptr) {
   const int64_t tokens = x.size(0), dim = x.size(1), pairs = tokens * k;
   const int64_t experts = static_cast<int64_t>(counts.size()) - 1;
   const int64_t up_panels = (2 * hidden + PANEL - 1) / PANEL, dim_panels = (dim + PANEL - 1) / PANEL;
   std::vector<ExpertRun<W>> up_runs, down_runs;
-  std::vector<PanelRun> up_panel_runs, down_panel_runs;
+  std::vector<PanelRun<W>> up_panel_runs, down_panel_runs;
   for (int64_t e = 0; e < experts; ++e)
     if (counts[e + 1] > counts[e]) {
       const int64_t first = counts[e], count = counts[e + 1] - counts[e];
@@ -2041,7 +2043,7 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
     // Whole experts per thread (up, activation, down): one parallel region, no wait between the products.
     at::parallel_for(0, used, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const std::vector<PanelRun> up_run{up_panel_runs[r]}, down_run{down_panel_runs[r]};
+        const std::vector<PanelRun<W>> up_run{up_panel_runs[r]}, down_run{down_panel_runs[r]};
         expert_panel_products(up_run, inputs.data(), dim, 2 * hidden, projected.data());
         activate(up_run[0].first, up_run[0].first + up_run[0].count);
         expert_panel_products(down_run, activations.data(), hidden, dim, outputs.data());
@@ -2101,12 +2103,12 @@ torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_u
   TORCH_CHECK(gate_up_panels.has_value() == down_panels.has_value(), "routed_experts: panels for both stacks or neither");
   if (gate_up_panels.has_value()) {
     const int64_t e = gate_up.size(0), i = down.size(2), d = x.size(1);
-    TORCH_CHECK(x.scalar_type() == at::kFloat && gate_up.scalar_type() == at::kFloat && gate_up_panels->is_contiguous() &&
-                    down_panels->is_contiguous() && gate_up_panels->scalar_type() == at::kFloat &&
-                    down_panels->scalar_type() == at::kFloat &&
+    TORCH_CHECK(!int8 && gate_up_panels->is_contiguous() && down_panels->is_contiguous() &&
+                    gate_up_panels->scalar_type() == gate_up.scalar_type() &&
+                    down_panels->scalar_type() == gate_up.scalar_type() &&
                     gate_up_panels->sizes() == at::IntArrayRef({e, (2 * i + PANEL - 1) / PANEL, d, PANEL}) &&
                     down_panels->sizes() == at::IntArrayRef({e, (d + PANEL - 1) / PANEL, i, PANEL}),
-                "routed_experts: panels are fp32 [E, ceil(2I / 32), D, 32] and [E, ceil(D / 32), I, 32] (fp32 stacks)");
+                "routed_experts: panels are [E, ceil(2I / 32), D, 32] and [E, ceil(D / 32), I, 32] in the dtype of fp32 or bf16 stacks");
   }
   const int64_t tokens = x.size(0), k = indices.size(1), hidden = down.size(2), experts = gate_up.size(0);
   const auto choice = indices.contiguous();
@@ -2133,8 +2135,8 @@ torch::Tensor routed_experts(const torch::Tensor& x, const torch::Tensor& gate_u
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "routed_experts", [&] {
       routed_experts_rows<scalar_t, scalar_t, scalar_t>(
           x, gate_up.data_ptr<scalar_t>(), nullptr, down.data_ptr<scalar_t>(), nullptr, hidden, counts, slot, k, gates, out,
-          gate_up_panels.has_value() ? gate_up_panels->data_ptr<float>() : nullptr,
-          down_panels.has_value() ? down_panels->data_ptr<float>() : nullptr);
+          gate_up_panels.has_value() ? gate_up_panels->data_ptr<scalar_t>() : nullptr,
+          down_panels.has_value() ? down_panels->data_ptr<scalar_t>() : nullptr);
     });
   }
   return out;
