@@ -1870,8 +1870,8 @@ struct PanelRun {
 };
 
 template <typename T>
-void expert_panel_products(const std::vector<PanelRun<T>>& runs, const float* xs, int64_t n, int64_t outs, float* out) {
-  const int64_t per_expert = (outs + PANEL - 1) / PANEL, total = static_cast<int64_t>(runs.size()) * per_expert;
+void expert_panel_products(const PanelRun<T>* runs, int64_t count, const float* xs, int64_t n, int64_t outs, float* out) {
+  const int64_t per_expert = (outs + PANEL - 1) / PANEL, total = count * per_expert;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (PANEL * std::max<int64_t>(n, 1)));  // as expert_products
   auto panel_of = [&](int64_t unit) { return runs[unit / per_expert].panels + unit % per_expert * n * PANEL; };
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
@@ -2012,7 +2012,8 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
     }
   auto products = [&](bool up, const float* xs, float* result) {
     if (gate_up_panels != nullptr)
-      expert_panel_products(up ? up_panel_runs : down_panel_runs, xs, up ? dim : hidden, up ? 2 * hidden : dim, result);
+      expert_panel_products((up ? up_panel_runs : down_panel_runs).data(), static_cast<int64_t>(up_panel_runs.size()), xs,
+                            up ? dim : hidden, up ? 2 * hidden : dim, result);
     else
       expert_products(up ? up_runs : down_runs, xs, up ? dim : hidden, up ? 2 * hidden : dim, result);
   };
@@ -2043,10 +2044,9 @@ void routed_experts_rows(const torch::Tensor& x, const W* gate_up, const float* 
     // Whole experts per thread (up, activation, down): one parallel region, no wait between the products.
     at::parallel_for(0, used, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const std::vector<PanelRun<W>> up_run{up_panel_runs[r]}, down_run{down_panel_runs[r]};
-        expert_panel_products(up_run, inputs.data(), dim, 2 * hidden, projected.data());
-        activate(up_run[0].first, up_run[0].first + up_run[0].count);
-        expert_panel_products(down_run, activations.data(), hidden, dim, outputs.data());
+        expert_panel_products(&up_panel_runs[r], 1, inputs.data(), dim, 2 * hidden, projected.data());
+        activate(up_panel_runs[r].first, up_panel_runs[r].first + up_panel_runs[r].count);
+        expert_panel_products(&down_panel_runs[r], 1, activations.data(), hidden, dim, outputs.data());
       }
     });
   } else {
